@@ -1,0 +1,347 @@
+//! Configuration: one `config.toml`, sections by concern, every key overridable.
+//!
+//! Precedence is flag > environment > file > built-in default. The environment names a key as
+//! `EDITIOND_<SECTION>__<KEY>` (e.g. `EDITIOND_LIMITS__MAX_FRAME_BYTES=131072`). Overrides are
+//! applied to the TOML document before it is deserialised, so a typo in any source is reported
+//! the same way: unknown keys are errors, never silently ignored.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the server reads at start-up.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: Limits,
+    pub store: StoreConfig,
+    pub keys: KeysConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the one HTTP + WebSocket port listens on.
+    pub listen: SocketAddr,
+    /// Base URL that endpoints are built from, as app servers reach this node. Empty means
+    /// `http://<listen>`.
+    pub public_url: String,
+    /// Directory for the sled store and generated keys.
+    pub data_dir: PathBuf,
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` wins when set.
+    pub log: String,
+    /// Seconds a graceful shutdown waits for sockets to close before it stops anyway.
+    pub shutdown_grace_secs: u64,
+}
+
+/// Every bound the server enforces. A limit is a named value here, never a number in a handler.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest WebSocket message (and frame) a client may send, in bytes. Larger: close 1009.
+    pub max_frame_bytes: usize,
+    /// UAIDs one connection (or one poll request) may speak for; a relay needs many.
+    pub max_uaids_per_connection: usize,
+    /// Entries one hello or claim frame may carry.
+    pub max_uaids_per_frame: usize,
+    /// Registrations (APPIDs) one UAID may hold.
+    pub max_appids_per_uaid: usize,
+    /// Largest HTTP request body, in bytes (PUT, poll, ack). Larger: 413.
+    pub max_body_bytes: usize,
+    /// Largest `kick` object accepted in hello or register, in serialised bytes.
+    pub max_kick_bytes: usize,
+    /// Frames per second a connection may send on average before it is closed (4429).
+    pub ws_frames_per_sec: u32,
+    /// Burst of frames allowed above that average.
+    pub ws_frames_burst: u32,
+    /// Seconds a new socket has to send its hello before it is closed (4408).
+    pub hello_timeout_secs: u64,
+    /// Seconds without any frame from the client before the socket is closed (4408).
+    pub idle_timeout_secs: u64,
+    /// Seconds a send to a client may block (a client that does not read) before it is dropped.
+    pub send_timeout_secs: u64,
+    /// Bytes the server buffers for one socket's outgoing frames before it drops that client.
+    pub max_write_buffer_bytes: usize,
+    /// Initial read buffer per socket: small, because most sockets are idle.
+    pub read_buffer_bytes: usize,
+    /// Event TTL when the app server sends none, in seconds.
+    pub default_ttl_secs: u64,
+    /// Largest TTL an app server may ask for; larger values are clamped to it.
+    pub max_ttl_secs: u64,
+    /// Longest `?wait=` a poll may hold, in seconds.
+    pub max_poll_wait_secs: u64,
+    /// Seconds an unregistered endpoint keeps answering 410 before it becomes unknown (404).
+    pub gone_ttl_secs: u64,
+    /// Seconds between sweeps that delete expired events and tombstones.
+    pub sweep_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sled` (embedded, one node).
+    pub backend: String,
+    /// Milliseconds a durable write may take before the request gets 503 + Retry-After.
+    pub write_timeout_ms: u64,
+    /// Seconds sent in Retry-After when the store cannot take a write.
+    pub retry_after_secs: u64,
+    /// sled's page cache, in bytes.
+    pub cache_bytes: u64,
+}
+
+/// Keys for endpoint tokens and UAID secrets. Empty means: generate once and keep in the data dir.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// 32 bytes, base64url: signs endpoint tokens.
+    pub endpoint_key: String,
+    /// 32 bytes, base64url: derives UAID secrets.
+    pub secret_key: String,
+}
+
+impl std::fmt::Debug for KeysConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeysConfig { .. }")
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: String::new(),
+            data_dir: PathBuf::from("data"),
+            log: "info".into(),
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 64 * 1024,
+            max_uaids_per_connection: 100_000,
+            max_uaids_per_frame: 500,
+            max_appids_per_uaid: 1000,
+            max_body_bytes: 64 * 1024,
+            max_kick_bytes: 2048,
+            ws_frames_per_sec: 100,
+            ws_frames_burst: 200,
+            hello_timeout_secs: 10,
+            idle_timeout_secs: 600,
+            send_timeout_secs: 10,
+            max_write_buffer_bytes: 1024 * 1024,
+            read_buffer_bytes: 4096,
+            default_ttl_secs: 30 * 24 * 3600,
+            max_ttl_secs: 30 * 24 * 3600,
+            max_poll_wait_secs: 60,
+            gone_ttl_secs: 30 * 24 * 3600,
+            sweep_interval_secs: 60,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: "sled".into(),
+            write_timeout_ms: 5000,
+            retry_after_secs: 5,
+            cache_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// What went wrong while assembling the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+/// Overrides given as command-line flags; `None` leaves the lower layers alone.
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub public_url: Option<String>,
+}
+
+impl Config {
+    /// Loads `file` (if any), then environment variables (`vars`), then `flags`.
+    pub fn load(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+        flags: &Flags,
+    ) -> Result<Config, ConfigError> {
+        let mut doc = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| invalid(&path.display().to_string(), e))?
+            }
+            None => toml::Table::new(),
+        };
+        let defaults = toml::Table::try_from(Config::default()).map_err(|e| invalid("defaults", e))?;
+        for (name, value) in vars {
+            let Some(rest) = name.strip_prefix("EDITIOND_") else {
+                continue;
+            };
+            if rest == "CONFIG" {
+                continue;
+            }
+            let Some((section, key)) = rest.split_once("__") else {
+                return Err(invalid(&name, "expected EDITIOND_<SECTION>__<KEY>"));
+            };
+            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+            let template = defaults.get(&section).and_then(|s| s.get(&key));
+            let parsed = env_value(template, &value).map_err(|m| invalid(&name, m))?;
+            doc.entry(section)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| invalid(&name, "section is not a table"))?
+                .insert(key, parsed);
+        }
+        let mut config: Config = doc
+            .try_into()
+            .map_err(|e| invalid(&file.map_or("environment".into(), |p| p.display().to_string()), e))?;
+        if let Some(listen) = flags.listen {
+            config.server.listen = listen;
+        }
+        if let Some(dir) = &flags.data_dir {
+            config.server.data_dir = dir.clone();
+        }
+        if let Some(url) = &flags.public_url {
+            config.server.public_url = url.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The base URL endpoints are built from, without a trailing slash.
+    pub fn public_url(&self) -> String {
+        if self.server.public_url.is_empty() {
+            format!("http://{}", self.server.listen)
+        } else {
+            self.server.public_url.trim_end_matches('/').to_owned()
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(invalid("config", what)) };
+        check(self.store.backend == "sled", "store.backend must be \"sled\"")?;
+        check(
+            l.max_frame_bytes >= 1024,
+            "limits.max_frame_bytes must be at least 1024",
+        )?;
+        check(
+            l.max_uaids_per_frame >= 1,
+            "limits.max_uaids_per_frame must be at least 1",
+        )?;
+        check(
+            l.max_uaids_per_connection >= 1,
+            "limits.max_uaids_per_connection must be at least 1",
+        )?;
+        check(
+            l.max_appids_per_uaid >= 1,
+            "limits.max_appids_per_uaid must be at least 1",
+        )?;
+        check(
+            l.ws_frames_per_sec >= 1,
+            "limits.ws_frames_per_sec must be at least 1",
+        )?;
+        check(l.max_ttl_secs >= 1, "limits.max_ttl_secs must be at least 1")?;
+        check(
+            l.read_buffer_bytes >= 256,
+            "limits.read_buffer_bytes must be at least 256",
+        )?;
+        check(
+            l.sweep_interval_secs >= 1,
+            "limits.sweep_interval_secs must be at least 1",
+        )?;
+        check(
+            l.max_write_buffer_bytes > l.max_frame_bytes,
+            "limits.max_write_buffer_bytes must exceed limits.max_frame_bytes",
+        )?;
+        Ok(())
+    }
+}
+
+fn invalid(origin: &str, message: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        origin: origin.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+/// Reads an environment value with the type of the default it overrides, so that
+/// `EDITIOND_KEYS__SECRET_KEY=1234` stays a string and `..._MAX_FRAME_BYTES=1234` a number.
+fn env_value(template: Option<&toml::Value>, raw: &str) -> Result<toml::Value, String> {
+    match template {
+        Some(toml::Value::String(_)) | None => Ok(toml::Value::String(raw.to_owned())),
+        Some(toml::Value::Integer(_)) => raw
+            .trim()
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|e| format!("expected an integer: {e}")),
+        Some(toml::Value::Boolean(_)) => raw
+            .trim()
+            .parse::<bool>()
+            .map(toml::Value::Boolean)
+            .map_err(|e| format!("expected true or false: {e}")),
+        Some(_) => format!("v = {raw}")
+            .parse::<toml::Table>()
+            .map_err(|e| e.to_string())?
+            .remove("v")
+            .ok_or_else(|| "empty value".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_toml_equals_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let config = Config::load(Some(&path), [], &Flags::default()).unwrap();
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        let vars = [
+            ("EDITIOND_LIMITS__MAX_FRAME_BYTES".to_owned(), "2048".to_owned()),
+            ("EDITIOND_SERVER__LISTEN".to_owned(), "127.0.0.1:9000".to_owned()),
+            ("EDITIOND_KEYS__SECRET_KEY".to_owned(), "1234".to_owned()),
+            ("PATH".to_owned(), "/bin".to_owned()),
+        ];
+        let flags = Flags {
+            listen: Some("127.0.0.1:9001".parse().unwrap()),
+            ..Flags::default()
+        };
+        let config = Config::load(None, vars, &flags).unwrap();
+        assert_eq!(config.limits.max_frame_bytes, 2048);
+        assert_eq!(config.keys.secret_key, "1234");
+        assert_eq!(config.server.listen.port(), 9001);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let unknown = [("EDITIOND_LIMITS__NO_SUCH".to_owned(), "1".to_owned())];
+        assert!(Config::load(None, unknown, &Flags::default()).is_err());
+        let bad = [("EDITIOND_LIMITS__MAX_FRAME_BYTES".to_owned(), "big".to_owned())];
+        assert!(Config::load(None, bad, &Flags::default()).is_err());
+        let small = [("EDITIOND_LIMITS__MAX_FRAME_BYTES".to_owned(), "10".to_owned())];
+        assert!(Config::load(None, small, &Flags::default()).is_err());
+    }
+}

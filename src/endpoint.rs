@@ -1,0 +1,189 @@
+//! `PUT /v1/e/{token}`: app servers announce a new version.
+//!
+//! Order matters: parse everything, resolve the token, compare-and-set in the store, wait for the
+//! group commit, and only then answer 202 and nudge the connection holding the UAID. An event
+//! the client sees is therefore always one that survives a crash.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use crate::http::{json, media_type, read_body, HttpError};
+use crate::metrics::StatusLabel;
+use crate::server::AppState;
+use crate::store::{now_ms, PutOutcome, Store, TokenTarget, VersionReq};
+
+/// The handler: counts every answer by status, then returns it.
+pub async fn put(
+    State(state): State<Arc<AppState>>,
+    token: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = match token {
+        Ok(Path(token)) => put_version(&state, &token, &headers, body).await,
+        Err(_) => Err(HttpError::UnknownToken),
+    };
+    let response = match result {
+        Ok((status, version)) => json(status, format!("{{\"version\":{version}}}")),
+        Err(e) => e.into_response(),
+    };
+    state
+        .metrics
+        .puts
+        .get_or_create(&StatusLabel {
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+async fn put_version(
+    state: &AppState,
+    token: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, u64), HttpError> {
+    let limits = &state.config.limits;
+    let body = read_body(headers, body, limits.max_body_bytes).await?;
+    let id = state.keys.open_token(token).ok_or(HttpError::UnknownToken)?;
+    let version = parse_version(&media_type(headers), &body)?;
+    let ttl = parse_ttl(headers, limits.default_ttl_secs, limits.max_ttl_secs)?;
+    let unavailable = |e: crate::store::StoreError| {
+        tracing::warn!(error = %e, "store error on PUT");
+        HttpError::StoreUnavailable {
+            retry_after_secs: state.config.store.retry_after_secs,
+        }
+    };
+    let (uaid, appid) = match state.store.lookup_token(id).await.map_err(unavailable)? {
+        TokenTarget::Active(uaid, appid) => (uaid, appid),
+        TokenTarget::Gone => return Err(HttpError::Gone),
+        TokenTarget::Unknown => return Err(HttpError::UnknownToken),
+    };
+    let now = now_ms();
+    let request = version.map_or(VersionReq::Clock(now), VersionReq::Exact);
+    let expires = now.saturating_add(ttl.as_millis() as u64);
+    match state
+        .store
+        .put_version(uaid, appid, request, expires)
+        .await
+        .map_err(unavailable)?
+    {
+        PutOutcome::Raised(v) => {
+            state.sync().await.map_err(unavailable)?;
+            state.registry.nudge(uaid);
+            Ok((StatusCode::ACCEPTED, v))
+        }
+        PutOutcome::Superseded(current) => Ok((StatusCode::OK, current)),
+        PutOutcome::Gone => Err(HttpError::Gone),
+        PutOutcome::Exhausted => Err(HttpError::VersionExhausted),
+    }
+}
+
+/// The version a body names, or `None` for an empty body (the server picks one).
+pub fn parse_version(media_type: &str, body: &[u8]) -> Result<Option<u64>, HttpError> {
+    let body = body.trim_ascii();
+    if body.is_empty() {
+        return Ok(None);
+    }
+    let is_json = media_type == "application/json" || (media_type.is_empty() && body.starts_with(b"{"));
+    if is_json {
+        #[derive(Deserialize)]
+        struct VersionBody {
+            version: Option<serde_json::Number>,
+        }
+        let parsed: VersionBody = serde_json::from_slice(body)
+            .map_err(|_| HttpError::InvalidVersion("body must be a JSON object {\"version\": N}"))?;
+        let number = parsed
+            .version
+            .ok_or(HttpError::InvalidVersion("\"version\" is missing"))?;
+        return number
+            .as_u64()
+            .map(Some)
+            .ok_or(HttpError::InvalidVersion("must be an integer from 0 to 2^64-1"));
+    }
+    if !matches!(
+        media_type,
+        "" | "application/x-www-form-urlencoded" | "text/plain"
+    ) {
+        return Err(HttpError::UnsupportedMediaType);
+    }
+    let value = body
+        .split(|&b| b == b'&')
+        .filter_map(|pair| pair.strip_prefix(b"version="))
+        .next()
+        .ok_or(HttpError::InvalidVersion("form body must be version=N"))?;
+    parse_decimal(value)
+        .map(Some)
+        .ok_or(HttpError::InvalidVersion("must be an integer from 0 to 2^64-1"))
+}
+
+/// Plain decimal digits to u64; `None` for a sign, other characters, or overflow.
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 20 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// The `TTL` header, clamped to `[1, max]` seconds: 0 still reaches a connected client.
+fn parse_ttl(headers: &HeaderMap, default: u64, max: u64) -> Result<Duration, HttpError> {
+    let secs = match headers.get("ttl") {
+        None => default,
+        Some(v) => parse_decimal(v.as_bytes().trim_ascii()).ok_or(HttpError::InvalidTtl)?,
+    };
+    Ok(Duration::from_secs(secs.clamp(1, max.max(1))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse_from_form_json_and_empty() {
+        let form = "application/x-www-form-urlencoded";
+        assert_eq!(parse_version(form, b"version=42").unwrap(), Some(42));
+        assert_eq!(
+            parse_version("", b"version=18446744073709551615").unwrap(),
+            Some(u64::MAX)
+        );
+        assert_eq!(
+            parse_version("application/json", b"{\"version\": 7}").unwrap(),
+            Some(7)
+        );
+        assert_eq!(parse_version("", b" {\"version\":0} ").unwrap(), Some(0));
+        assert_eq!(parse_version("", b"").unwrap(), None);
+        for bad in [
+            "version=-1",
+            "version=abc",
+            "version=18446744073709551616",
+            "version=",
+            "v=1",
+            "version=+1",
+        ] {
+            assert!(parse_version(form, bad.as_bytes()).is_err(), "{bad}");
+        }
+        for bad in [
+            "{\"version\":-1}",
+            "{\"version\":\"5\"}",
+            "{\"version\":1.5}",
+            "{\"version\":1e30}",
+            "{}",
+            "{",
+        ] {
+            assert!(
+                parse_version("application/json", bad.as_bytes()).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_version("image/png", b"x"),
+            Err(HttpError::UnsupportedMediaType)
+        ));
+    }
+}

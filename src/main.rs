@@ -1,0 +1,160 @@
+//! The `editiond` binary: parse flags, load config, set up logging, serve until a signal.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use editiond::config::{Config, Flags};
+use editiond::server::{self, AppState};
+
+/// editiond: tells web apps and devices that a new version of their data exists.
+///
+/// Configuration is read from a TOML file (see config.toml for every key), then from
+/// environment variables named EDITIOND_<SECTION>__<KEY> (for example
+/// EDITIOND_LIMITS__MAX_FRAME_BYTES=131072), then from the flags below. Later sources win.
+#[derive(Parser)]
+#[command(name = "editiond", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (HTTP and WebSocket on one port).
+    Serve {
+        /// Config file. Default: ./config.toml if it exists, else built-in defaults.
+        #[arg(long, env = "EDITIOND_CONFIG")]
+        config: Option<PathBuf>,
+        /// Address to listen on (server.listen), e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Directory for the store and generated keys (server.data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Base URL endpoints are built from, as app servers reach this node (server.public_url).
+        #[arg(long)]
+        public_url: Option<String>,
+    },
+    /// Print the effective configuration (after file, environment and flags) as TOML and exit.
+    /// Keys are never printed.
+    Config {
+        /// Config file. Default: ./config.toml if it exists, else built-in defaults.
+        #[arg(long, env = "EDITIOND_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load(file: Option<PathBuf>, flags: &Flags) -> Result<Config, String> {
+    let file = file.or_else(|| {
+        let default = PathBuf::from("config.toml");
+        default.exists().then_some(default)
+    });
+    Config::load(file.as_deref(), std::env::vars(), flags).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config { config } => match load(config, &Flags::default()) {
+            Ok(mut config) => {
+                config.keys = Default::default();
+                match toml::to_string_pretty(&config) {
+                    Ok(text) => {
+                        print!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("editiond: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("editiond: config: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+            public_url,
+        } => {
+            let flags = Flags {
+                listen,
+                data_dir,
+                public_url,
+            };
+            let config = match load(config, &flags) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("editiond: config: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(&config.server.log);
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("editiond: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("editiond: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let state = AppState::open(config).map_err(|e| e.to_string())?;
+    tracing::info!(%addr, public_url = %state.public_url, "editiond listening");
+    server::run(listener, state, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Completes on SIGTERM or ctrl-c.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,228 @@
+//! `POST /v1/poll` and `POST /v1/ack`: the protocol for clients that cannot hold a WebSocket.
+//!
+//! A poll authenticates like hello, holds its UAIDs like a connection for as long as it waits
+//! (so a PUT wakes it at once), and answers 200 with the pending events or 204. It keeps nothing
+//! in flight: the client ACKs with the exact versions it received.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use crate::http::{json, read_body, HttpError};
+use crate::ids::{Appid, Uaid};
+use crate::proto::{self, Credential, UaidStatus};
+use crate::registry::Mailbox;
+use crate::server::AppState;
+use crate::session::authenticate_all;
+use crate::store::{now_ms, Store, StoreError};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PollBody {
+    uaids: Vec<Credential>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollQuery {
+    wait: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckBody {
+    uaids: Vec<Credential>,
+    updates: HashMap<String, HashMap<String, u64>>,
+}
+
+fn unavailable(state: &AppState) -> impl Fn(StoreError) -> HttpError + '_ {
+    move |e| {
+        tracing::warn!(error = %e, "store error on poll/ack");
+        HttpError::StoreUnavailable {
+            retry_after_secs: state.config.store.retry_after_secs,
+        }
+    }
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HttpError> {
+    serde_json::from_slice(body).map_err(|e| HttpError::InvalidBody(e.to_string()))
+}
+
+/// Authenticates every entry; any failure answers the whole request with that entry's status.
+async fn authenticate(
+    state: &AppState,
+    entries: &[Credential],
+) -> Result<(Vec<UaidStatus>, Vec<Uaid>), HttpError> {
+    let limit = state.config.limits.max_uaids_per_connection;
+    if entries.len() > limit {
+        return Err(HttpError::TooManyUaids(limit));
+    }
+    let (statuses, uaids) = authenticate_all(state, entries)
+        .await
+        .map_err(unavailable(state))?;
+    if let Some(bad) = statuses.iter().find(|s| s.status != 200) {
+        return Err(HttpError::Credentials {
+            status: bad.status,
+            slug: bad.error.unwrap_or("bad_credentials"),
+            uaid: bad.uaid.clone().unwrap_or_default(),
+        });
+    }
+    Ok((statuses, uaids))
+}
+
+/// Releases a poll's UAIDs however the request ends (answered, timed out, or dropped).
+struct Claims<'a> {
+    state: &'a AppState,
+    conn_id: u64,
+    uaids: &'a [Uaid],
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        for uaid in self.uaids {
+            self.state.registry.release(*uaid, self.conn_id);
+        }
+    }
+}
+
+pub async fn poll(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<PollQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match poll_inner(&state, query, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn poll_inner(
+    state: &AppState,
+    query: Result<Query<PollQuery>, axum::extract::rejection::QueryRejection>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, HttpError> {
+    let Query(query) = query.map_err(|e| HttpError::InvalidQuery(e.body_text()))?;
+    let limits = &state.config.limits;
+    let body = read_body(headers, body, limits.max_body_bytes).await?;
+    let request: PollBody = parse_json(&body)?;
+    let (statuses, uaids) = authenticate(state, &request.uaids).await?;
+    let wait = Duration::from_secs(query.wait.unwrap_or(0).min(limits.max_poll_wait_secs));
+    // New secrets go back at once: the client must learn them even if nothing is pending.
+    let issued = statuses.iter().any(|s| s.secret.is_some());
+
+    let conn_id = state.registry.next_conn_id();
+    let mailbox = Arc::new(Mailbox::default());
+    for uaid in &uaids {
+        state.registry.claim(*uaid, conn_id, &mailbox);
+    }
+    let _claims = Claims {
+        state,
+        conn_id,
+        uaids: &uaids,
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    let stopping = state.stopping();
+    tokio::pin!(stopping);
+    loop {
+        let mut events = Vec::new();
+        let now = now_ms();
+        for uaid in &uaids {
+            let pending = state
+                .store
+                .pending(*uaid, now)
+                .await
+                .map_err(unavailable(state))?;
+            if !pending.is_empty() {
+                events.push((*uaid, pending));
+            }
+        }
+        if !events.is_empty() || issued {
+            let count: usize = events.iter().map(|(_, e)| e.len()).sum();
+            state.metrics.events_sent.inc_by(count as u64);
+            return Ok(json(StatusCode::OK, poll_answer(&statuses, issued, &events)));
+        }
+        tokio::select! {
+            _ = mailbox.wake.notified() => {}
+            _ = tokio::time::sleep_until(deadline) => return Ok(StatusCode::NO_CONTENT.into_response()),
+            _ = &mut stopping => return Ok(StatusCode::NO_CONTENT.into_response()),
+        }
+        // Drain marks so a burst of PUTs does not wake this loop once per PUT.
+        let lost = mailbox.take().lost;
+        if !lost.is_empty() && lost.len() == uaids.len() {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+    }
+}
+
+/// `{"uaids":[…],"updates":{…}}`, with `uaids` only when secrets were issued.
+fn poll_answer(statuses: &[UaidStatus], issued: bool, events: &[proto::UaidEvents]) -> String {
+    let mut out = String::from("{");
+    if issued {
+        out.push_str("\"uaids\":");
+        out.push_str(&proto::uaid_statuses(statuses).to_string());
+        out.push(',');
+    }
+    out.push_str("\"updates\":");
+    proto::write_updates(&mut out, events);
+    out.push('}');
+    out
+}
+
+pub async fn ack(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    match ack_inner(&state, &headers, body).await {
+        Ok(cleared) => json(StatusCode::OK, format!("{{\"cleared\":{cleared}}}")),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn ack_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Result<u64, HttpError> {
+    let body = read_body(headers, body, state.config.limits.max_body_bytes).await?;
+    let request: AckBody = parse_json(&body)?;
+    if let Some(entry) = request
+        .uaids
+        .iter()
+        .find(|c| c.uaid.is_none() || c.secret.is_none())
+    {
+        return Err(HttpError::Credentials {
+            status: 401,
+            slug: "secret_required",
+            uaid: entry.uaid.clone().unwrap_or_default(),
+        });
+    }
+    let (_, uaids) = authenticate(state, &request.uaids).await?;
+    let mut acks = Vec::new();
+    for (uaid_s, apps) in &request.updates {
+        let uaid =
+            Uaid::parse(uaid_s).map_err(|_| HttpError::InvalidBody(format!("{uaid_s:?} is not a UAID")))?;
+        if !uaids.contains(&uaid) {
+            return Err(HttpError::UaidNotAuthenticated(uaid_s.clone()));
+        }
+        for (appid_s, version) in apps {
+            let appid = Appid::parse(appid_s)
+                .map_err(|_| HttpError::InvalidBody(format!("{appid_s:?} is not an APPID")))?;
+            acks.push((uaid, appid, *version));
+        }
+    }
+    let mut cleared = 0;
+    for (uaid, appid, version) in acks {
+        if state
+            .store
+            .ack(uaid, appid, version)
+            .await
+            .map_err(unavailable(state))?
+        {
+            cleared += 1;
+        }
+    }
+    state.sync().await.map_err(unavailable(state))?;
+    state.metrics.acks.inc_by(cleared);
+    Ok(cleared)
+}

@@ -1,0 +1,414 @@
+//! The WebSocket protocol's messages: parsing client frames and writing server frames.
+//!
+//! Pure: no sockets, no store. `proto/websocket.md` is the prose contract; the examples there are
+//! read by the tests, so a change here goes with a change there.
+
+use std::fmt::Write as _;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::ids::{Appid, Uaid};
+
+/// One entry of `hello` / `claim` / poll: a UAID and its secret, either of which may be absent.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    #[serde(default)]
+    pub uaid: Option<String>,
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+/// A frame from the client.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ClientMessage {
+    Hello {
+        uaids: Vec<Credential>,
+        #[serde(default)]
+        kick: Option<Value>,
+    },
+    Claim {
+        uaids: Vec<Credential>,
+    },
+    Release {
+        uaids: Vec<String>,
+    },
+    Register {
+        uaid: String,
+        appid: String,
+        #[serde(default)]
+        kick: Option<Value>,
+    },
+    Unregister {
+        uaid: String,
+        appid: String,
+    },
+    Ack {
+        uaids: Vec<String>,
+    },
+    Ping,
+}
+
+const KNOWN_TYPES: &[&str] = &[
+    "hello",
+    "claim",
+    "release",
+    "register",
+    "unregister",
+    "ack",
+    "ping",
+];
+
+/// A protocol violation: the server answers with an `error` frame and closes the socket.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WsError {
+    #[error("frame is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("frame has no string \"type\"")]
+    MissingType,
+    #[error("unknown frame type {0:?}")]
+    UnknownType(String),
+    #[error("invalid {0} frame: {1}")]
+    InvalidFrame(String, String),
+    #[error("binary frames are not part of the protocol; send JSON text")]
+    BinaryFrame,
+    #[error("text frame is not valid UTF-8")]
+    InvalidUtf8,
+    #[error("frame exceeds the limit of {0} bytes")]
+    FrameTooLarge(usize),
+    #[error("the first frame must be hello")]
+    HelloRequired,
+    #[error("hello was already sent on this connection")]
+    DuplicateHello,
+    #[error("a frame may carry at most {0} UAIDs")]
+    TooManyUaidsInFrame(usize),
+    #[error("a connection may speak for at most {0} UAIDs")]
+    TooManyUaids(usize),
+    #[error("more than {0} frames per second")]
+    RateLimited(u32),
+    #[error("no hello within {0} seconds")]
+    HelloTimeout(u64),
+    #[error("no frame within {0} seconds")]
+    IdleTimeout(u64),
+    #[error("every UAID of this connection was claimed by a newer connection")]
+    Replaced,
+    #[error("the store cannot take the request; reconnect later")]
+    StoreUnavailable,
+    #[error("the server is shutting down; reconnect later")]
+    ShuttingDown,
+}
+
+impl WsError {
+    /// The HTTP-like status in the error frame.
+    pub fn status(&self) -> u16 {
+        match self {
+            WsError::MalformedJson(_)
+            | WsError::MissingType
+            | WsError::UnknownType(_)
+            | WsError::InvalidFrame(..)
+            | WsError::InvalidUtf8 => 400,
+            WsError::BinaryFrame => 415,
+            WsError::FrameTooLarge(_) | WsError::TooManyUaidsInFrame(_) | WsError::TooManyUaids(_) => 413,
+            WsError::HelloRequired => 401,
+            WsError::DuplicateHello => 409,
+            WsError::RateLimited(_) => 429,
+            WsError::HelloTimeout(_) | WsError::IdleTimeout(_) => 408,
+            WsError::Replaced => 410,
+            WsError::StoreUnavailable | WsError::ShuttingDown => 503,
+        }
+    }
+
+    /// The short machine-readable name in the error frame.
+    pub fn slug(&self) -> &'static str {
+        match self {
+            WsError::MalformedJson(_) => "malformed_json",
+            WsError::MissingType => "missing_type",
+            WsError::UnknownType(_) => "unknown_type",
+            WsError::InvalidFrame(..) => "invalid_frame",
+            WsError::BinaryFrame => "binary_frame",
+            WsError::InvalidUtf8 => "invalid_utf8",
+            WsError::FrameTooLarge(_) => "frame_too_large",
+            WsError::HelloRequired => "hello_required",
+            WsError::DuplicateHello => "duplicate_hello",
+            WsError::TooManyUaidsInFrame(_) => "too_many_uaids_in_frame",
+            WsError::TooManyUaids(_) => "too_many_uaids",
+            WsError::RateLimited(_) => "rate_limited",
+            WsError::HelloTimeout(_) => "hello_timeout",
+            WsError::IdleTimeout(_) => "idle_timeout",
+            WsError::Replaced => "replaced",
+            WsError::StoreUnavailable => "store_unavailable",
+            WsError::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// The WebSocket close code: standard codes where one fits, else 4000 + the status.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            WsError::BinaryFrame => 1003,
+            WsError::InvalidUtf8 => 1007,
+            WsError::FrameTooLarge(_) => 1009,
+            WsError::StoreUnavailable => 1011,
+            WsError::ShuttingDown => 1001,
+            other => 4000 + other.status(),
+        }
+    }
+
+    /// The `error` frame sent before the close.
+    pub fn frame(&self) -> String {
+        error_frame(self.status(), self.slug(), &self.to_string())
+    }
+}
+
+/// Parses one text frame, telling malformed JSON, a missing or unknown type and bad fields apart.
+pub fn parse_client(text: &str) -> Result<ClientMessage, WsError> {
+    match serde_json::from_str::<ClientMessage>(text) {
+        Ok(msg) => Ok(msg),
+        Err(e) if e.is_syntax() || e.is_eof() => Err(WsError::MalformedJson(e.to_string())),
+        Err(e) => {
+            #[derive(Deserialize)]
+            struct TypeOnly<'a> {
+                #[serde(rename = "type", borrow, default)]
+                kind: Option<std::borrow::Cow<'a, str>>,
+            }
+            match serde_json::from_str::<TypeOnly>(text) {
+                Ok(TypeOnly { kind: Some(kind) }) if KNOWN_TYPES.contains(&kind.as_ref()) => {
+                    Err(WsError::InvalidFrame(kind.into_owned(), e.to_string()))
+                }
+                Ok(TypeOnly { kind: Some(kind) }) => Err(WsError::UnknownType(kind.into_owned())),
+                _ => Err(WsError::MissingType),
+            }
+        }
+    }
+}
+
+/// `{"type":"error",...}`.
+pub fn error_frame(status: u16, slug: &str, message: &str) -> String {
+    serde_json::json!({"type": "error", "status": status, "error": slug, "message": message}).to_string()
+}
+
+/// `{"type":"pong"}`.
+pub fn pong_frame() -> String {
+    r#"{"type":"pong"}"#.to_owned()
+}
+
+/// One entry of a hello or claim reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UaidStatus {
+    /// The UAID as sent (or as issued), or `None` when the entry's UAID was unusable.
+    pub uaid: Option<String>,
+    pub status: u16,
+    /// Present only when the server issued the secret just now.
+    pub secret: Option<String>,
+    /// Present only for a status other than 200.
+    pub error: Option<&'static str>,
+}
+
+/// The `uaids` array of a hello, claim, release or poll answer.
+pub fn uaid_statuses(entries: &[UaidStatus]) -> Value {
+    entries
+        .iter()
+        .map(|e| {
+            let mut m = serde_json::Map::new();
+            m.insert("uaid".into(), e.uaid.clone().map_or(Value::Null, Value::String));
+            m.insert("status".into(), e.status.into());
+            if let Some(secret) = &e.secret {
+                m.insert("secret".into(), secret.clone().into());
+            }
+            if let Some(error) = e.error {
+                m.insert("error".into(), error.into());
+            }
+            Value::Object(m)
+        })
+        .collect()
+}
+
+/// `{"type":"hello"|"claim"|"release","status":200,"uaids":[…]}`.
+pub fn uaids_reply(kind: &str, entries: &[UaidStatus]) -> String {
+    serde_json::json!({"type": kind, "status": 200, "uaids": uaid_statuses(entries)}).to_string()
+}
+
+/// The reply to register or unregister; `extra` holds `endpoint` or `error`/`message`.
+pub fn registration_reply(
+    kind: &str,
+    uaid: &str,
+    appid: &str,
+    status: u16,
+    extra: &[(&str, &str)],
+) -> String {
+    let mut m = serde_json::Map::new();
+    m.insert("type".into(), kind.into());
+    m.insert("uaid".into(), uaid.into());
+    m.insert("appid".into(), appid.into());
+    m.insert("status".into(), status.into());
+    for (k, v) in extra {
+        m.insert((*k).into(), (*v).into());
+    }
+    Value::Object(m).to_string()
+}
+
+/// `{"type":"released","uaids":[…]}`: these UAIDs were claimed by a newer connection.
+pub fn released_frame(uaids: &[Uaid]) -> String {
+    let mut s = String::from(r#"{"type":"released","uaids":["#);
+    for (i, u) in uaids.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "\"{u}\"");
+    }
+    s.push_str("]}");
+    s
+}
+
+/// Pending events of one UAID, as carried by an UPDATE.
+pub type UaidEvents = (Uaid, Vec<(Appid, u64)>);
+
+/// Writes `"uaid":{"appid":version,…}`. Hand-written: it is the hot path and its shape is fixed.
+fn write_entry(out: &mut String, uaid: &Uaid, events: &[(Appid, u64)]) {
+    let _ = write!(out, "\"{uaid}\":{{");
+    for (j, (appid, version)) in events.iter().enumerate() {
+        if j > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "\"{appid}\":{version}");
+    }
+    out.push('}');
+}
+
+/// Writes `{"uaid":{"appid":version,…},…}`: the `updates` object of a poll answer.
+pub fn write_updates(out: &mut String, events: &[UaidEvents]) {
+    out.push('{');
+    for (i, (uaid, apps)) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_entry(out, uaid, apps);
+    }
+    out.push('}');
+}
+
+const UPDATE_PREFIX: &str = r#"{"type":"update","updates":{"#;
+
+/// Builds UPDATE frames, starting a new frame before one would pass `max_bytes`, so a relay's
+/// thousands of UAIDs never make a frame its peer must refuse. One allocation per frame.
+pub struct UpdateBuilder {
+    buf: String,
+    max_bytes: usize,
+    frames: usize,
+}
+
+impl UpdateBuilder {
+    pub fn new(max_bytes: usize) -> UpdateBuilder {
+        UpdateBuilder {
+            buf: String::new(),
+            max_bytes,
+            frames: 0,
+        }
+    }
+
+    /// Adds one UAID's events; may push a finished frame to `out`.
+    pub fn add(&mut self, uaid: Uaid, events: &[(Appid, u64)], out: &mut Vec<String>) {
+        // Upper bound of the entry's size: quotes, colons, braces and 20-digit versions.
+        let entry_max = 41 + events.len() * 61;
+        if !self.buf.is_empty() && self.buf.len() + entry_max + 2 > self.max_bytes {
+            self.close_frame(out);
+        }
+        if self.buf.is_empty() {
+            self.buf.reserve(UPDATE_PREFIX.len() + entry_max + 2);
+            self.buf.push_str(UPDATE_PREFIX);
+        } else {
+            self.buf.push(',');
+        }
+        write_entry(&mut self.buf, &uaid, events);
+    }
+
+    /// Pushes the last frame, if any; returns how many frames were built.
+    pub fn finish(mut self, out: &mut Vec<String>) -> usize {
+        if !self.buf.is_empty() {
+            self.close_frame(out);
+        }
+        self.frames
+    }
+
+    fn close_frame(&mut self, out: &mut Vec<String>) {
+        self.buf.push_str("}}");
+        out.push(std::mem::take(&mut self.buf));
+        self.frames += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `{"type":"update","updates":{…}}` in one frame.
+    pub fn update_frame(events: &[UaidEvents]) -> String {
+        let mut out = Vec::new();
+        let mut b = UpdateBuilder::new(usize::MAX);
+        for (u, e) in events {
+            b.add(*u, e, &mut out);
+        }
+        b.finish(&mut out);
+        out.pop().unwrap_or_default()
+    }
+
+    #[test]
+    fn classifies_bad_frames() {
+        assert!(matches!(parse_client("{"), Err(WsError::MalformedJson(_))));
+        assert!(matches!(parse_client("[1]"), Err(WsError::MissingType)));
+        assert!(matches!(
+            parse_client(r#"{"uaids":[]}"#),
+            Err(WsError::MissingType)
+        ));
+        assert_eq!(
+            parse_client(r#"{"type":"bogus"}"#),
+            Err(WsError::UnknownType("bogus".into()))
+        );
+        assert!(matches!(
+            parse_client(r#"{"type":"hello","uaids":5}"#),
+            Err(WsError::InvalidFrame(k, _)) if k == "hello"
+        ));
+        assert_eq!(parse_client(r#"{"type":"ping"}"#), Ok(ClientMessage::Ping));
+    }
+
+    #[test]
+    fn update_frame_is_valid_json() {
+        let u = Uaid::random();
+        let a = Appid::random();
+        let frame = update_frame(&[(u, vec![(a, 7)])]);
+        let v: Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(v["type"], "update");
+        assert_eq!(v["updates"][u.to_string()][a.to_string()], 7);
+    }
+
+    #[test]
+    fn update_builder_splits_at_the_frame_limit() {
+        let events: Vec<UaidEvents> = (0..50)
+            .map(|_| (Uaid::random(), vec![(Appid::random(), u64::MAX)]))
+            .collect();
+        let mut out = Vec::new();
+        let mut b = UpdateBuilder::new(1024);
+        for (u, e) in &events {
+            b.add(*u, e, &mut out);
+        }
+        let frames = b.finish(&mut out);
+        assert_eq!(frames, out.len());
+        assert!(frames > 1);
+        let mut seen = 0;
+        for f in &out {
+            assert!(f.len() <= 1024, "{}", f.len());
+            let v: Value = serde_json::from_str(f).unwrap();
+            seen += v["updates"].as_object().unwrap().len();
+        }
+        assert_eq!(seen, 50);
+    }
+
+    #[test]
+    fn close_codes_are_distinct_per_kind() {
+        assert_eq!(WsError::BinaryFrame.close_code(), 1003);
+        assert_eq!(WsError::FrameTooLarge(1).close_code(), 1009);
+        assert_eq!(WsError::HelloRequired.close_code(), 4401);
+        assert_eq!(WsError::UnknownType(String::new()).close_code(), 4400);
+    }
+}

@@ -1,0 +1,213 @@
+//! Wiring: shared state, the router, the sweeper, and graceful shutdown.
+//!
+//! [`run`] takes an already-bound listener and a shutdown future, so tests bind `127.0.0.1:0` and
+//! start a real server in one line, and `main` only parses flags and waits for a signal.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::serve::ListenerExt;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::http::HttpError;
+use crate::keys::{KeyError, Keys};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::store::{now_ms, SledStore, Store, StoreError};
+
+/// Everything handlers share, passed explicitly as axum state.
+pub struct AppState {
+    pub config: Config,
+    /// `config.public_url()`, computed once: it prefixes every endpoint.
+    pub public_url: String,
+    pub keys: Keys,
+    pub store: SledStore,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    /// Flips to `true` once to tell every socket and poll to finish.
+    shutdown: watch::Sender<bool>,
+    /// Open sockets; shutdown waits for it to reach zero.
+    sockets: watch::Sender<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("keys: {0}")]
+    Keys(#[from] KeyError),
+    #[error("store at {path}: {source}")]
+    Store { path: String, source: StoreError },
+    #[error("data dir {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+}
+
+impl AppState {
+    /// Opens keys and store for `config`. Must run inside the Tokio runtime.
+    pub fn open(config: Config) -> Result<Arc<AppState>, StartError> {
+        let dir = &config.server.data_dir;
+        std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let keys = Keys::load(&config.keys, dir)?;
+        let store_dir = dir.join("sled");
+        let store = SledStore::open(
+            &store_dir,
+            config.store.cache_bytes,
+            Duration::from_millis(config.store.write_timeout_ms),
+        )
+        .map_err(|source| StartError::Store {
+            path: store_dir.display().to_string(),
+            source,
+        })?;
+        Ok(Arc::new(AppState {
+            public_url: config.public_url(),
+            config,
+            keys,
+            store,
+            registry: Registry::default(),
+            metrics: Metrics::default(),
+            shutdown: watch::Sender::new(false),
+            sockets: watch::Sender::new(0),
+        }))
+    }
+
+    /// The store's durability barrier, timed for `/metrics`.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let result = self.store.sync().await;
+        self.metrics
+            .store_sync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Completes once shutdown has begun (at once if it already has).
+    pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.shutdown.subscribe();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+
+    /// Counts a socket as open until the guard drops.
+    pub fn open_socket(self: &Arc<Self>) -> SocketGuard {
+        self.sockets.send_modify(|n| *n += 1);
+        self.metrics.connections.inc();
+        SocketGuard(self.clone())
+    }
+}
+
+pub struct SocketGuard(Arc<AppState>);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.0.sockets.send_modify(|n| *n -= 1);
+        self.0.metrics.connections.dec();
+    }
+}
+
+/// All routes. Unknown paths and methods get JSON errors like everything else.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/ws", get(crate::ws::upgrade))
+        .route("/v1/e/{token}", put(crate::endpoint::put))
+        .route("/v1/poll", post(crate::poll::poll))
+        .route("/v1/ack", post(crate::poll::ack))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { HttpError::NotFound })
+        .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
+        .with_state(state)
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if *state.shutdown.borrow() {
+        return HttpError::ShuttingDown.into_response();
+    }
+    crate::http::json(
+        StatusCode::OK,
+        serde_json::json!({"status": "ok", "connections": *state.sockets.borrow()}).to_string(),
+    )
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state.metrics.pending.set(state.store.pending_count() as i64);
+    state.metrics.held_uaids.set(state.registry.len() as i64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Deletes expired events and tombstones every `sweep_interval_secs`.
+async fn sweep_loop(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(state.config.limits.sweep_interval_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stopping = state.stopping();
+    tokio::pin!(stopping);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stopping => return,
+        }
+        match state.store.sweep(now_ms()).await {
+            Ok(stats) if stats.expired_events + stats.expired_tombstones > 0 => {
+                tracing::info!(
+                    events = stats.expired_events,
+                    tombstones = stats.expired_tombstones,
+                    "swept expired entries"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweep failed"),
+        }
+    }
+}
+
+/// Serves until `shutdown` completes, then stops accepting, closes every socket with 1001
+/// (going away), waits up to the grace period for them, and flushes the store.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let sweeper = tokio::spawn(sweep_loop(state.clone()));
+    let listener = listener.tap_io(|tcp| {
+        // Updates are small and latency matters more than packet count.
+        let _ = tcp.set_nodelay(true);
+    });
+    let signal_state = state.clone();
+    axum::serve(listener, router(state.clone()))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing sockets");
+            signal_state.shutdown.send_replace(true);
+        })
+        .await?;
+    let grace = Duration::from_secs(state.config.server.shutdown_grace_secs);
+    let mut sockets = state.sockets.subscribe();
+    if tokio::time::timeout(grace, sockets.wait_for(|n| *n == 0))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = *sockets.borrow(),
+            "sockets still open after the grace period"
+        );
+    }
+    sweeper.abort();
+    if let Err(e) = state.store.flush_now() {
+        tracing::error!(error = %e, "final store flush failed");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,432 @@
+//! The protocol core of one client connection, without sockets.
+//!
+//! The WebSocket loop feeds a [`Session`] text frames and mailbox wake-ups and sends the frames
+//! it pushes to `out`; the session owns every protocol rule: hello first and once, secrets,
+//! register/unregister, at most one UPDATE in flight per UAID, ACKs clearing exactly what was
+//! sent. Because it never touches a socket, the rules read top to bottom in this file.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::ids::{Appid, Uaid};
+use crate::keys::TokenId;
+use crate::proto::{self, ClientMessage, Credential, UaidStatus, WsError};
+use crate::registry::Mailbox;
+use crate::server::AppState;
+use crate::store::{now_ms, Registered, Store, StoreError};
+
+impl From<StoreError> for WsError {
+    fn from(e: StoreError) -> Self {
+        tracing::warn!(error = %e, "store error on a socket");
+        WsError::StoreUnavailable
+    }
+}
+
+/// One connection's protocol state.
+pub struct Session {
+    state: Arc<AppState>,
+    conn_id: u64,
+    mailbox: Arc<Mailbox>,
+    greeted: bool,
+    /// UAIDs this connection speaks for, each with the events of its UPDATE awaiting ACK.
+    held: HashMap<Uaid, Option<Vec<(Appid, u64)>>>,
+    /// Default KICK settings from hello, applied to registrations that name none.
+    kick: Vec<u8>,
+    rate: RateLimit,
+}
+
+impl Session {
+    pub fn new(state: Arc<AppState>) -> Session {
+        let limits = &state.config.limits;
+        let rate = RateLimit::new(limits.ws_frames_per_sec, limits.ws_frames_burst);
+        Session {
+            conn_id: state.registry.next_conn_id(),
+            mailbox: Arc::new(Mailbox::default()),
+            greeted: false,
+            held: HashMap::new(),
+            kick: Vec::new(),
+            rate,
+            state,
+        }
+    }
+
+    pub fn mailbox(&self) -> &Arc<Mailbox> {
+        &self.mailbox
+    }
+
+    pub fn greeted(&self) -> bool {
+        self.greeted
+    }
+
+    /// Handles one text frame. An `Err` is a protocol violation: send its frame, then close.
+    pub async fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> Result<(), WsError> {
+        let limits = &self.state.config.limits;
+        if !self.rate.allow(Instant::now()) {
+            return Err(WsError::RateLimited(limits.ws_frames_per_sec));
+        }
+        let msg = proto::parse_client(text)?;
+        match (self.greeted, msg) {
+            (false, ClientMessage::Hello { uaids, kick }) => {
+                self.kick = validate_kick(kick.as_ref(), limits.max_kick_bytes)
+                    .map_err(|(_, slug)| WsError::InvalidFrame("hello".into(), slug.into()))?;
+                self.claim("hello", uaids, out).await?;
+                self.greeted = true;
+                Ok(())
+            }
+            (false, _) => Err(WsError::HelloRequired),
+            (true, ClientMessage::Hello { .. }) => Err(WsError::DuplicateHello),
+            (true, ClientMessage::Claim { uaids }) => self.claim("claim", uaids, out).await,
+            (true, ClientMessage::Release { uaids }) => self.release(uaids, out),
+            (true, ClientMessage::Register { uaid, appid, kick }) => {
+                self.register(&uaid, &appid, kick.as_ref(), out).await
+            }
+            (true, ClientMessage::Unregister { uaid, appid }) => self.unregister(&uaid, &appid, out).await,
+            (true, ClientMessage::Ack { uaids }) => self.ack(uaids, out).await,
+            (true, ClientMessage::Ping) => {
+                out.push(proto::pong_frame());
+                Ok(())
+            }
+        }
+    }
+
+    /// Handles what other tasks left in the mailbox: UAIDs lost to newer connections, new events.
+    pub async fn on_mailbox(&mut self, out: &mut Vec<String>) -> Result<(), WsError> {
+        let delivery = self.mailbox.take();
+        let registry = &self.state.registry;
+        let lost: Vec<Uaid> = delivery
+            .lost
+            .into_iter()
+            .filter(|u| !registry.is_held_by(*u, self.conn_id) && self.held.remove(u).is_some())
+            .collect();
+        if !lost.is_empty() {
+            out.push(proto::released_frame(&lost));
+            if self.held.is_empty() {
+                return Err(WsError::Replaced);
+            }
+        }
+        self.send_pending(&delivery.dirty, out).await
+    }
+
+    async fn claim(
+        &mut self,
+        kind: &str,
+        entries: Vec<Credential>,
+        out: &mut Vec<String>,
+    ) -> Result<(), WsError> {
+        let limits = &self.state.config.limits;
+        if entries.len() > limits.max_uaids_per_frame {
+            return Err(WsError::TooManyUaidsInFrame(limits.max_uaids_per_frame));
+        }
+        if self.held.len() + entries.len() > limits.max_uaids_per_connection {
+            return Err(WsError::TooManyUaids(limits.max_uaids_per_connection));
+        }
+        let (statuses, claimed) = authenticate_all(&self.state, &entries).await?;
+        for uaid in &claimed {
+            self.state.registry.claim(*uaid, self.conn_id, &self.mailbox);
+            self.held.entry(*uaid).or_insert(None);
+        }
+        out.push(proto::uaids_reply(kind, &statuses));
+        self.send_pending(&claimed, out).await
+    }
+
+    fn release(&mut self, uaids: Vec<String>, out: &mut Vec<String>) -> Result<(), WsError> {
+        let mut statuses = Vec::with_capacity(uaids.len());
+        for s in uaids {
+            let status = match Uaid::parse(&s) {
+                Ok(u) if self.held.remove(&u).is_some() => {
+                    self.state.registry.release(u, self.conn_id);
+                    (200, None)
+                }
+                Ok(_) => (404, Some("uaid_not_held")),
+                Err(_) => (400, Some("invalid_uaid")),
+            };
+            statuses.push(UaidStatus {
+                uaid: Some(s),
+                status: status.0,
+                secret: None,
+                error: status.1,
+            });
+        }
+        out.push(proto::uaids_reply("release", &statuses));
+        Ok(())
+    }
+
+    /// Parses a UAID and checks this connection speaks for it; `Err` is (status, slug).
+    fn held_uaid(&self, s: &str) -> Result<Uaid, (u16, &'static str)> {
+        let uaid = Uaid::parse(s).map_err(|_| (400, "invalid_uaid"))?;
+        if self.held.contains_key(&uaid) {
+            Ok(uaid)
+        } else {
+            Err((403, "uaid_not_held"))
+        }
+    }
+
+    async fn register(
+        &mut self,
+        uaid_s: &str,
+        appid_s: &str,
+        kick: Option<&Value>,
+        out: &mut Vec<String>,
+    ) -> Result<(), WsError> {
+        let state = self.state.clone();
+        let limits = &state.config.limits;
+        let checked = self.held_uaid(uaid_s).and_then(|u| {
+            let a = Appid::parse(appid_s).map_err(|_| (400, "invalid_appid"))?;
+            let k = validate_kick(kick, limits.max_kick_bytes)?;
+            Ok((u, a, k))
+        });
+        let reply = |status: u16, extra: &[(&str, &str)]| {
+            proto::registration_reply("register", uaid_s, appid_s, status, extra)
+        };
+        let (uaid, appid, kick) = match checked {
+            Ok(v) => v,
+            Err((status, slug)) => {
+                out.push(reply(status, &[("error", slug)]));
+                return Ok(());
+            }
+        };
+        let kick = if kick.is_empty() { self.kick.clone() } else { kick };
+        let registered = state
+            .store
+            .register(uaid, appid, TokenId::random(), &kick, limits.max_appids_per_uaid)
+            .await?;
+        match registered {
+            Registered::Token(id) => {
+                state.sync().await?;
+                let endpoint = format!("{}/v1/e/{}", state.public_url, state.keys.seal_token(&id));
+                out.push(reply(200, &[("endpoint", &endpoint)]));
+            }
+            Registered::TooMany => out.push(reply(413, &[("error", "too_many_registrations")])),
+        }
+        Ok(())
+    }
+
+    async fn unregister(
+        &mut self,
+        uaid_s: &str,
+        appid_s: &str,
+        out: &mut Vec<String>,
+    ) -> Result<(), WsError> {
+        let reply = |status: u16, extra: &[(&str, &str)]| {
+            proto::registration_reply("unregister", uaid_s, appid_s, status, extra)
+        };
+        let checked = self
+            .held_uaid(uaid_s)
+            .and_then(|u| Ok((u, Appid::parse(appid_s).map_err(|_| (400, "invalid_appid"))?)));
+        let (uaid, appid) = match checked {
+            Ok(v) => v,
+            Err((status, slug)) => {
+                out.push(reply(status, &[("error", slug)]));
+                return Ok(());
+            }
+        };
+        let gone_until = now_ms().saturating_add(self.state.config.limits.gone_ttl_secs.saturating_mul(1000));
+        if self.state.store.unregister(uaid, appid, gone_until).await? {
+            self.state.sync().await?;
+            // An UPDATE in flight may name this APPID; its ACK then clears nothing, which is right.
+            out.push(reply(200, &[]));
+        } else {
+            out.push(reply(404, &[("error", "not_registered")]));
+        }
+        Ok(())
+    }
+
+    async fn ack(&mut self, uaids: Vec<String>, out: &mut Vec<String>) -> Result<(), WsError> {
+        let mut acked = Vec::with_capacity(uaids.len());
+        for s in &uaids {
+            let uaid = Uaid::parse(s)
+                .map_err(|_| WsError::InvalidFrame("ack".into(), format!("{s:?} is not a UAID")))?;
+            // A UAID not held or with nothing in flight: a late or repeated ACK, harmless.
+            let Some(events) = self.held.get_mut(&uaid).and_then(Option::take) else {
+                continue;
+            };
+            for (appid, version) in events {
+                if self.state.store.ack(uaid, appid, version).await? {
+                    self.state.metrics.acks.inc();
+                }
+            }
+            acked.push(uaid);
+        }
+        if acked.is_empty() {
+            return Ok(());
+        }
+        // The ACK is durable before any later frame is answered, so a reply to a frame sent
+        // after an ACK proves the ACK survives a crash.
+        self.state.sync().await?;
+        self.send_pending(&acked, out).await
+    }
+
+    /// Sends one UPDATE (split only to respect the frame limit) with the pending events of those
+    /// `uaids` that are held and have nothing in flight.
+    async fn send_pending(&mut self, uaids: &[Uaid], out: &mut Vec<String>) -> Result<(), WsError> {
+        let now = now_ms();
+        let mut update = proto::UpdateBuilder::new(self.state.config.limits.max_frame_bytes);
+        for uaid in uaids {
+            let Some(slot @ None) = self.held.get_mut(uaid) else {
+                continue;
+            };
+            let events = self.state.store.pending(*uaid, now).await?;
+            if events.is_empty() {
+                continue;
+            }
+            update.add(*uaid, &events, out);
+            self.state.metrics.events_sent.inc_by(events.len() as u64);
+            *slot = Some(events);
+        }
+        let frames = update.finish(out);
+        self.state.metrics.updates_sent.inc_by(frames as u64);
+        Ok(())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for uaid in self.held.keys() {
+            self.state.registry.release(*uaid, self.conn_id);
+        }
+    }
+}
+
+/// Checks each credential, binding new UAIDs. Returns the per-entry statuses and the UAIDs that
+/// authenticated. Shared by hello, claim and REST poll.
+pub async fn authenticate_all(
+    state: &AppState,
+    entries: &[Credential],
+) -> Result<(Vec<UaidStatus>, Vec<Uaid>), StoreError> {
+    let mut statuses = Vec::with_capacity(entries.len());
+    let mut claimed = Vec::with_capacity(entries.len());
+    let mut bound_any = false;
+    for entry in entries {
+        let status = authenticate(state, entry, &mut bound_any).await?;
+        if status.status == 200 {
+            if let Some(u) = status.uaid.as_deref().and_then(|s| Uaid::parse(s).ok()) {
+                if !claimed.contains(&u) {
+                    claimed.push(u);
+                }
+            }
+        }
+        statuses.push(status);
+    }
+    if bound_any {
+        // A secret is handed out only once its binding is durable.
+        state.sync().await?;
+    }
+    Ok((statuses, claimed))
+}
+
+async fn authenticate(
+    state: &AppState,
+    entry: &Credential,
+    bound_any: &mut bool,
+) -> Result<UaidStatus, StoreError> {
+    let failed = |uaid: Option<&String>, status: u16, error: &'static str| UaidStatus {
+        uaid: uaid.cloned(),
+        status,
+        secret: None,
+        error: Some(error),
+    };
+    let issued = |uaid: Uaid| UaidStatus {
+        uaid: Some(uaid.to_string()),
+        status: 200,
+        secret: Some(state.keys.uaid_secret(&uaid)),
+        error: None,
+    };
+    match (&entry.uaid, &entry.secret) {
+        (None, None) => loop {
+            let uaid = Uaid::random();
+            if state.store.bind_uaid(uaid).await? {
+                *bound_any = true;
+                return Ok(issued(uaid));
+            }
+        },
+        (None, Some(_)) => Ok(failed(None, 400, "missing_uaid")),
+        (Some(s), secret) => {
+            let Ok(uaid) = Uaid::parse(s) else {
+                return Ok(failed(Some(s), 400, "invalid_uaid"));
+            };
+            match secret {
+                None if state.store.bind_uaid(uaid).await? => {
+                    *bound_any = true;
+                    Ok(issued(uaid))
+                }
+                None => Ok(failed(Some(s), 401, "secret_required")),
+                Some(secret) if state.keys.check_secret(&uaid, secret) => {
+                    // Re-bind a UAID whose record was lost; the secret proves we issued it.
+                    *bound_any |= state.store.bind_uaid(uaid).await?;
+                    Ok(UaidStatus {
+                        uaid: Some(s.clone()),
+                        status: 200,
+                        secret: None,
+                        error: None,
+                    })
+                }
+                Some(_) => Ok(failed(Some(s), 401, "bad_secret")),
+            }
+        }
+    }
+}
+
+/// A `kick` value must be a JSON object of bounded size; stored as its JSON text.
+fn validate_kick(kick: Option<&Value>, max_bytes: usize) -> Result<Vec<u8>, (u16, &'static str)> {
+    match kick {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(v @ Value::Object(_)) => {
+            let bytes = v.to_string().into_bytes();
+            if bytes.len() > max_bytes {
+                Err((413, "kick_too_large"))
+            } else {
+                Ok(bytes)
+            }
+        }
+        Some(_) => Err((400, "invalid_kick")),
+    }
+}
+
+/// A token bucket: `per_sec` frames on average, `burst` at once.
+struct RateLimit {
+    tokens: f64,
+    per_sec: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(per_sec: u32, burst: u32) -> RateLimit {
+        let burst = f64::from(burst.max(1));
+        RateLimit {
+            tokens: burst,
+            per_sec: f64::from(per_sec),
+            burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_allows_burst_then_average() {
+        let start = Instant::now();
+        let mut r = RateLimit::new(10, 5);
+        assert!((0..5).all(|_| r.allow(start)));
+        assert!(!r.allow(start));
+        assert!(r.allow(start + std::time::Duration::from_millis(100)));
+    }
+}

@@ -1,0 +1,147 @@
+//! Durable state: UAID bindings, registrations, pending events.
+//!
+//! One small trait, [`Store`], with the embedded sled implementation ([`SledStore`]). Mutating
+//! methods change state in memory order; [`Store::sync`] is the durability barrier: when it
+//! returns `Ok`, every change made before the call survives a crash. Callers sync before they
+//! answer (a 2xx to a PUT, a hello reply with a new secret, the frame after an ACK).
+//!
+//! Semantics every implementation keeps:
+//! * a registration remembers the last known version for as long as it exists, pending or not;
+//! * `put_version` raises an event only for a version greater than the last known one;
+//! * `ack` clears a pending event only if its version is at most the acknowledged one.
+
+mod record;
+mod sled;
+
+use std::future::Future;
+
+pub use self::record::Registration;
+pub use self::sled::SledStore;
+use crate::ids::{Appid, Uaid};
+use crate::keys::TokenId;
+
+/// Largest version the server picks from its clock: JavaScript reads integers exactly below 2^53.
+pub const MAX_SERVER_VERSION: u64 = (1 << 53) - 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O: {0}")]
+    Io(String),
+    #[error("store record is corrupt: {0}")]
+    Corrupt(&'static str),
+    #[error("store write did not become durable within the time limit")]
+    Timeout,
+}
+
+impl From<::sled::Error> for StoreError {
+    fn from(e: ::sled::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Which version a PUT asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionReq {
+    /// The app server named it.
+    Exact(u64),
+    /// Empty body: the server picks from its clock (milliseconds), above the last known version.
+    Clock(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// A new pending event with this version.
+    Raised(u64),
+    /// Nothing changed: a version at least this new is already known.
+    Superseded(u64),
+    /// The registration no longer exists.
+    Gone,
+    /// A server-picked version would leave the range JavaScript reads exactly.
+    Exhausted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    /// The registration's token (new or, for a repeated register, the existing one).
+    Token(TokenId),
+    /// The UAID already holds the maximum number of registrations.
+    TooMany,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenTarget {
+    Active(Uaid, Appid),
+    /// Unregistered; the endpoint answers 410 until the tombstone expires.
+    Gone,
+    Unknown,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepStats {
+    pub expired_events: u64,
+    pub expired_tombstones: u64,
+}
+
+/// The state editiond keeps. Implementations are cheap to share (`&self` everywhere).
+pub trait Store: Send + Sync + 'static {
+    /// Binds a UAID on first use. `true` if this call bound it (the caller may issue its secret),
+    /// `false` if it was bound already. Atomic: two racing callers never both get `true`.
+    fn bind_uaid(&self, uaid: Uaid) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Whether the UAID has been bound.
+    fn uaid_bound(&self, uaid: Uaid) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Creates the registration with `candidate` as its token, or returns the existing token.
+    fn register(
+        &self,
+        uaid: Uaid,
+        appid: Appid,
+        candidate: TokenId,
+        kick: &[u8],
+        max_per_uaid: usize,
+    ) -> impl Future<Output = Result<Registered>> + Send;
+
+    /// Deletes the registration and its pending event; its token answers Gone until
+    /// `gone_until_ms`. `false` if there was no such registration.
+    fn unregister(
+        &self,
+        uaid: Uaid,
+        appid: Appid,
+        gone_until_ms: u64,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    fn lookup_token(&self, id: TokenId) -> impl Future<Output = Result<TokenTarget>> + Send;
+
+    /// Compare-and-set: raises a pending event if the version is newer than the last known one.
+    fn put_version(
+        &self,
+        uaid: Uaid,
+        appid: Appid,
+        version: VersionReq,
+        expires_at_ms: u64,
+    ) -> impl Future<Output = Result<PutOutcome>> + Send;
+
+    /// The UAID's pending events that have not expired at `now_ms`, ordered by APPID.
+    fn pending(&self, uaid: Uaid, now_ms: u64) -> impl Future<Output = Result<Vec<(Appid, u64)>>> + Send;
+
+    /// Compare-and-delete: clears the pending event if its version is at most `version`.
+    fn ack(&self, uaid: Uaid, appid: Appid, version: u64) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Durability barrier; see the module documentation.
+    fn sync(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Deletes events and tombstones that expired before `now_ms`.
+    fn sweep(&self, now_ms: u64) -> impl Future<Output = Result<SweepStats>> + Send;
+
+    /// Pending events held now (for metrics; may lag by a sweep).
+    fn pending_count(&self) -> u64;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

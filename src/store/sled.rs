@@ -1,0 +1,340 @@
+//! The embedded store: sled trees on one machine, made durable by group commit.
+//!
+//! Trees: `uaids` (UAID → bound-at ms), `regs` (UAID‖APPID → [`Registration`]), `tokens`
+//! (token id → UAID‖APPID, or a tombstone). Every read-modify-write is a sled compare-and-swap
+//! loop on one key, so concurrent PUTs and ACKs on a registration never lose an update.
+//!
+//! Durability (fsync policy): [`Store::sync`] waits for a `Db::flush` (which writes sled's log and
+//! calls fsync) that *started after* the caller's writes. One flusher task runs flushes back to
+//! back; every caller that arrives while a flush runs shares the next one, so N concurrent PUTs
+//! cost about two fsyncs, not N. sled's own periodic flush is left on as a second line only.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+use super::record::{appid_of_key, registration_key, Registration, TokenEntry};
+use super::MAX_SERVER_VERSION;
+use super::{PutOutcome, Registered, Result, Store, StoreError, SweepStats, TokenTarget, VersionReq};
+use crate::ids::{Appid, Uaid};
+use crate::keys::TokenId;
+
+/// The sled-backed store. Clones share one database.
+#[derive(Clone)]
+pub struct SledStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    uaids: sled::Tree,
+    regs: sled::Tree,
+    tokens: sled::Tree,
+    commit: GroupCommit,
+    /// Pending events, kept in memory for `/metrics` (counted once at open).
+    pending: AtomicI64,
+    write_timeout: Duration,
+}
+
+/// Tickets and the flush that covers them. See the module documentation.
+struct GroupCommit {
+    /// Highest ticket handed out; a ticket is taken after the caller's writes.
+    requested: AtomicU64,
+    /// Highest ticket covered by a finished flush, and whether that flush succeeded.
+    done: watch::Sender<(u64, bool)>,
+    wake: Notify,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir` and starts its flusher task.
+    pub fn open(dir: &std::path::Path, cache_bytes: u64, write_timeout: Duration) -> Result<SledStore> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let uaids = db.open_tree("uaids")?;
+        let regs = db.open_tree("regs")?;
+        let tokens = db.open_tree("tokens")?;
+        let mut pending = 0i64;
+        for item in regs.iter() {
+            let (_, v) = item?;
+            if Registration::decode(&v)?.pending.is_some() {
+                pending += 1;
+            }
+        }
+        let inner = Arc::new(Inner {
+            db,
+            uaids,
+            regs,
+            tokens,
+            commit: GroupCommit {
+                requested: AtomicU64::new(0),
+                done: watch::Sender::new((0, true)),
+                wake: Notify::new(),
+            },
+            pending: AtomicI64::new(pending),
+            write_timeout,
+        });
+        tokio::spawn(flusher(inner.clone()));
+        Ok(SledStore { inner })
+    }
+
+    /// Flushes synchronously; used at shutdown.
+    pub fn flush_now(&self) -> Result<()> {
+        self.inner.db.flush()?;
+        Ok(())
+    }
+
+    /// Compare-and-swap loop over one registration. `f` returns the new record (or `None` to
+    /// leave it) and a result; it may run more than once under contention.
+    fn update_reg<T>(
+        &self,
+        key: &[u8],
+        mut f: impl FnMut(Option<Registration>) -> Result<(Option<Option<Registration>>, T)>,
+    ) -> Result<T> {
+        loop {
+            let old = self.inner.regs.get(key)?;
+            let decoded = old.as_deref().map(Registration::decode).transpose()?;
+            let (new, out) = f(decoded)?;
+            let Some(new) = new else {
+                return Ok(out);
+            };
+            let new_bytes = new.as_ref().map(Registration::encode);
+            match self.inner.regs.compare_and_swap(key, old, new_bytes)? {
+                Ok(()) => return Ok(out),
+                Err(_) => continue,
+            }
+        }
+    }
+
+    fn count_pending(&self, before: bool, after: bool) {
+        match (before, after) {
+            (false, true) => self.inner.pending.fetch_add(1, Ordering::Relaxed),
+            (true, false) => self.inner.pending.fetch_sub(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+}
+
+/// Runs flushes while tickets are waiting; lives as long as the runtime.
+async fn flusher(inner: Arc<Inner>) {
+    let commit = &inner.commit;
+    loop {
+        let target = commit.requested.load(Ordering::SeqCst);
+        if target <= commit.done.borrow().0 {
+            // A ticket taken after the load above left a permit, so this wakes at once.
+            commit.wake.notified().await;
+            continue;
+        }
+        let db = inner.db.clone();
+        let ok = match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "store flush failed");
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store flush task failed");
+                false
+            }
+        };
+        commit.done.send_replace((target, ok));
+    }
+}
+
+impl Store for SledStore {
+    async fn bind_uaid(&self, uaid: Uaid) -> Result<bool> {
+        let now = super::now_ms().to_be_bytes();
+        let swapped =
+            self.inner
+                .uaids
+                .compare_and_swap(uaid.as_bytes(), None as Option<&[u8]>, Some(&now[..]))?;
+        Ok(swapped.is_ok())
+    }
+
+    async fn uaid_bound(&self, uaid: Uaid) -> Result<bool> {
+        Ok(self.inner.uaids.contains_key(uaid.as_bytes())?)
+    }
+
+    async fn register(
+        &self,
+        uaid: Uaid,
+        appid: Appid,
+        candidate: TokenId,
+        kick: &[u8],
+        max_per_uaid: usize,
+    ) -> Result<Registered> {
+        let key = registration_key(&uaid, &appid);
+        if let Some(existing) = self.inner.regs.get(key)? {
+            return Ok(Registered::Token(Registration::decode(&existing)?.token));
+        }
+        // One connection holds a UAID at a time and handles its frames in order, so this count
+        // is not raced by another register for the same UAID.
+        if self.inner.regs.scan_prefix(uaid.as_bytes()).count() >= max_per_uaid {
+            return Ok(Registered::TooMany);
+        }
+        self.inner
+            .tokens
+            .insert(candidate.0, TokenEntry::Active(uaid, appid).encode())?;
+        let record = Registration::new(candidate, kick).encode();
+        match self
+            .inner
+            .regs
+            .compare_and_swap(key, None as Option<&[u8]>, Some(record))?
+        {
+            Ok(()) => Ok(Registered::Token(candidate)),
+            Err(current) => {
+                self.inner.tokens.remove(candidate.0)?;
+                let current = current.current.ok_or(StoreError::Corrupt("registration"))?;
+                Ok(Registered::Token(Registration::decode(&current)?.token))
+            }
+        }
+    }
+
+    async fn unregister(&self, uaid: Uaid, appid: Appid, gone_until_ms: u64) -> Result<bool> {
+        let key = registration_key(&uaid, &appid);
+        let removed = self.update_reg(&key, |old| match old {
+            Some(reg) => Ok((Some(None), Some(reg))),
+            None => Ok((None, None)),
+        })?;
+        let Some(reg) = removed else { return Ok(false) };
+        self.count_pending(reg.pending.is_some(), false);
+        self.inner.tokens.insert(
+            reg.token.0,
+            TokenEntry::Gone {
+                until_ms: gone_until_ms,
+            }
+            .encode(),
+        )?;
+        Ok(true)
+    }
+
+    async fn lookup_token(&self, id: TokenId) -> Result<TokenTarget> {
+        match self.inner.tokens.get(id.0)? {
+            None => Ok(TokenTarget::Unknown),
+            Some(bytes) => Ok(match TokenEntry::decode(&bytes)? {
+                TokenEntry::Active(u, a) => TokenTarget::Active(u, a),
+                TokenEntry::Gone { .. } => TokenTarget::Gone,
+            }),
+        }
+    }
+
+    async fn put_version(
+        &self,
+        uaid: Uaid,
+        appid: Appid,
+        version: VersionReq,
+        expires_at_ms: u64,
+    ) -> Result<PutOutcome> {
+        let key = registration_key(&uaid, &appid);
+        let (outcome, had_pending) = self.update_reg(&key, |old| {
+            let Some(mut reg) = old else {
+                return Ok((None, (PutOutcome::Gone, false)));
+            };
+            let had = reg.pending.is_some();
+            let v = match version {
+                VersionReq::Exact(v) => v,
+                VersionReq::Clock(now) => match reg.last_version {
+                    Some(last) if last >= now => match last.checked_add(1) {
+                        Some(next) if next <= MAX_SERVER_VERSION => next,
+                        _ => return Ok((None, (PutOutcome::Exhausted, had))),
+                    },
+                    _ => now,
+                },
+            };
+            if let Some(last) = reg.last_version.filter(|&last| v <= last) {
+                return Ok((None, (PutOutcome::Superseded(last), had)));
+            }
+            reg.last_version = Some(v);
+            reg.pending = Some((v, expires_at_ms));
+            Ok((Some(Some(reg)), (PutOutcome::Raised(v), had)))
+        })?;
+        if let PutOutcome::Raised(_) = outcome {
+            self.count_pending(had_pending, true);
+        }
+        Ok(outcome)
+    }
+
+    async fn pending(&self, uaid: Uaid, now_ms: u64) -> Result<Vec<(Appid, u64)>> {
+        let mut out = Vec::new();
+        for item in self.inner.regs.scan_prefix(uaid.as_bytes()) {
+            let (key, value) = item?;
+            if let Some((version, expires)) = Registration::decode(&value)?.pending {
+                if expires > now_ms {
+                    out.push((appid_of_key(&key)?, version));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, uaid: Uaid, appid: Appid, version: u64) -> Result<bool> {
+        let key = registration_key(&uaid, &appid);
+        let cleared = self.update_reg(&key, |old| match old {
+            Some(mut reg) if reg.pending.is_some_and(|(v, _)| v <= version) => {
+                reg.pending = None;
+                Ok((Some(Some(reg)), true))
+            }
+            _ => Ok((None, false)),
+        })?;
+        if cleared {
+            self.count_pending(true, false);
+        }
+        Ok(cleared)
+    }
+
+    async fn sync(&self) -> Result<()> {
+        let commit = &self.inner.commit;
+        let mut done = commit.done.subscribe();
+        let ticket = commit.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        commit.wake.notify_one();
+        let waited =
+            tokio::time::timeout(self.inner.write_timeout, done.wait_for(|(d, _)| *d >= ticket)).await;
+        match waited {
+            Ok(Ok(state)) if state.1 => Ok(()),
+            Ok(Ok(_)) => Err(StoreError::Io("flush failed".into())),
+            Ok(Err(_)) => Err(StoreError::Io("store closed".into())),
+            Err(_) => Err(StoreError::Timeout),
+        }
+    }
+
+    async fn sweep(&self, now_ms: u64) -> Result<SweepStats> {
+        let mut stats = SweepStats::default();
+        for item in self.inner.regs.iter() {
+            let (key, _) = item?;
+            let cleared = self.update_reg(&key, |old| match old {
+                Some(mut reg) if reg.pending.is_some_and(|(_, exp)| exp <= now_ms) => {
+                    reg.pending = None;
+                    Ok((Some(Some(reg)), true))
+                }
+                _ => Ok((None, false)),
+            })?;
+            if cleared {
+                self.count_pending(true, false);
+                stats.expired_events += 1;
+            }
+        }
+        for item in self.inner.tokens.iter() {
+            let (key, value) = item?;
+            if let TokenEntry::Gone { until_ms } = TokenEntry::decode(&value)? {
+                if until_ms <= now_ms
+                    && self
+                        .inner
+                        .tokens
+                        .compare_and_swap(&key, Some(value), None as Option<&[u8]>)?
+                        .is_ok()
+                {
+                    stats.expired_tombstones += 1;
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    fn pending_count(&self) -> u64 {
+        self.inner.pending.load(Ordering::Relaxed).max(0) as u64
+    }
+}

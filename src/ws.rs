@@ -1,0 +1,120 @@
+//! The WebSocket transport at `GET /v1/ws`: socket in, [`Session`] in the middle, socket out.
+//!
+//! Buffers are sized for idle sockets (most are): a small read buffer that grows only for a large
+//! frame, no write batching, and a hard cap on what may queue for a client that does not read.
+//! A send that blocks longer than `send_timeout_secs` drops that client alone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use tokio::time::{sleep_until, timeout, Instant};
+
+use crate::proto::WsError;
+use crate::server::AppState;
+use crate::session::Session;
+
+/// `GET /v1/ws`: upgrades with the configured limits.
+pub async fn upgrade(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+    let limits = &state.config.limits;
+    ws.read_buffer_size(limits.read_buffer_bytes)
+        .write_buffer_size(0)
+        .max_write_buffer_size(limits.max_write_buffer_bytes)
+        .max_message_size(limits.max_frame_bytes)
+        .max_frame_size(limits.max_frame_bytes)
+        .on_upgrade(move |socket| serve(state, socket))
+}
+
+/// Why the loop ended: the peer left (nothing more to say) or the server closes with an error.
+enum End {
+    PeerGone,
+    Close(WsError),
+}
+
+async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
+    let _open = state.open_socket();
+    let limits = state.config.limits.clone();
+    let send_timeout = Duration::from_secs(limits.send_timeout_secs);
+    let mut session = Session::new(state.clone());
+    let mailbox = session.mailbox().clone();
+    let stopping = state.stopping();
+    tokio::pin!(stopping);
+    let hello_deadline = Instant::now() + Duration::from_secs(limits.hello_timeout_secs);
+    let idle = Duration::from_secs(limits.idle_timeout_secs);
+    let mut last_heard = Instant::now();
+    let mut out = Vec::new();
+
+    let end = loop {
+        let deadline = if session.greeted() {
+            last_heard + idle
+        } else {
+            hello_deadline
+        };
+        let step = tokio::select! {
+            biased;
+            _ = &mut stopping => Err(WsError::ShuttingDown),
+            msg = socket.recv() => {
+                last_heard = Instant::now();
+                match msg {
+                    None | Some(Ok(Message::Close(_))) => break End::PeerGone,
+                    Some(Ok(Message::Text(text))) => session.on_text(text.as_str(), &mut out).await,
+                    Some(Ok(Message::Binary(_))) => Err(WsError::BinaryFrame),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+                    Some(Err(e)) => match classify(e, limits.max_frame_bytes) {
+                        Some(err) => Err(err),
+                        None => break End::PeerGone,
+                    },
+                }
+            }
+            _ = mailbox.wake.notified() => session.on_mailbox(&mut out).await,
+            _ = sleep_until(deadline) => Err(if session.greeted() {
+                WsError::IdleTimeout(limits.idle_timeout_secs)
+            } else {
+                WsError::HelloTimeout(limits.hello_timeout_secs)
+            }),
+        };
+        for frame in out.drain(..) {
+            if !matches!(
+                timeout(send_timeout, socket.send(Message::Text(frame.into()))).await,
+                Ok(Ok(()))
+            ) {
+                tracing::debug!("dropping a client that does not read");
+                break;
+            }
+        }
+        if let Err(e) = step {
+            break End::Close(e);
+        }
+    };
+
+    if let End::Close(err) = end {
+        let code = err.close_code();
+        state
+            .metrics
+            .closes
+            .get_or_create(&crate::metrics::CloseLabel { code })
+            .inc();
+        tracing::debug!(code, error = err.slug(), "closing socket");
+        let _ = timeout(send_timeout, async {
+            socket.send(Message::Text(err.frame().into())).await?;
+            socket
+                .send(Message::Close(Some(CloseFrame {
+                    code,
+                    reason: err.slug().into(),
+                })))
+                .await
+        })
+        .await;
+    }
+}
+
+/// Maps a read error to the violation it reports, or `None` when the transport just failed.
+fn classify(e: axum::Error, max_frame_bytes: usize) -> Option<WsError> {
+    match e.into_inner().downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => Some(WsError::FrameTooLarge(max_frame_bytes)),
+        Some(tungstenite::Error::Utf8(_)) => Some(WsError::InvalidUtf8),
+        _ => None,
+    }
+}
