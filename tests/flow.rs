@@ -63,7 +63,9 @@ async fn pending_events_wait_for_the_client_and_coalesce() {
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["version"], 77);
     let r = http.put(&e2).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    let clock_version = r.json::<serde_json::Value>().await.unwrap()["version"].as_u64().unwrap();
+    let clock_version = r.json::<serde_json::Value>().await.unwrap()["version"]
+        .as_u64()
+        .unwrap();
     assert!(clock_version > 77 && clock_version < (1 << 53));
 
     let mut c = Client::connect(&server).await;
@@ -107,7 +109,8 @@ async fn secrets_bind_on_first_use() {
     let server = Server::start(dir.path()).await;
     let mut c = Client::connect(&server).await;
     let chosen = uuid::Uuid::new_v4().to_string();
-    c.send(json!({"type": "hello", "uaids": [{"uaid": chosen}]})).await;
+    c.send(json!({"type": "hello", "uaids": [{"uaid": chosen}]}))
+        .await;
     let v = c.expect("hello").await;
     let secret = v["uaids"][0]["secret"].as_str().unwrap().to_owned();
     assert_eq!(v["uaids"][0]["uaid"], chosen.as_str());
@@ -127,7 +130,9 @@ async fn secrets_bind_on_first_use() {
     assert_eq!(v["uaids"][1]["status"], 401);
     assert_eq!(v["uaids"][2]["status"], 200, "other entries keep working");
     // The thief cannot register for the UAID it failed to claim.
-    thief.send(json!({"type": "register", "uaid": chosen, "appid": new_appid()})).await;
+    thief
+        .send(json!({"type": "register", "uaid": chosen, "appid": new_appid()}))
+        .await;
     assert_eq!(thief.expect("register").await["status"], 403);
 
     let mut owner = Client::connect(&server).await;
@@ -170,7 +175,8 @@ async fn unregister_makes_the_endpoint_gone() {
     let creds = c.hello_new(1).await;
     let appid = new_appid();
     let endpoint = c.register(&creds[0].0, &appid).await;
-    c.send(json!({"type": "unregister", "uaid": creds[0].0, "appid": appid})).await;
+    c.send(json!({"type": "unregister", "uaid": creds[0].0, "appid": appid}))
+        .await;
     assert_eq!(c.expect("unregister").await["status"], 200);
     let r = http.put(&endpoint).body("version=1").send().await.unwrap();
     assert_eq!(r.status(), 410);
@@ -190,7 +196,12 @@ async fn rest_poll_and_ack() {
     drop(c);
     let body = json!({"uaids": [{"uaid": uaid, "secret": secret}]});
 
-    let r = http.post(server.url("/v1/poll")).json(&body).send().await.unwrap();
+    let r = http
+        .post(server.url("/v1/poll"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
 
     // A long poll is woken by a PUT.
@@ -202,24 +213,39 @@ async fn rest_poll_and_ack() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(put_version(&http, &endpoint, 4).await, 202);
-    let r = tokio::time::timeout(Duration::from_secs(5), poll).await.unwrap().unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), poll)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["updates"][&uaid][&appid], 4);
 
     // A newer version arrives before the ACK of 4: the ACK leaves it pending.
     assert_eq!(put_version(&http, &endpoint, 5).await, 202);
-    let ack = json!({"uaids": [{"uaid": uaid, "secret": secret}], "updates": {uaid.clone(): {appid.clone(): 4}}});
+    let ack =
+        json!({"uaids": [{"uaid": uaid, "secret": secret}], "updates": {uaid.clone(): {appid.clone(): 4}}});
     let r = http.post(server.url("/v1/ack")).json(&ack).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let r = http.post(server.url("/v1/poll")).json(&body).send().await.unwrap();
-    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["updates"][&uaid][&appid], 5);
+    let r = http
+        .post(server.url("/v1/poll"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["updates"][&uaid][&appid],
+        5
+    );
 
     // Wrong secret: 401 with a JSON error.
     let bad = json!({"uaids": [{"uaid": uaid, "secret": "nope"}]});
     let r = http.post(server.url("/v1/poll")).json(&bad).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "bad_secret");
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"],
+        "bad_secret"
+    );
 }
 
 #[tokio::test]
@@ -234,7 +260,14 @@ async fn health_metrics_and_graceful_shutdown() {
     let endpoint = c.register(&creds[0].0, &new_appid()).await;
     assert_eq!(put_version(&http, &endpoint, 1).await, 202);
     c.expect("update").await;
-    let text = http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for needle in [
         "editiond_connections 1",
         "editiond_puts_total{status=\"202\"} 1",
@@ -259,5 +292,8 @@ async fn unknown_routes_and_methods_get_json_errors() {
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "not_found");
     let r = http.delete(server.url("/health")).send().await.unwrap();
     assert_eq!(r.status(), 405);
-    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "method_not_allowed");
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"],
+        "method_not_allowed"
+    );
 }

@@ -24,7 +24,11 @@ pub struct Server {
 
 /// A free loopback port (released before the server binds it; tokio binds with SO_REUSEADDR).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Server {
@@ -55,7 +59,10 @@ impl Server {
             .arg(&self.data_dir)
             .arg("--config")
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
-            .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         for (k, v) in &self.env {
@@ -100,7 +107,10 @@ impl Server {
     /// SIGTERM and wait for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -118,7 +128,9 @@ impl Server {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 }
 
@@ -145,12 +157,17 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 impl Client {
     pub async fn connect(server: &Server) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(server.ws_url()).await.expect("connect");
+        let (ws, _) = tokio_tungstenite::connect_async(server.ws_url())
+            .await
+            .expect("connect");
         Client { ws }
     }
 
     pub async fn send(&mut self, frame: Value) {
-        self.ws.send(Message::Text(frame.to_string().into())).await.expect("send");
+        self.ws
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .expect("send");
     }
 
     pub async fn send_raw(&mut self, msg: Message) {
@@ -225,21 +242,28 @@ impl Client {
             .iter()
             .map(|e| {
                 assert_eq!(e["status"], 200, "{e}");
-                (e["uaid"].as_str().unwrap().to_owned(), e["secret"].as_str().unwrap().to_owned())
+                (
+                    e["uaid"].as_str().unwrap().to_owned(),
+                    e["secret"].as_str().unwrap().to_owned(),
+                )
             })
             .collect()
     }
 
     /// hello with known credentials; returns the reply.
     pub async fn hello(&mut self, creds: &[(String, String)]) -> Value {
-        let entries: Vec<Value> = creds.iter().map(|(u, s)| json!({"uaid": u, "secret": s})).collect();
+        let entries: Vec<Value> = creds
+            .iter()
+            .map(|(u, s)| json!({"uaid": u, "secret": s}))
+            .collect();
         self.send(json!({"type": "hello", "uaids": entries})).await;
         self.expect("hello").await
     }
 
     /// register; returns the endpoint.
     pub async fn register(&mut self, uaid: &str, appid: &str) -> String {
-        self.send(json!({"type": "register", "uaid": uaid, "appid": appid})).await;
+        self.send(json!({"type": "register", "uaid": uaid, "appid": appid}))
+            .await;
         let v = self.expect("register").await;
         assert_eq!(v["status"], 200, "{v}");
         v["endpoint"].as_str().unwrap().to_owned()
