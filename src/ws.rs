@@ -46,7 +46,7 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
     let mut last_heard = Instant::now();
     let mut out = Vec::new();
 
-    let end = loop {
+    let end = 'serve: loop {
         let deadline = if session.greeted() {
             last_heard + idle
         } else {
@@ -76,12 +76,10 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
             }),
         };
         for frame in out.drain(..) {
-            if !matches!(
-                timeout(send_timeout, socket.send(Message::Text(frame.into()))).await,
-                Ok(Ok(()))
-            ) {
+            let sent = timeout(send_timeout, socket.send(Message::Text(frame.into()))).await;
+            if !matches!(sent, Ok(Ok(()))) {
                 tracing::debug!("dropping a client that does not read");
-                break;
+                break 'serve End::PeerGone;
             }
         }
         if let Err(e) = step {
