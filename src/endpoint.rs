@@ -1,8 +1,9 @@
 //! `PUT /v1/e/{token}`: app servers announce a new version.
 //!
 //! Order matters: parse everything, resolve the token, compare-and-set in the store, wait for the
-//! group commit, and only then answer 202 and nudge the connection holding the UAID. An event
-//! the client sees is therefore always one that survives a crash.
+//! group commit, and only then answer and nudge the connection holding the UAID. Both successes
+//! wait for the commit: a 202 for the version it raised, a 200 for the newer version it reports,
+//! which another request may have raised a moment ago and not yet made durable.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,7 +80,12 @@ async fn put_version(
             state.registry.nudge(uaid);
             Ok((StatusCode::ACCEPTED, v))
         }
-        PutOutcome::Superseded(current) => Ok((StatusCode::OK, current)),
+        PutOutcome::Superseded(current) => {
+            // The version that supersedes this one may have been raised by a request whose
+            // flush is still running: a 200 promises it as much as a 202 does.
+            state.sync().await.map_err(unavailable)?;
+            Ok((StatusCode::OK, current))
+        }
         PutOutcome::Gone => Err(HttpError::Gone),
         PutOutcome::Exhausted => Err(HttpError::VersionExhausted),
     }

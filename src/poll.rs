@@ -145,6 +145,9 @@ async fn poll_inner(
             }
         }
         if !events.is_empty() || issued {
+            // Events read here may have been raised by a PUT whose commit is still running:
+            // answer only once they are durable (see `Session::send_pending_after`).
+            state.sync().await.map_err(unavailable(state))?;
             let count: usize = events.iter().map(|(_, e)| e.len()).sum();
             state.metrics.events_sent.inc_by(count as u64);
             return Ok(json(StatusCode::OK, poll_answer(&statuses, issued, &events)));

@@ -253,26 +253,50 @@ impl Session {
         if acked.is_empty() {
             return Ok(());
         }
-        // The ACK is durable before any later frame is answered, so a reply to a frame sent
-        // after an ACK proves the ACK survives a crash.
-        self.state.sync().await?;
-        self.send_pending(&acked, out).await
+        // The ACK is durable before any later frame is answered (`send_pending` syncs), so a
+        // reply to a frame sent after an ACK proves the ACK survives a crash.
+        self.send_pending_after(&acked, true, out).await
     }
 
     /// Sends one UPDATE (split only to respect the frame limit) with the pending events of those
     /// `uaids` that are held and have nothing in flight.
     async fn send_pending(&mut self, uaids: &[Uaid], out: &mut Vec<String>) -> Result<(), WsError> {
+        self.send_pending_after(uaids, false, out).await
+    }
+
+    /// [`Self::send_pending`], syncing the store first when events go out or `sync` is set.
+    ///
+    /// An event read from the store may have been raised by a PUT whose group commit is still
+    /// running; a client must never see a version that a crash could take back (it would then
+    /// see an older one again). So the events are read, then one sync covers them (and this
+    /// connection's own writes, such as an ACK), then the UPDATE is queued.
+    async fn send_pending_after(
+        &mut self,
+        uaids: &[Uaid],
+        sync: bool,
+        out: &mut Vec<String>,
+    ) -> Result<(), WsError> {
         let now = now_ms();
-        let mut update = proto::UpdateBuilder::new(self.state.config.limits.max_frame_bytes);
+        let mut found = Vec::new();
         for uaid in uaids {
-            let Some(slot @ None) = self.held.get_mut(uaid) else {
-                continue;
-            };
-            let events = self.state.store.pending(*uaid, now).await?;
-            if events.is_empty() {
+            if !matches!(self.held.get(uaid), Some(None)) {
                 continue;
             }
-            update.add(*uaid, &events, out);
+            let events = self.state.store.pending(*uaid, now).await?;
+            if !events.is_empty() {
+                found.push((*uaid, events));
+            }
+        }
+        if sync || !found.is_empty() {
+            self.state.sync().await?;
+        }
+        let mut update = proto::UpdateBuilder::new(self.state.config.limits.max_frame_bytes);
+        for (uaid, events) in found {
+            // A UAID named twice goes out once.
+            let Some(slot @ None) = self.held.get_mut(&uaid) else {
+                continue;
+            };
+            update.add(uaid, &events, out);
             self.state.metrics.events_sent.inc_by(events.len() as u64);
             *slot = Some(events);
         }
