@@ -4,10 +4,16 @@
 //! (token id → UAID‖APPID, or a tombstone). Every read-modify-write is a sled compare-and-swap
 //! loop on one key, so concurrent PUTs and ACKs on a registration never lose an update.
 //!
-//! Durability (fsync policy): [`Store::sync`] waits for a `Db::flush` (which writes sled's log and
-//! calls fsync) that *started after* the caller's writes. One flusher task runs flushes back to
-//! back; every caller that arrives while a flush runs shares the next one, so N concurrent PUTs
-//! cost about two fsyncs, not N. sled's own periodic flush is left on as a second line only.
+//! Durability (fsync policy): [`Store::sync`] waits for a commit that *started after* the
+//! caller's writes. A commit is `Db::flush` (which writes sled's log buffers to `<dir>/db`)
+//! followed by `fsync` (`File::sync_all`) of that file. The fsync is ours because on Linux
+//! sled's flush ends with `sync_file_range`, which neither flushes the drive's write cache nor
+//! the file's metadata: enough to survive a killed process, not a power cut. One flusher task
+//! runs commits back to back; every caller that arrives while one runs shares the next, so N
+//! concurrent PUTs cost about two fsyncs, not N. Reads take no part: a caller that answers with
+//! what it read (an UPDATE, a 200 "already known") syncs first, because the value may come from
+//! another caller's write that is not yet committed. sled's own periodic flush (every 500 ms,
+//! also with fsync) is left on as a second line only.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,6 +35,8 @@ pub struct SledStore {
 
 struct Inner {
     db: sled::Db,
+    /// sled's log file (`<dir>/db`), opened once so every commit can fsync it.
+    log: std::fs::File,
     uaids: sled::Tree,
     regs: sled::Tree,
     tokens: sled::Tree,
@@ -58,6 +66,13 @@ impl SledStore {
         let uaids = db.open_tree("uaids")?;
         let regs = db.open_tree("regs")?;
         let tokens = db.open_tree("tokens")?;
+        let io = |what: &str, e: std::io::Error| StoreError::Io(format!("{what} {}: {e}", dir.display()));
+        let log = std::fs::File::open(dir.join("db")).map_err(|e| io("open log file in", e))?;
+        // The log file's directory entry must be durable too (it is new on first start).
+        #[cfg(unix)]
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("fsync directory", e))?;
         let mut pending = 0i64;
         for item in regs.iter() {
             let (_, v) = item?;
@@ -67,6 +82,7 @@ impl SledStore {
         }
         let inner = Arc::new(Inner {
             db,
+            log,
             uaids,
             regs,
             tokens,
@@ -82,10 +98,9 @@ impl SledStore {
         Ok(SledStore { inner })
     }
 
-    /// Flushes synchronously; used at shutdown.
+    /// Commits synchronously; used at shutdown.
     pub fn flush_now(&self) -> Result<()> {
-        self.inner.db.flush()?;
-        Ok(())
+        self.inner.commit()
     }
 
     /// Compare-and-swap loop over one registration. `f` returns the new record (or `None` to
@@ -119,6 +134,16 @@ impl SledStore {
     }
 }
 
+impl Inner {
+    /// One commit (blocking): sled's flush, then fsync of its log file. See the module doc.
+    fn commit(&self) -> Result<()> {
+        self.db.flush()?;
+        self.log
+            .sync_all()
+            .map_err(|e| StoreError::Io(format!("fsync: {e}")))
+    }
+}
+
 /// Runs flushes while tickets are waiting; lives as long as the runtime.
 async fn flusher(inner: Arc<Inner>) {
     let commit = &inner.commit;
@@ -129,9 +154,9 @@ async fn flusher(inner: Arc<Inner>) {
             commit.wake.notified().await;
             continue;
         }
-        let db = inner.db.clone();
-        let ok = match tokio::task::spawn_blocking(move || db.flush()).await {
-            Ok(Ok(_)) => true,
+        let committing = inner.clone();
+        let ok = match tokio::task::spawn_blocking(move || committing.commit()).await {
+            Ok(Ok(())) => true,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "store flush failed");
                 false
