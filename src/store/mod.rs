@@ -46,7 +46,9 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub enum VersionReq {
     /// The app server named it.
     Exact(u64),
-    /// Empty body: the server picks from its clock (milliseconds), above the last known version.
+    /// Empty body: the server picks this clock reading (milliseconds) or, when the last known
+    /// version is not below it, one above that; [`PutOutcome::Exhausted`] when the pick would
+    /// exceed [`MAX_SERVER_VERSION`].
     Clock(u64),
 }
 
@@ -112,6 +114,8 @@ pub trait Store: Send + Sync + 'static {
         gone_until_ms: u64,
     ) -> impl Future<Output = Result<bool>> + Send;
 
+    /// Where a token points. An unregistered token is `Gone` until a sweep after its
+    /// `gone_until_ms` deletes the tombstone, then `Unknown`.
     fn lookup_token(&self, id: TokenId) -> impl Future<Output = Result<TokenTarget>> + Send;
 
     /// Compare-and-set: raises a pending event if the version is newer than the last known one.

@@ -262,13 +262,17 @@ impl Store for SledStore {
             let had = reg.pending.is_some();
             let v = match version {
                 VersionReq::Exact(v) => v,
-                VersionReq::Clock(now) => match reg.last_version {
-                    Some(last) if last >= now => match last.checked_add(1) {
+                VersionReq::Clock(now) => {
+                    // The clock, or one above the last known version when that is ahead of it.
+                    let next = match reg.last_version {
+                        Some(last) if last >= now => last.checked_add(1),
+                        _ => Some(now),
+                    };
+                    match next {
                         Some(next) if next <= MAX_SERVER_VERSION => next,
                         _ => return Ok((None, (PutOutcome::Exhausted, had))),
-                    },
-                    _ => now,
-                },
+                    }
+                }
             };
             if let Some(last) = reg.last_version.filter(|&last| v <= last) {
                 return Ok((None, (PutOutcome::Superseded(last), had)));
