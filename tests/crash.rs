@@ -188,7 +188,9 @@ async fn put_storm(world: Arc<World>, http: reqwest::Client, stop: Arc<AtomicBoo
 /// Reads UPDATEs and ACKs each at once, with a ping after every ACK. A `pong` proves the ACKs
 /// sent before its ping were applied and durable. Runs until the server dies.
 async fn acker(world: Arc<World>, server_ws: String, creds: Vec<(String, String)>) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(server_ws).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::connect_async(server_ws)
+        .await
+        .expect("connect");
     let entries: Vec<Value> = creds
         .iter()
         .map(|(u, s)| json!({"uaid": u, "secret": s}))
@@ -212,10 +214,8 @@ async fn acker(world: Arc<World>, server_ws: String, creds: Vec<(String, String)
                 let events = events_of(&frame);
                 let mut uaids: Vec<&str> = events.iter().map(|(u, _, _)| u.as_str()).collect();
                 uaids.dedup();
-                let batch: Vec<(usize, u64)> = events
-                    .iter()
-                    .map(|(u, a, v)| (world.reg_of(u, a), *v))
-                    .collect();
+                let batch: Vec<(usize, u64)> =
+                    events.iter().map(|(u, a, v)| (world.reg_of(u, a), *v)).collect();
                 world.with(|regs| {
                     for &(i, v) in &batch {
                         regs[i].seen = regs[i].seen.max(v);
@@ -358,14 +358,7 @@ async fn sigkill_loses_no_answered_put_and_repeats_no_acked_event() {
             .collect();
         let http = reqwest::Client::new();
         let puts: Vec<_> = (0..PUT_TASKS)
-            .map(|_| {
-                tokio::spawn(put_storm(
-                    world.clone(),
-                    http.clone(),
-                    stop.clone(),
-                    rng.next(),
-                ))
-            })
+            .map(|_| tokio::spawn(put_storm(world.clone(), http.clone(), stop.clone(), rng.next())))
             .collect();
         // Kill while PUTs and ACKs are in flight.
         tokio::time::sleep(Duration::from_millis(200 + rng.below(600))).await;
@@ -398,7 +391,10 @@ async fn secrets_and_endpoints_survive_sigkill() {
         .await;
     let v = c.expect("claim").await;
     assert_eq!(v["uaids"][0]["status"], 200, "{v}");
-    creds.push((chosen.clone(), v["uaids"][0]["secret"].as_str().unwrap().to_owned()));
+    creds.push((
+        chosen.clone(),
+        v["uaids"][0]["secret"].as_str().unwrap().to_owned(),
+    ));
     let mut endpoints = Vec::new();
     for (uaid, _) in &creds {
         let appid = new_appid();
