@@ -3,7 +3,8 @@
 //! One small trait, [`Store`], with the embedded sled implementation ([`SledStore`]). Mutating
 //! methods change state in memory order; [`Store::sync`] is the durability barrier: when it
 //! returns `Ok`, every change made before the call survives a crash. Callers sync before they
-//! answer (a 2xx to a PUT, a hello reply with a new secret, the frame after an ACK).
+//! answer (a 2xx to a PUT, a hello reply with a new secret, the frame after an ACK), and before
+//! they pass on what they read (an UPDATE): a read may see another caller's uncommitted write.
 //!
 //! Semantics every implementation keeps:
 //! * a registration remembers the last known version for as long as it exists, pending or not;
