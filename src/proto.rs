@@ -76,6 +76,8 @@ pub enum WsError {
     BinaryFrame,
     #[error("text frame is not valid UTF-8")]
     InvalidUtf8,
+    #[error("WebSocket protocol violation: {0}")]
+    ProtocolViolation(String),
     #[error("frame exceeds the limit of {0} bytes")]
     FrameTooLarge(usize),
     #[error("the first frame must be hello")]
@@ -108,7 +110,8 @@ impl WsError {
             | WsError::MissingType
             | WsError::UnknownType(_)
             | WsError::InvalidFrame(..)
-            | WsError::InvalidUtf8 => 400,
+            | WsError::InvalidUtf8
+            | WsError::ProtocolViolation(_) => 400,
             WsError::BinaryFrame => 415,
             WsError::FrameTooLarge(_) | WsError::TooManyUaidsInFrame(_) | WsError::TooManyUaids(_) => 413,
             WsError::HelloRequired => 401,
@@ -129,6 +132,7 @@ impl WsError {
             WsError::InvalidFrame(..) => "invalid_frame",
             WsError::BinaryFrame => "binary_frame",
             WsError::InvalidUtf8 => "invalid_utf8",
+            WsError::ProtocolViolation(_) => "protocol_error",
             WsError::FrameTooLarge(_) => "frame_too_large",
             WsError::HelloRequired => "hello_required",
             WsError::DuplicateHello => "duplicate_hello",
@@ -146,6 +150,7 @@ impl WsError {
     /// The WebSocket close code: standard codes where one fits, else 4000 + the status.
     pub fn close_code(&self) -> u16 {
         match self {
+            WsError::ProtocolViolation(_) => 1002,
             WsError::BinaryFrame => 1003,
             WsError::InvalidUtf8 => 1007,
             WsError::FrameTooLarge(_) => 1009,
@@ -406,6 +411,7 @@ mod tests {
 
     #[test]
     fn close_codes_are_distinct_per_kind() {
+        assert_eq!(WsError::ProtocolViolation(String::new()).close_code(), 1002);
         assert_eq!(WsError::BinaryFrame.close_code(), 1003);
         assert_eq!(WsError::FrameTooLarge(1).close_code(), 1009);
         assert_eq!(WsError::HelloRequired.close_code(), 4401);

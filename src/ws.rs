@@ -113,6 +113,11 @@ fn classify(e: axum::Error, max_frame_bytes: usize) -> Option<WsError> {
     match e.into_inner().downcast_ref::<tungstenite::Error>() {
         Some(tungstenite::Error::Capacity(_)) => Some(WsError::FrameTooLarge(max_frame_bytes)),
         Some(tungstenite::Error::Utf8(_)) => Some(WsError::InvalidUtf8),
+        // A peer that vanished mid-stream is gone, not in violation.
+        Some(tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        )) => None,
+        Some(tungstenite::Error::Protocol(e)) => Some(WsError::ProtocolViolation(e.to_string())),
         _ => None,
     }
 }
