@@ -48,7 +48,8 @@ pub enum ClientMessage {
     Ack {
         uaids: Vec<String>,
     },
-    Ping,
+    /// Braced so that unknown fields are refused here too: serde ignores them on unit variants.
+    Ping {},
 }
 
 const KNOWN_TYPES: &[&str] = &[
@@ -172,6 +173,10 @@ pub fn parse_client(text: &str) -> Result<ClientMessage, WsError> {
         Ok(msg) => Ok(msg),
         Err(e) if e.is_syntax() || e.is_eof() => Err(WsError::MalformedJson(e.to_string())),
         Err(e) => {
+            // A shape error can come before a syntax error later in the text (`{}}`).
+            if let Err(syntax) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                return Err(WsError::MalformedJson(syntax.to_string()));
+            }
             #[derive(Deserialize)]
             struct TypeOnly<'a> {
                 #[serde(rename = "type", borrow, default)]
@@ -374,7 +379,16 @@ mod tests {
             parse_client(r#"{"type":"hello","uaids":5}"#),
             Err(WsError::InvalidFrame(k, _)) if k == "hello"
         ));
-        assert_eq!(parse_client(r#"{"type":"ping"}"#), Ok(ClientMessage::Ping));
+        assert!(matches!(parse_client("{}}"), Err(WsError::MalformedJson(_))));
+        assert!(matches!(
+            parse_client(r#"{"type":"bogus"}]"#),
+            Err(WsError::MalformedJson(_))
+        ));
+        assert!(matches!(
+            parse_client(r#"{"type":"ping","extra":1}"#),
+            Err(WsError::InvalidFrame(k, _)) if k == "ping"
+        ));
+        assert_eq!(parse_client(r#"{"type":"ping"}"#), Ok(ClientMessage::Ping {}));
     }
 
     #[test]

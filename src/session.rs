@@ -85,7 +85,7 @@ impl Session {
             }
             (true, ClientMessage::Unregister { uaid, appid }) => self.unregister(&uaid, &appid, out).await,
             (true, ClientMessage::Ack { uaids }) => self.ack(uaids, out).await,
-            (true, ClientMessage::Ping) => {
+            (true, ClientMessage::Ping {}) => {
                 out.push(proto::pong_frame());
                 Ok(())
             }
