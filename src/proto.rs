@@ -85,6 +85,10 @@ pub enum WsError {
     HelloRequired,
     #[error("hello was already sent on this connection")]
     DuplicateHello,
+    #[error("\"kick\" must be a JSON object")]
+    InvalidKick,
+    #[error("\"kick\" exceeds the limit of {0} bytes")]
+    KickTooLarge(usize),
     #[error("a frame may carry at most {0} UAIDs")]
     TooManyUaidsInFrame(usize),
     #[error("a connection may speak for at most {0} UAIDs")]
@@ -112,9 +116,13 @@ impl WsError {
             | WsError::UnknownType(_)
             | WsError::InvalidFrame(..)
             | WsError::InvalidUtf8
-            | WsError::ProtocolViolation(_) => 400,
+            | WsError::ProtocolViolation(_)
+            | WsError::InvalidKick => 400,
             WsError::BinaryFrame => 415,
-            WsError::FrameTooLarge(_) | WsError::TooManyUaidsInFrame(_) | WsError::TooManyUaids(_) => 413,
+            WsError::FrameTooLarge(_)
+            | WsError::KickTooLarge(_)
+            | WsError::TooManyUaidsInFrame(_)
+            | WsError::TooManyUaids(_) => 413,
             WsError::HelloRequired => 401,
             WsError::DuplicateHello => 409,
             WsError::RateLimited(_) => 429,
@@ -137,6 +145,8 @@ impl WsError {
             WsError::FrameTooLarge(_) => "frame_too_large",
             WsError::HelloRequired => "hello_required",
             WsError::DuplicateHello => "duplicate_hello",
+            WsError::InvalidKick => "invalid_kick",
+            WsError::KickTooLarge(_) => "kick_too_large",
             WsError::TooManyUaidsInFrame(_) => "too_many_uaids_in_frame",
             WsError::TooManyUaids(_) => "too_many_uaids",
             WsError::RateLimited(_) => "rate_limited",

@@ -70,8 +70,7 @@ impl Session {
         let msg = proto::parse_client(text)?;
         match (self.greeted, msg) {
             (false, ClientMessage::Hello { uaids, kick }) => {
-                self.kick = validate_kick(kick.as_ref(), limits.max_kick_bytes)
-                    .map_err(|(_, slug)| WsError::InvalidFrame("hello".into(), slug.into()))?;
+                self.kick = validate_kick(kick.as_ref(), limits.max_kick_bytes)?;
                 self.claim("hello", uaids, out).await?;
                 self.greeted = true;
                 Ok(())
@@ -175,7 +174,7 @@ impl Session {
         let limits = &state.config.limits;
         let checked = self.held_uaid(uaid_s).and_then(|u| {
             let a = Appid::parse(appid_s).map_err(|_| (400, "invalid_appid"))?;
-            let k = validate_kick(kick, limits.max_kick_bytes)?;
+            let k = validate_kick(kick, limits.max_kick_bytes).map_err(|e| (e.status(), e.slug()))?;
             Ok((u, a, k))
         });
         let reply = |status: u16, extra: &[(&str, &str)]| {
@@ -393,19 +392,20 @@ async fn authenticate(
     }
 }
 
-/// A `kick` value must be a JSON object of bounded size; stored as its JSON text.
-fn validate_kick(kick: Option<&Value>, max_bytes: usize) -> Result<Vec<u8>, (u16, &'static str)> {
+/// A `kick` value must be a JSON object of bounded size; stored as its JSON text. The error
+/// closes the socket in hello and is the reply's status in register.
+fn validate_kick(kick: Option<&Value>, max_bytes: usize) -> Result<Vec<u8>, WsError> {
     match kick {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(v @ Value::Object(_)) => {
             let bytes = v.to_string().into_bytes();
             if bytes.len() > max_bytes {
-                Err((413, "kick_too_large"))
+                Err(WsError::KickTooLarge(max_bytes))
             } else {
                 Ok(bytes)
             }
         }
-        Some(_) => Err((400, "invalid_kick")),
+        Some(_) => Err(WsError::InvalidKick),
     }
 }
 
