@@ -103,8 +103,12 @@ pub fn parse_version(media_type: &str, body: &[u8]) -> Result<Option<u64>, HttpE
         struct VersionBody {
             version: Option<serde_json::Number>,
         }
-        let parsed: VersionBody = serde_json::from_slice(body)
-            .map_err(|_| HttpError::InvalidVersion("body must be a JSON object {\"version\": N}"))?;
+        let not_object = HttpError::InvalidVersion("body must be a JSON object {\"version\": N}");
+        // serde reads a struct from an array too (`[5]`); only an object is the contract.
+        if !body.starts_with(b"{") {
+            return Err(not_object);
+        }
+        let parsed: VersionBody = serde_json::from_slice(body).map_err(|_| not_object)?;
         let number = parsed
             .version
             .ok_or(HttpError::InvalidVersion("\"version\" is missing"))?;
@@ -181,6 +185,8 @@ mod tests {
             "{\"version\":1e30}",
             "{}",
             "{",
+            "[1]",
+            "[]",
         ] {
             assert!(
                 parse_version("application/json", bad.as_bytes()).is_err(),
