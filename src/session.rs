@@ -63,10 +63,8 @@ impl Session {
 
     /// Handles one text frame. An `Err` is a protocol violation: send its frame, then close.
     pub async fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> Result<(), WsError> {
+        self.count_frame()?;
         let limits = &self.state.config.limits;
-        if !self.rate.allow(Instant::now()) {
-            return Err(WsError::RateLimited(limits.ws_frames_per_sec));
-        }
         let msg = proto::parse_client(text)?;
         match (self.greeted, msg) {
             (false, ClientMessage::Hello { uaids, kick }) => {
@@ -88,6 +86,16 @@ impl Session {
                 out.push(proto::pong_frame());
                 Ok(())
             }
+        }
+    }
+
+    /// Counts a frame against `ws_frames_per_sec`; WebSocket pings and pongs count too, so a
+    /// flood of them is closed like any other.
+    pub fn count_frame(&mut self) -> Result<(), WsError> {
+        if self.rate.allow(Instant::now()) {
+            Ok(())
+        } else {
+            Err(WsError::RateLimited(self.state.config.limits.ws_frames_per_sec))
         }
     }
 

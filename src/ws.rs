@@ -61,7 +61,7 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
                     None | Some(Ok(Message::Close(_))) => break End::PeerGone,
                     Some(Ok(Message::Text(text))) => session.on_text(text.as_str(), &mut out).await,
                     Some(Ok(Message::Binary(_))) => Err(WsError::BinaryFrame),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => session.count_frame(),
                     Some(Err(e)) => match classify(e, limits.max_frame_bytes) {
                         Some(err) => Err(err),
                         None => break End::PeerGone,

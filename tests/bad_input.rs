@@ -713,6 +713,23 @@ async fn rate_limit_closes_4429() {
     b.still_served(&mut server).await;
 }
 
+#[tokio::test]
+async fn websocket_ping_frames_count_against_the_rate_limit() {
+    let (_dir, mut server) = start(&[
+        ("EDITIOND_LIMITS__WS_FRAMES_PER_SEC", "1"),
+        ("EDITIOND_LIMITS__WS_FRAMES_BURST", "5"),
+    ])
+    .await;
+    let mut b = Bystander::join(&server).await;
+    let (mut c, _, _) = greeted(&server).await;
+    for _ in 0..30 {
+        // The server may close before all are sent.
+        let _ = c.ws.send(Message::Ping(b"flood".to_vec().into())).await;
+    }
+    c.expect_error_close(429, "rate_limited", 4429).await;
+    b.still_served(&mut server).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTTP PUT /v1/e/{token}
 // ---------------------------------------------------------------------------------------------
