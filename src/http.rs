@@ -51,6 +51,8 @@ pub enum HttpError {
     MethodNotAllowed,
     #[error("could not read the request body")]
     BodyRead,
+    #[error("not a WebSocket handshake: {0}")]
+    InvalidUpgrade(String),
 }
 
 impl HttpError {
@@ -63,7 +65,8 @@ impl HttpError {
             | HttpError::InvalidTtl
             | HttpError::InvalidBody(_)
             | HttpError::InvalidQuery(_)
-            | HttpError::BodyRead => StatusCode::BAD_REQUEST,
+            | HttpError::BodyRead
+            | HttpError::InvalidUpgrade(_) => StatusCode::BAD_REQUEST,
             HttpError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             HttpError::VersionExhausted => StatusCode::CONFLICT,
             HttpError::Credentials { status, .. } => {
@@ -94,6 +97,7 @@ impl HttpError {
             HttpError::NotFound => "not_found",
             HttpError::MethodNotAllowed => "method_not_allowed",
             HttpError::BodyRead => "body_read_failed",
+            HttpError::InvalidUpgrade(_) => "invalid_upgrade",
         }
     }
 }

@@ -7,17 +7,27 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use tokio::time::{sleep_until, timeout, Instant};
 
+use crate::http::HttpError;
 use crate::proto::WsError;
 use crate::server::AppState;
 use crate::session::Session;
 
-/// `GET /v1/ws`: upgrades with the configured limits.
-pub async fn upgrade(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+/// `GET /v1/ws`: upgrades with the configured limits; a request that is no WebSocket handshake
+/// gets a JSON error like every other HTTP error.
+pub async fn upgrade(
+    State(state): State<Arc<AppState>>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => return HttpError::InvalidUpgrade(e.body_text()).into_response(),
+    };
     let limits = &state.config.limits;
     ws.read_buffer_size(limits.read_buffer_bytes)
         .write_buffer_size(0)

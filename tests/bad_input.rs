@@ -961,6 +961,30 @@ async fn put_to_unregistered_endpoint_is_410() {
     b.still_served(&mut server).await;
 }
 
+#[tokio::test]
+async fn websocket_path_without_a_handshake_gets_a_json_error() {
+    let (_dir, mut server, mut b) = endpoint_setup(&[]).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .get(server.ws_url().replace("ws://", "http://"))
+        .send()
+        .await
+        .unwrap();
+    assert_http_error(r, 400, "invalid_upgrade").await;
+    let r = http
+        .get(server.url("/v1/ws"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .send()
+        .await
+        .unwrap();
+    assert_http_error(r, 400, "invalid_upgrade").await;
+    let r = http.post(server.url("/v1/ws")).send().await.unwrap();
+    assert_http_error(r, 405, "method_not_allowed").await;
+    b.still_served(&mut server).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTTP POST /v1/poll and /v1/ack
 // ---------------------------------------------------------------------------------------------
