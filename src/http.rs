@@ -9,6 +9,8 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
+use crate::proto::EntryError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     #[error("no endpoint has this token")]
@@ -33,12 +35,8 @@ pub enum HttpError {
     InvalidQuery(String),
     #[error("a request may name at most {0} UAIDs")]
     TooManyUaids(usize),
-    #[error("credentials rejected for UAID {uaid:?}: {slug}")]
-    Credentials {
-        status: u16,
-        slug: &'static str,
-        uaid: String,
-    },
+    #[error("UAID {uaid:?}: {error}")]
+    Credentials { error: EntryError, uaid: String },
     #[error("UAID {0} is not among the authenticated UAIDs of this request")]
     UaidNotAuthenticated(String),
     #[error("the store cannot take the request now")]
@@ -69,8 +67,8 @@ impl HttpError {
             | HttpError::InvalidUpgrade(_) => StatusCode::BAD_REQUEST,
             HttpError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             HttpError::VersionExhausted => StatusCode::CONFLICT,
-            HttpError::Credentials { status, .. } => {
-                StatusCode::from_u16(*status).unwrap_or(StatusCode::UNAUTHORIZED)
+            HttpError::Credentials { error, .. } => {
+                StatusCode::from_u16(error.status()).unwrap_or(StatusCode::BAD_REQUEST)
             }
             HttpError::UaidNotAuthenticated(_) => StatusCode::FORBIDDEN,
             HttpError::StoreUnavailable { .. } | HttpError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -90,7 +88,7 @@ impl HttpError {
             HttpError::InvalidBody(_) => "invalid_body",
             HttpError::InvalidQuery(_) => "invalid_query",
             HttpError::TooManyUaids(_) => "too_many_uaids",
-            HttpError::Credentials { slug, .. } => slug,
+            HttpError::Credentials { error, .. } => error.slug(),
             HttpError::UaidNotAuthenticated(_) => "uaid_not_authenticated",
             HttpError::StoreUnavailable { .. } => "store_unavailable",
             HttpError::ShuttingDown => "shutting_down",

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::http::{json, read_body, HttpError};
 use crate::ids::{Appid, Uaid};
-use crate::proto::{self, Credential, UaidStatus};
+use crate::proto::{self, Credential, EntryError, UaidStatus};
 use crate::registry::Mailbox;
 use crate::server::AppState;
 use crate::session::authenticate_all;
@@ -66,10 +66,9 @@ async fn authenticate(
     let (statuses, uaids) = authenticate_all(state, entries)
         .await
         .map_err(unavailable(state))?;
-    if let Some(bad) = statuses.iter().find(|s| s.status != 200) {
+    if let Some((bad, error)) = statuses.iter().find_map(|s| Some((s, s.error?))) {
         return Err(HttpError::Credentials {
-            status: bad.status,
-            slug: bad.error.unwrap_or("bad_credentials"),
+            error,
             uaid: bad.uaid.clone().unwrap_or_default(),
         });
     }
@@ -195,8 +194,7 @@ async fn ack_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
         .find(|c| c.uaid.is_none() || c.secret.is_none())
     {
         return Err(HttpError::Credentials {
-            status: 401,
-            slug: "secret_required",
+            error: EntryError::SecretRequired,
             uaid: entry.uaid.clone().unwrap_or_default(),
         });
     }

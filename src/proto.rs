@@ -213,16 +213,95 @@ pub fn pong_frame() -> String {
     r#"{"type":"pong"}"#.to_owned()
 }
 
-/// One entry of a hello or claim reply.
+/// A request or entry that fails alone: its reply carries the status and the socket stays open
+/// (unlike [`WsError`]). The REST poll and ack answer with the same statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    #[error("the UAID is not a UUID4 written as 36 lowercase hex digits and dashes")]
+    InvalidUaid,
+    #[error("a secret was sent without its uaid")]
+    MissingUaid,
+    #[error("this UAID is bound already; send the secret it was issued")]
+    SecretRequired,
+    #[error("wrong secret for this UAID")]
+    BadSecret,
+    #[error("this connection does not speak for the UAID")]
+    UaidNotHeld,
+    #[error("the APPID is not a UUID4 written as 36 lowercase hex digits and dashes")]
+    InvalidAppid,
+    #[error("\"kick\" must be a JSON object")]
+    InvalidKick,
+    #[error("\"kick\" is larger than the configured limit")]
+    KickTooLarge,
+    #[error("the UAID has no registration for this APPID")]
+    NotRegistered,
+    #[error("the UAID already has the maximum number of registrations")]
+    TooManyRegistrations,
+}
+
+impl EntryError {
+    pub fn status(&self) -> u16 {
+        match self {
+            EntryError::InvalidUaid
+            | EntryError::MissingUaid
+            | EntryError::InvalidAppid
+            | EntryError::InvalidKick => 400,
+            EntryError::SecretRequired | EntryError::BadSecret => 401,
+            EntryError::UaidNotHeld => 403,
+            EntryError::NotRegistered => 404,
+            EntryError::KickTooLarge | EntryError::TooManyRegistrations => 413,
+        }
+    }
+
+    pub fn slug(&self) -> &'static str {
+        match self {
+            EntryError::InvalidUaid => "invalid_uaid",
+            EntryError::MissingUaid => "missing_uaid",
+            EntryError::SecretRequired => "secret_required",
+            EntryError::BadSecret => "bad_secret",
+            EntryError::UaidNotHeld => "uaid_not_held",
+            EntryError::InvalidAppid => "invalid_appid",
+            EntryError::InvalidKick => "invalid_kick",
+            EntryError::KickTooLarge => "kick_too_large",
+            EntryError::NotRegistered => "not_registered",
+            EntryError::TooManyRegistrations => "too_many_registrations",
+        }
+    }
+
+    /// Adds `status`, `error` and `message` to a reply object.
+    fn describe(&self, m: &mut serde_json::Map<String, Value>) {
+        m.insert("status".into(), self.status().into());
+        m.insert("error".into(), self.slug().into());
+        m.insert("message".into(), self.to_string().into());
+    }
+}
+
+/// One entry of a hello, claim, release or poll reply.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UaidStatus {
-    /// The UAID as sent (or as issued), or `None` when the entry's UAID was unusable.
+    /// The UAID as sent (or as issued), or `None` when the entry named none.
     pub uaid: Option<String>,
-    pub status: u16,
     /// Present only when the server issued the secret just now.
     pub secret: Option<String>,
-    /// Present only for a status other than 200.
-    pub error: Option<&'static str>,
+    pub error: Option<EntryError>,
+}
+
+impl UaidStatus {
+    pub fn ok(uaid: String, secret: Option<String>) -> UaidStatus {
+        UaidStatus {
+            uaid: Some(uaid),
+            secret,
+            error: None,
+        }
+    }
+
+    pub fn failed(uaid: Option<String>, error: EntryError) -> UaidStatus {
+        UaidStatus {
+            uaid,
+            secret: None,
+            error: Some(error),
+        }
+    }
 }
 
 /// The `uaids` array of a hello, claim, release or poll answer.
@@ -232,12 +311,14 @@ pub fn uaid_statuses(entries: &[UaidStatus]) -> Value {
         .map(|e| {
             let mut m = serde_json::Map::new();
             m.insert("uaid".into(), e.uaid.clone().map_or(Value::Null, Value::String));
-            m.insert("status".into(), e.status.into());
+            match e.error {
+                Some(error) => error.describe(&mut m),
+                None => {
+                    m.insert("status".into(), 200.into());
+                }
+            }
             if let Some(secret) = &e.secret {
                 m.insert("secret".into(), secret.clone().into());
-            }
-            if let Some(error) = e.error {
-                m.insert("error".into(), error.into());
             }
             Value::Object(m)
         })
@@ -249,21 +330,25 @@ pub fn uaids_reply(kind: &str, entries: &[UaidStatus]) -> String {
     serde_json::json!({"type": kind, "status": 200, "uaids": uaid_statuses(entries)}).to_string()
 }
 
-/// The reply to register or unregister; `extra` holds `endpoint` or `error`/`message`.
+/// The reply to register (`Ok(Some(endpoint))`) or unregister (`Ok(None)`), or their error.
 pub fn registration_reply(
     kind: &str,
     uaid: &str,
     appid: &str,
-    status: u16,
-    extra: &[(&str, &str)],
+    result: Result<Option<&str>, EntryError>,
 ) -> String {
     let mut m = serde_json::Map::new();
     m.insert("type".into(), kind.into());
     m.insert("uaid".into(), uaid.into());
     m.insert("appid".into(), appid.into());
-    m.insert("status".into(), status.into());
-    for (k, v) in extra {
-        m.insert((*k).into(), (*v).into());
+    match result {
+        Ok(endpoint) => {
+            m.insert("status".into(), 200.into());
+            if let Some(endpoint) = endpoint {
+                m.insert("endpoint".into(), endpoint.into());
+            }
+        }
+        Err(e) => e.describe(&mut m),
     }
     Value::Object(m).to_string()
 }

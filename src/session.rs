@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::ids::{Appid, Uaid};
 use crate::keys::TokenId;
-use crate::proto::{self, ClientMessage, Credential, UaidStatus, WsError};
+use crate::proto::{self, ClientMessage, Credential, EntryError, UaidStatus, WsError};
 use crate::registry::Mailbox;
 use crate::server::AppState;
 use crate::store::{now_ms, Registered, Store, StoreError};
@@ -142,32 +142,27 @@ impl Session {
     fn release(&mut self, uaids: Vec<String>, out: &mut Vec<String>) -> Result<(), WsError> {
         let mut statuses = Vec::with_capacity(uaids.len());
         for s in uaids {
-            let status = match Uaid::parse(&s) {
-                Ok(u) if self.held.remove(&u).is_some() => {
-                    self.state.registry.release(u, self.conn_id);
-                    (200, None)
+            let status = match self.held_uaid(&s) {
+                Ok(uaid) => {
+                    self.held.remove(&uaid);
+                    self.state.registry.release(uaid, self.conn_id);
+                    UaidStatus::ok(s, None)
                 }
-                Ok(_) => (404, Some("uaid_not_held")),
-                Err(_) => (400, Some("invalid_uaid")),
+                Err(e) => UaidStatus::failed(Some(s), e),
             };
-            statuses.push(UaidStatus {
-                uaid: Some(s),
-                status: status.0,
-                secret: None,
-                error: status.1,
-            });
+            statuses.push(status);
         }
         out.push(proto::uaids_reply("release", &statuses));
         Ok(())
     }
 
-    /// Parses a UAID and checks this connection speaks for it; `Err` is (status, slug).
-    fn held_uaid(&self, s: &str) -> Result<Uaid, (u16, &'static str)> {
-        let uaid = Uaid::parse(s).map_err(|_| (400, "invalid_uaid"))?;
+    /// Parses a UAID and checks this connection speaks for it.
+    fn held_uaid(&self, s: &str) -> Result<Uaid, EntryError> {
+        let uaid = Uaid::parse(s).map_err(|_| EntryError::InvalidUaid)?;
         if self.held.contains_key(&uaid) {
             Ok(uaid)
         } else {
-            Err((403, "uaid_not_held"))
+            Err(EntryError::UaidNotHeld)
         }
     }
 
@@ -180,18 +175,19 @@ impl Session {
     ) -> Result<(), WsError> {
         let state = self.state.clone();
         let limits = &state.config.limits;
+        let reply = |result| proto::registration_reply("register", uaid_s, appid_s, result);
         let checked = self.held_uaid(uaid_s).and_then(|u| {
-            let a = Appid::parse(appid_s).map_err(|_| (400, "invalid_appid"))?;
-            let k = validate_kick(kick, limits.max_kick_bytes).map_err(|e| (e.status(), e.slug()))?;
+            let a = Appid::parse(appid_s).map_err(|_| EntryError::InvalidAppid)?;
+            let k = validate_kick(kick, limits.max_kick_bytes).map_err(|e| match e {
+                WsError::KickTooLarge(_) => EntryError::KickTooLarge,
+                _ => EntryError::InvalidKick,
+            })?;
             Ok((u, a, k))
         });
-        let reply = |status: u16, extra: &[(&str, &str)]| {
-            proto::registration_reply("register", uaid_s, appid_s, status, extra)
-        };
         let (uaid, appid, kick) = match checked {
             Ok(v) => v,
-            Err((status, slug)) => {
-                out.push(reply(status, &[("error", slug)]));
+            Err(e) => {
+                out.push(reply(Err(e)));
                 return Ok(());
             }
         };
@@ -204,9 +200,9 @@ impl Session {
             Registered::Token(id) => {
                 state.sync().await?;
                 let endpoint = format!("{}/v1/e/{}", state.public_url, state.keys.seal_token(&id));
-                out.push(reply(200, &[("endpoint", &endpoint)]));
+                out.push(reply(Ok(Some(&endpoint))));
             }
-            Registered::TooMany => out.push(reply(413, &[("error", "too_many_registrations")])),
+            Registered::TooMany => out.push(reply(Err(EntryError::TooManyRegistrations))),
         }
         Ok(())
     }
@@ -217,16 +213,14 @@ impl Session {
         appid_s: &str,
         out: &mut Vec<String>,
     ) -> Result<(), WsError> {
-        let reply = |status: u16, extra: &[(&str, &str)]| {
-            proto::registration_reply("unregister", uaid_s, appid_s, status, extra)
-        };
+        let reply = |result| proto::registration_reply("unregister", uaid_s, appid_s, result);
         let checked = self
             .held_uaid(uaid_s)
-            .and_then(|u| Ok((u, Appid::parse(appid_s).map_err(|_| (400, "invalid_appid"))?)));
+            .and_then(|u| Ok((u, Appid::parse(appid_s).map_err(|_| EntryError::InvalidAppid)?)));
         let (uaid, appid) = match checked {
             Ok(v) => v,
-            Err((status, slug)) => {
-                out.push(reply(status, &[("error", slug)]));
+            Err(e) => {
+                out.push(reply(Err(e)));
                 return Ok(());
             }
         };
@@ -234,9 +228,9 @@ impl Session {
         if self.state.store.unregister(uaid, appid, gone_until).await? {
             self.state.sync().await?;
             // An UPDATE in flight may name this APPID; its ACK then clears nothing, which is right.
-            out.push(reply(200, &[]));
+            out.push(reply(Ok(None)));
         } else {
-            out.push(reply(404, &[("error", "not_registered")]));
+            out.push(reply(Err(EntryError::NotRegistered)));
         }
         Ok(())
     }
@@ -332,7 +326,7 @@ pub async fn authenticate_all(
     let mut bound_any = false;
     for entry in entries {
         let status = authenticate(state, entry, &mut bound_any).await?;
-        if status.status == 200 {
+        if status.error.is_none() {
             if let Some(u) = status.uaid.as_deref().and_then(|s| Uaid::parse(s).ok()) {
                 if !claimed.contains(&u) {
                     claimed.push(u);
@@ -353,18 +347,7 @@ async fn authenticate(
     entry: &Credential,
     bound_any: &mut bool,
 ) -> Result<UaidStatus, StoreError> {
-    let failed = |uaid: Option<&String>, status: u16, error: &'static str| UaidStatus {
-        uaid: uaid.cloned(),
-        status,
-        secret: None,
-        error: Some(error),
-    };
-    let issued = |uaid: Uaid| UaidStatus {
-        uaid: Some(uaid.to_string()),
-        status: 200,
-        secret: Some(state.keys.uaid_secret(&uaid)),
-        error: None,
-    };
+    let issued = |uaid: Uaid| UaidStatus::ok(uaid.to_string(), Some(state.keys.uaid_secret(&uaid)));
     match (&entry.uaid, &entry.secret) {
         (None, None) => loop {
             let uaid = Uaid::random();
@@ -373,28 +356,24 @@ async fn authenticate(
                 return Ok(issued(uaid));
             }
         },
-        (None, Some(_)) => Ok(failed(None, 400, "missing_uaid")),
+        (None, Some(_)) => Ok(UaidStatus::failed(None, EntryError::MissingUaid)),
         (Some(s), secret) => {
+            let failed = |e| Ok(UaidStatus::failed(Some(s.clone()), e));
             let Ok(uaid) = Uaid::parse(s) else {
-                return Ok(failed(Some(s), 400, "invalid_uaid"));
+                return failed(EntryError::InvalidUaid);
             };
             match secret {
                 None if state.store.bind_uaid(uaid).await? => {
                     *bound_any = true;
                     Ok(issued(uaid))
                 }
-                None => Ok(failed(Some(s), 401, "secret_required")),
+                None => failed(EntryError::SecretRequired),
                 Some(secret) if state.keys.check_secret(&uaid, secret) => {
                     // Re-bind a UAID whose record was lost; the secret proves we issued it.
                     *bound_any |= state.store.bind_uaid(uaid).await?;
-                    Ok(UaidStatus {
-                        uaid: Some(s.clone()),
-                        status: 200,
-                        secret: None,
-                        error: None,
-                    })
+                    Ok(UaidStatus::ok(s.clone(), None))
                 }
-                Some(_) => Ok(failed(Some(s), 401, "bad_secret")),
+                Some(_) => failed(EntryError::BadSecret),
             }
         }
     }

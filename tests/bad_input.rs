@@ -555,7 +555,7 @@ async fn register_for_a_uaid_not_held_is_403() {
     c.send(json!({"type": "release", "uaids": [stranger, "bogus"]}))
         .await;
     let v = c.expect("release").await;
-    assert_eq!(v["uaids"][0]["status"], 404, "{v}");
+    assert_eq!(v["uaids"][0]["status"], 403, "{v}");
     assert_eq!(v["uaids"][1]["status"], 400, "{v}");
     // An ACK for a UAID not held changes nothing and keeps the connection.
     c.ack(&[&b.uaid]).await;
