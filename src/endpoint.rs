@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use crate::http::{json, media_type, read_body, HttpError};
+use crate::http::{json, read_body, HttpError};
 use crate::metrics::StatusLabel;
 use crate::server::AppState;
 use crate::store::{now_ms, PutOutcome, Store, TokenTarget, VersionReq};
@@ -53,7 +53,7 @@ async fn put_version(
     let limits = &state.config.limits;
     let body = read_body(headers, body, limits.max_body_bytes).await?;
     let id = state.keys.open_token(token).ok_or(HttpError::UnknownToken)?;
-    let version = parse_version(&media_type(headers), &body)?;
+    let version = parse_version(&body)?;
     let ttl = parse_ttl(headers, limits.default_ttl_secs, limits.max_ttl_secs)?;
     let unavailable = |e: crate::store::StoreError| {
         tracing::warn!(error = %e, "store error on PUT");
@@ -92,23 +92,20 @@ async fn put_version(
 }
 
 /// The version a body names, or `None` for an empty body (the server picks one).
-pub fn parse_version(media_type: &str, body: &[u8]) -> Result<Option<u64>, HttpError> {
+pub fn parse_version(body: &[u8]) -> Result<Option<u64>, HttpError> {
     let body = body.trim_ascii();
     if body.is_empty() {
         return Ok(None);
     }
-    let is_json = media_type == "application/json" || (media_type.is_empty() && body.starts_with(b"{"));
-    if is_json {
+    // The body's shape decides, not Content-Type: `curl -d '{"version":5}'` sends JSON labelled
+    // as a form, and SimplePush app servers send forms under many labels.
+    if body.starts_with(b"{") {
         #[derive(Deserialize)]
         struct VersionBody {
             version: Option<serde_json::Number>,
         }
-        let not_object = HttpError::InvalidVersion("body must be a JSON object {\"version\": N}");
-        // serde reads a struct from an array too (`[5]`); only an object is the contract.
-        if !body.starts_with(b"{") {
-            return Err(not_object);
-        }
-        let parsed: VersionBody = serde_json::from_slice(body).map_err(|_| not_object)?;
+        let parsed: VersionBody = serde_json::from_slice(body)
+            .map_err(|_| HttpError::InvalidVersion("body must be a JSON object {\"version\": N}"))?;
         let number = parsed
             .version
             .ok_or(HttpError::InvalidVersion("\"version\" is missing"))?;
@@ -117,17 +114,13 @@ pub fn parse_version(media_type: &str, body: &[u8]) -> Result<Option<u64>, HttpE
             .map(Some)
             .ok_or(HttpError::InvalidVersion("must be an integer from 0 to 2^64-1"));
     }
-    if !matches!(
-        media_type,
-        "" | "application/x-www-form-urlencoded" | "text/plain"
-    ) {
-        return Err(HttpError::UnsupportedMediaType);
-    }
     let value = body
         .split(|&b| b == b'&')
         .filter_map(|pair| pair.strip_prefix(b"version="))
         .next()
-        .ok_or(HttpError::InvalidVersion("form body must be version=N"))?;
+        .ok_or(HttpError::InvalidVersion(
+            "body must be version=N or {\"version\": N}",
+        ))?;
     parse_decimal(value)
         .map(Some)
         .ok_or(HttpError::InvalidVersion("must be an integer from 0 to 2^64-1"))
@@ -156,18 +149,16 @@ mod tests {
 
     #[test]
     fn versions_parse_from_form_json_and_empty() {
-        let form = "application/x-www-form-urlencoded";
-        assert_eq!(parse_version(form, b"version=42").unwrap(), Some(42));
+        assert_eq!(parse_version(b"version=42").unwrap(), Some(42));
+        assert_eq!(parse_version(b"version=42&ttl=5").unwrap(), Some(42));
         assert_eq!(
-            parse_version("", b"version=18446744073709551615").unwrap(),
+            parse_version(b"version=18446744073709551615").unwrap(),
             Some(u64::MAX)
         );
-        assert_eq!(
-            parse_version("application/json", b"{\"version\": 7}").unwrap(),
-            Some(7)
-        );
-        assert_eq!(parse_version("", b" {\"version\":0} ").unwrap(), Some(0));
-        assert_eq!(parse_version("", b"").unwrap(), None);
+        assert_eq!(parse_version(b"{\"version\": 7}").unwrap(), Some(7));
+        assert_eq!(parse_version(b" {\"version\":0} ").unwrap(), Some(0));
+        assert_eq!(parse_version(b"").unwrap(), None);
+        assert_eq!(parse_version(b" \n").unwrap(), None);
         for bad in [
             "version=-1",
             "version=abc",
@@ -175,10 +166,6 @@ mod tests {
             "version=",
             "v=1",
             "version=+1",
-        ] {
-            assert!(parse_version(form, bad.as_bytes()).is_err(), "{bad}");
-        }
-        for bad in [
             "{\"version\":-1}",
             "{\"version\":\"5\"}",
             "{\"version\":1.5}",
@@ -187,15 +174,9 @@ mod tests {
             "{",
             "[1]",
             "[]",
+            "\u{89}PNG",
         ] {
-            assert!(
-                parse_version("application/json", bad.as_bytes()).is_err(),
-                "{bad}"
-            );
+            assert!(parse_version(bad.as_bytes()).is_err(), "{bad}");
         }
-        assert!(matches!(
-            parse_version("image/png", b"x"),
-            Err(HttpError::UnsupportedMediaType)
-        ));
     }
 }

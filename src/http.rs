@@ -23,10 +23,6 @@ pub enum HttpError {
     InvalidVersion(&'static str),
     #[error("invalid TTL header: expected whole seconds from 0 to 2^64-1")]
     InvalidTtl,
-    #[error(
-        "unsupported Content-Type; send application/x-www-form-urlencoded, application/json or an empty body"
-    )]
-    UnsupportedMediaType,
     #[error("the server cannot pick a version above the last known one below 2^53")]
     VersionExhausted,
     #[error("invalid request body: {0}")]
@@ -65,7 +61,6 @@ impl HttpError {
             | HttpError::InvalidQuery(_)
             | HttpError::BodyRead
             | HttpError::InvalidUpgrade(_) => StatusCode::BAD_REQUEST,
-            HttpError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             HttpError::VersionExhausted => StatusCode::CONFLICT,
             HttpError::Credentials { error, .. } => {
                 StatusCode::from_u16(error.status()).unwrap_or(StatusCode::BAD_REQUEST)
@@ -83,7 +78,6 @@ impl HttpError {
             HttpError::BodyTooLarge(_) => "body_too_large",
             HttpError::InvalidVersion(_) => "invalid_version",
             HttpError::InvalidTtl => "invalid_ttl",
-            HttpError::UnsupportedMediaType => "unsupported_media_type",
             HttpError::VersionExhausted => "version_exhausted",
             HttpError::InvalidBody(_) => "invalid_body",
             HttpError::InvalidQuery(_) => "invalid_query",
@@ -141,16 +135,6 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
             HttpError::BodyRead
         }
     })
-}
-
-/// `Content-Type` without parameters, lowercased; empty when absent.
-pub fn media_type(headers: &HeaderMap) -> String {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .unwrap_or_default()
 }
 
 /// A JSON answer with a status.

@@ -23,19 +23,16 @@ use crate::session::authenticate_all;
 use crate::store::{now_ms, Store, StoreError};
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct PollBody {
     uaids: Vec<Credential>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PollQuery {
     wait: Option<u64>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct AckBody {
     uaids: Vec<Credential>,
     updates: HashMap<String, HashMap<String, u64>>,

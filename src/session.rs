@@ -349,14 +349,14 @@ async fn authenticate(
 ) -> Result<UaidStatus, StoreError> {
     let issued = |uaid: Uaid| UaidStatus::ok(uaid.to_string(), Some(state.keys.uaid_secret(&uaid)));
     match (&entry.uaid, &entry.secret) {
-        (None, None) => loop {
+        // No UAID: a new one (a secret without its UAID identifies nothing).
+        (None, _) => loop {
             let uaid = Uaid::random();
             if state.store.bind_uaid(uaid).await? {
                 *bound_any = true;
                 return Ok(issued(uaid));
             }
         },
-        (None, Some(_)) => Ok(UaidStatus::failed(None, EntryError::MissingUaid)),
         (Some(s), secret) => {
             let failed = |e| Ok(UaidStatus::failed(Some(s.clone()), e));
             let Ok(uaid) = Uaid::parse(s) else {

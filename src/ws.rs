@@ -11,6 +11,7 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use futures_util::SinkExt;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::http::HttpError;
@@ -37,11 +38,16 @@ pub async fn upgrade(
         .on_upgrade(move |socket| serve(state, socket))
 }
 
-/// Why the loop ended: the peer left (nothing more to say) or the server closes with an error.
+/// Why the loop ended: the peer closed (answer its close), the peer left or stopped reading
+/// (nothing more can be said to it), or the server closes with an error.
 enum End {
+    PeerClosed,
     PeerGone,
     Close(WsError),
 }
+
+/// How long a closing socket waits for the peer's side of the close handshake.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 
 async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
     let _open = state.open_socket();
@@ -68,7 +74,8 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
             msg = socket.recv() => {
                 last_heard = Instant::now();
                 match msg {
-                    None | Some(Ok(Message::Close(_))) => break End::PeerGone,
+                    None => break End::PeerGone,
+                    Some(Ok(Message::Close(_))) => break End::PeerClosed,
                     Some(Ok(Message::Text(text))) => session.on_text(text.as_str(), &mut out).await,
                     Some(Ok(Message::Binary(_))) => Err(WsError::BinaryFrame),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => session.count_frame(),
@@ -97,24 +104,43 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
         }
     };
 
-    if let End::Close(err) = end {
-        let code = err.close_code();
-        state
-            .metrics
-            .closes
-            .get_or_create(&crate::metrics::CloseLabel { code })
-            .inc();
-        tracing::debug!(code, error = err.slug(), "closing socket");
-        let _ = timeout(send_timeout, async {
-            socket.send(Message::Text(err.frame().into())).await?;
-            socket
-                .send(Message::Close(Some(CloseFrame {
-                    code,
-                    reason: err.slug().into(),
-                })))
-                .await
-        })
-        .await;
+    match end {
+        // tungstenite queued the close reply when it read the peer's close; send it.
+        End::PeerClosed => {
+            let _ = timeout(send_timeout, SinkExt::flush(&mut socket)).await;
+        }
+        End::PeerGone => {}
+        End::Close(err) => {
+            let code = err.close_code();
+            state
+                .metrics
+                .closes
+                .get_or_create(&crate::metrics::CloseLabel { code })
+                .inc();
+            tracing::debug!(code, error = err.slug(), "closing socket");
+            let sent = timeout(send_timeout, async {
+                socket.send(Message::Text(err.frame().into())).await?;
+                socket
+                    .send(Message::Close(Some(CloseFrame {
+                        code,
+                        reason: err.slug().into(),
+                    })))
+                    .await
+            })
+            .await;
+            // Wait for the peer's close, discarding what it still sends: dropping a socket with
+            // unread input resets it, and the reset can destroy the error frame in flight.
+            if matches!(sent, Ok(Ok(()))) {
+                let _ = timeout(CLOSE_HANDSHAKE, async {
+                    while let Some(Ok(msg)) = socket.recv().await {
+                        if matches!(msg, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
+        }
     }
 }
 
