@@ -297,3 +297,18 @@ async fn unknown_routes_and_methods_get_json_errors() {
         "method_not_allowed"
     );
 }
+
+#[tokio::test]
+async fn a_client_close_is_answered_with_a_close_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut c = Client::connect(&server).await;
+    c.hello_new(1).await;
+    let normal = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: "bye".into(),
+    };
+    c.ws.close(Some(normal)).await.unwrap();
+    // The server's reply (echoing the code) completes the handshake: a close, not a reset.
+    c.expect_close(1000).await;
+}
