@@ -15,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use crate::http::{json, read_body, HttpError};
-use crate::metrics::StatusLabel;
 use crate::server::AppState;
 use crate::store::{now_ms, PutOutcome, Store, TokenTarget, VersionReq};
 
@@ -34,13 +33,7 @@ pub async fn put(
         Ok((status, version)) => json(status, format!("{{\"version\":{version}}}")),
         Err(e) => e.into_response(),
     };
-    state
-        .metrics
-        .puts
-        .get_or_create(&StatusLabel {
-            status: response.status().as_u16(),
-        })
-        .inc();
+    state.metrics.count_put(response.status().as_u16());
     response
 }
 

@@ -1,85 +1,115 @@
-//! Prometheus metrics, served as text at `GET /metrics`.
+//! Prometheus metrics, served at `GET /metrics` in the Prometheus text format (0.0.4).
 //!
 //! Counters are bumped where things happen; gauges that mirror state (pending events, held UAIDs)
 //! are read when scraped, so they cost nothing on the hot path.
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StatusLabel {
-    pub status: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CloseLabel {
-    pub code: u16,
-}
-
-/// Every metric the server exports. Cheap to clone handles live inside (`Arc`s).
+/// Every metric the server exports. The handles are cheap to clone (`Arc`s inside).
 pub struct Metrics {
     registry: Registry,
-    pub connections: Gauge,
-    pub held_uaids: Gauge,
-    pub pending: Gauge,
-    pub puts: Family<StatusLabel, Counter>,
-    pub updates_sent: Counter,
-    pub events_sent: Counter,
-    pub acks: Counter,
-    pub closes: Family<CloseLabel, Counter>,
+    pub connections: IntGauge,
+    pub held_uaids: IntGauge,
+    pub pending: IntGauge,
+    puts: IntCounterVec,
+    pub updates_sent: IntCounter,
+    pub events_sent: IntCounter,
+    pub acks: IntCounter,
+    closes: IntCounterVec,
     pub store_sync_seconds: Histogram,
 }
 
+/// The text format's content type.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("editiond");
-        let m = Metrics {
-            connections: Gauge::default(),
-            held_uaids: Gauge::default(),
-            pending: Gauge::default(),
-            puts: Family::default(),
-            updates_sent: Counter::default(),
-            events_sent: Counter::default(),
-            acks: Counter::default(),
-            closes: Family::default(),
-            store_sync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
-            registry: Registry::default(),
+        // Names and buckets are constants: a failure here is a programming error caught by tests.
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let family = |name: &str, help: &str, label: &str| {
+            IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric")
         };
-        registry.register("connections", "Open WebSocket connections", m.connections.clone());
-        registry.register(
-            "held_uaids",
-            "UAIDs held by connections on this node",
-            m.held_uaids.clone(),
-        );
-        registry.register("pending_events", "Pending events in the store", m.pending.clone());
-        registry.register("puts", "Endpoint PUTs by HTTP status", m.puts.clone());
-        registry.register("updates_sent", "UPDATE frames sent", m.updates_sent.clone());
-        registry.register(
-            "events_sent",
-            "Events carried by UPDATE frames and polls",
-            m.events_sent.clone(),
-        );
-        registry.register("acks", "Events cleared by ACKs", m.acks.clone());
-        registry.register("ws_closes", "WebSocket closes by close code", m.closes.clone());
-        registry.register(
-            "store_sync_seconds",
-            "Time for a write to become durable (group commit wait)",
-            m.store_sync_seconds.clone(),
-        );
-        Metrics { registry, ..m }
+        let buckets = exponential_buckets(0.0001, 2.0, 16).expect("valid buckets");
+        let m = Metrics {
+            registry: Registry::new_custom(Some("editiond".into()), None).expect("valid prefix"),
+            connections: gauge("connections", "Open WebSocket connections"),
+            held_uaids: gauge("held_uaids", "UAIDs held by connections on this node"),
+            pending: gauge("pending_events", "Pending events in the store"),
+            puts: family("puts_total", "Endpoint PUTs by HTTP status", "status"),
+            updates_sent: counter("updates_sent_total", "UPDATE frames sent"),
+            events_sent: counter("events_sent_total", "Events carried by UPDATE frames and polls"),
+            acks: counter("acks_total", "Events cleared by ACKs"),
+            closes: family(
+                "ws_closes_total",
+                "WebSocket closes by the server, by close code",
+                "code",
+            ),
+            store_sync_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "store_sync_seconds",
+                    "Time for a write to become durable (group commit wait)",
+                )
+                .buckets(buckets),
+            )
+            .expect("valid metric"),
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
+            Box::new(m.connections.clone()),
+            Box::new(m.held_uaids.clone()),
+            Box::new(m.pending.clone()),
+            Box::new(m.puts.clone()),
+            Box::new(m.updates_sent.clone()),
+            Box::new(m.events_sent.clone()),
+            Box::new(m.acks.clone()),
+            Box::new(m.closes.clone()),
+            Box::new(m.store_sync_seconds.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        m
     }
 }
 
 impl Metrics {
-    /// The Prometheus text exposition.
+    /// Counts one answered PUT.
+    pub fn count_put(&self, status: u16) {
+        self.puts.with_label_values(&[status.to_string()]).inc();
+    }
+
+    /// Counts one socket closed by the server with `code`.
+    pub fn count_close(&self, code: u16) {
+        self.closes.with_label_values(&[code.to_string()]).inc();
+    }
+
+    /// The text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.count_put(202);
+        m.acks.inc();
+        m.store_sync_seconds.observe(0.001);
+        let text = m.render();
+        assert!(text.contains("# TYPE editiond_puts_total counter"), "{text}");
+        assert!(text.contains("editiond_puts_total{status=\"202\"} 1"), "{text}");
+        assert!(text.contains("editiond_acks_total 1"), "{text}");
+        assert!(text.contains("editiond_store_sync_seconds_count 1"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
     }
 }

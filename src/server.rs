@@ -142,7 +142,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.metrics.pending.set(state.store.pending_count() as i64);
     state.metrics.held_uaids.set(state.registry.len() as i64);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         state.metrics.render(),
     )
         .into_response()

@@ -112,11 +112,7 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
         End::PeerGone => {}
         End::Close(err) => {
             let code = err.close_code();
-            state
-                .metrics
-                .closes
-                .get_or_create(&crate::metrics::CloseLabel { code })
-                .inc();
+            state.metrics.count_close(code);
             tracing::debug!(code, error = err.slug(), "closing socket");
             let sent = timeout(send_timeout, async {
                 socket.send(Message::Text(err.frame().into())).await?;
