@@ -1,0 +1,107 @@
+//! The `put` scenario: N clients with K apps each stay connected and ACK every UPDATE while M app
+//! servers PUT to random endpoints, once per rate in `--rates` (0 = flat out). Reports PUT
+//! throughput and latency, PUT→UPDATE latency, delivered frames/s, and events lost: every
+//! version answered 202 must reach its client.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::client::Shared;
+use crate::fleet::{self, Held};
+use crate::load::{self, Endpoint, LoadSpec};
+use crate::report::{Goal, Report};
+use crate::target::Target;
+use crate::{rate_label, BoxError, Settings};
+
+pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Result<(), BoxError> {
+    let slots = s.clients * s.apps;
+    let opened = fleet::enroll(target.addr, s.clients, s.apps, s.sources, s.connect_concurrency).await;
+    if opened.errors > 0 {
+        report.fail(format!(
+            "put: {} clients failed to enroll ({})",
+            opened.errors,
+            opened.first_error.clone().unwrap_or_default()
+        ));
+    }
+    let shared = Arc::new(Shared::new(slots));
+    let mut held = Held::new(shared.clone());
+    let mut endpoints = Vec::with_capacity(slots);
+    for (ident, ws) in opened.ok {
+        endpoints.extend(ident.apps.iter().map(|a| Endpoint {
+            path: a.path.clone(),
+            slot: a.slot,
+        }));
+        held.hold(Arc::new(ident), ws);
+    }
+    let endpoints = Arc::new(endpoints);
+    report.add("put", "clients", held.idents.len() as f64, "");
+    let sent = Arc::new((0..slots).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
+
+    for &rate in &s.rates {
+        let label = rate_label(rate);
+        shared.latency.reset();
+        let updates0 = shared.updates.load(Ordering::Relaxed);
+        let spec = LoadSpec {
+            app_servers: s.app_servers,
+            rate,
+            duration: s.duration,
+        };
+        let r = load::run(target.addr, endpoints.clone(), &spec, sent.clone()).await?;
+        let (lost, drain) = load::wait_delivered(&sent, &shared.received, s.drain).await;
+        let updates = shared.updates.load(Ordering::Relaxed) - updates0;
+        let frames_per_s = updates as f64 / (r.elapsed + drain).as_secs_f64();
+        let u = shared.latency.summary();
+        let ms = |us: u64| us as f64 / 1000.0;
+
+        let m = |name: &str| format!("{name}@{label}");
+        let row = report.add("put", &m("put_rate"), r.throughput(), "/s");
+        row.ceiling = Some(m("put_rate"));
+        if rate == 0 {
+            row.goal = Some(Goal::RatioAtLeast(0.6));
+        }
+        let put_latency = [
+            ("put_p50", r.latency.p50),
+            ("put_p99", r.latency.p99),
+            ("put_p999", r.latency.p999),
+        ];
+        for (name, value) in put_latency {
+            report.add("put", &m(name), ms(value), "ms").ceiling = Some(m(name));
+        }
+        report.add("put", &m("update_p50"), ms(u.p50), "ms");
+        let row = report.add("put", &m("update_p99"), ms(u.p99), "ms");
+        if rate == 2000 {
+            row.goal = Some(Goal::Below(5.0));
+        }
+        report.add("put", &m("update_p999"), ms(u.p999), "ms");
+        report.add("put", &m("update_max"), ms(u.max), "ms");
+        report.add("put", &m("versions_received"), u.count as f64, "");
+        let row = report.add("put", &m("delivered_frames"), frames_per_s, "/s");
+        row.ceiling = Some("frames_per_s".into());
+        if rate == 0 {
+            row.goal = Some(Goal::RatioAtLeast(0.5));
+        }
+        report.add("put", &m("accepted_202"), r.accepted as f64, "");
+        report.add("put", &m("errors"), r.errors as f64, "").goal = Some(Goal::Zero);
+        report.add("put", &m("events_lost"), lost as f64, "").goal = Some(Goal::Zero);
+        if r.errors > 0 {
+            report.fail(format!(
+                "put@{label}: {} PUT errors ({})",
+                r.errors,
+                r.first_error.unwrap_or_default()
+            ));
+        }
+        if lost > 0 {
+            report.fail(format!(
+                "put@{label}: {lost} events lost (not delivered within {:?})",
+                s.drain
+            ));
+        }
+        target.check_alive()?;
+    }
+    let dropped = shared.errors.load(Ordering::Relaxed);
+    held.close_all().await;
+    if dropped > 0 {
+        report.fail(format!("put: {dropped} client sockets dropped during the run"));
+    }
+    Ok(())
+}

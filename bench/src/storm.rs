@@ -1,0 +1,133 @@
+//! The `storm` scenario: N clients (one app each) connect and register, all disconnect, one event
+//! per client piles up, then all reconnect at once (`--connect-concurrency` at a time). Reports
+//! the time until every pending event is delivered and ACKed, and events lost.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::client::{self, Shared};
+use crate::fleet::{self, Held};
+use crate::load::{self, Endpoint};
+use crate::report::{Goal, Report};
+use crate::target::Target;
+use crate::{BoxError, Settings};
+
+pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Result<(), BoxError> {
+    let n = s.clients;
+    let opened = fleet::enroll(target.addr, n, 1, s.sources, s.connect_concurrency).await;
+    if opened.errors > 0 {
+        report.fail(format!(
+            "storm: {} clients failed to enroll ({})",
+            opened.errors,
+            opened.first_error.clone().unwrap_or_default()
+        ));
+    }
+    let mut first = Held::new(Arc::new(Shared::new(n)));
+    let mut idents = Vec::with_capacity(n);
+    for (ident, ws) in opened.ok {
+        let ident = Arc::new(ident);
+        idents.push(ident.clone());
+        first.hold(ident, ws);
+    }
+    // Everyone leaves; the server must see them gone before events pile up.
+    first.close_all().await;
+    target
+        .wait_connections_at_most(0, Duration::from_secs(60))
+        .await?;
+
+    let endpoints: Arc<Vec<Endpoint>> = Arc::new(
+        idents
+            .iter()
+            .map(|i| Endpoint {
+                path: i.apps[0].path.clone(),
+                slot: i.apps[0].slot,
+            })
+            .collect(),
+    );
+    let sent = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
+    let piled = load::put_each_once(target.addr, endpoints, s.app_servers, sent.clone()).await?;
+    if piled.errors > 0 {
+        report.fail(format!(
+            "storm: {} PUTs failed ({})",
+            piled.errors,
+            piled.first_error.clone().unwrap_or_default()
+        ));
+    }
+
+    // All reconnect at once; each starts holding (and ACKing) as soon as its hello is answered.
+    let shared = Arc::new(Shared::new(n));
+    let mut again = Held::new(shared.clone());
+    let stop = again.stop_signal();
+    let started = Instant::now();
+    let (addr, sources) = (target.addr, s.sources);
+    let idents = Arc::new(idents);
+    let reconnect = {
+        let (idents, shared) = (idents.clone(), shared.clone());
+        tokio::spawn(fleet::run_all(
+            idents.len(),
+            s.connect_concurrency,
+            Duration::from_secs(60),
+            move |i| {
+                let (ident, shared, stop) = (idents[i].clone(), shared.clone(), stop.clone());
+                async move {
+                    let mut ws = client::connect(addr, fleet::source(i, sources), "/v1/ws").await?;
+                    client::hello_known(&mut ws, &ident.uaid, &ident.secret).await?;
+                    Ok(tokio::spawn(client::hold(ws, ident, shared, stop)))
+                }
+            },
+        ))
+    };
+    let (lost, delivered) = load::wait_delivered(&sent, &shared.received, s.storm_timeout).await;
+    let reconnected = reconnect.await?;
+    let acks_by = Instant::now() + Duration::from_secs(10);
+    while shared.acks.load(Ordering::Relaxed) < piled.accepted && Instant::now() < acks_by {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let served = started.elapsed();
+    // The server has applied every ACK once nothing is pending any more.
+    let clear_by = Instant::now() + Duration::from_secs(30);
+    let mut pending = target.metric("editiond_pending_events").await?;
+    while pending > 0.0 && Instant::now() < clear_by {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        pending = target.metric("editiond_pending_events").await?;
+    }
+    let cleared = started.elapsed();
+    let reconnect_errors = reconnected.errors;
+    for t in reconnected.ok {
+        again.adopt(t);
+    }
+    let dropped = shared.errors.load(Ordering::Relaxed);
+    again.close_all().await;
+
+    report.add("storm", "clients", n as f64, "");
+    report.add("storm", "pending_events", piled.accepted as f64, "");
+    report.add(
+        "storm",
+        "pile_up_put_rate",
+        piled.accepted as f64 / piled.elapsed.as_secs_f64(),
+        "/s",
+    );
+    report.add("storm", "all_delivered", delivered.as_secs_f64(), "s");
+    let row = report.add("storm", "all_delivered_acked", served.as_secs_f64(), "s");
+    row.ceiling = Some("storm_s".into());
+    row.goal = Some(Goal::AtMost(10.0));
+    report.add("storm", "server_pending_zero", cleared.as_secs_f64(), "s");
+    report.add("storm", "server_pending_left", pending, "").goal = Some(Goal::Zero);
+    report
+        .add(
+            "storm",
+            "reconnect_errors",
+            (reconnect_errors + dropped) as f64,
+            "",
+        )
+        .goal = Some(Goal::Zero);
+    report.add("storm", "events_lost", lost as f64, "").goal = Some(Goal::Zero);
+    if lost > 0 || reconnect_errors + dropped > 0 || pending > 0.0 {
+        report.fail(format!(
+            "storm: {lost} events lost, {reconnect_errors} reconnects failed ({}), {dropped} sockets dropped, {pending} still pending",
+            reconnected.first_error.unwrap_or_default()
+        ));
+    }
+    Ok(())
+}
