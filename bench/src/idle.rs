@@ -27,12 +27,20 @@ pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Resu
     let open = target.connections().await?;
     let dropped = held.shared.errors.load(std::sync::atomic::Ordering::Relaxed);
     held.close_all().await;
+    // What the server gives back once they leave: the sockets' share (an underestimate, as
+    // freed heap is not always returned to the OS); stored UAIDs and registrations stay.
+    target.wait_connections_at_most(0, Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss2 = target.rss()?;
 
     let per_conn = rss1.saturating_sub(rss0) as f64 / connected.max(1) as f64 / KIB;
     report.add("idle", "clients", connected as f64, "");
     report.add("idle", "server_open_sockets", open as f64, "");
     report.add("idle", "rss_before", rss0 as f64 / (KIB * KIB), "MiB");
     report.add("idle", "rss_after", rss1 as f64 / (KIB * KIB), "MiB");
+    report.add("idle", "rss_after_close", rss2 as f64 / (KIB * KIB), "MiB");
+    let released = rss1.saturating_sub(rss2) as f64 / connected.max(1) as f64 / KIB;
+    report.add("idle", "rss_released_per_conn", released, "KiB");
     let row = report.add("idle", "rss_per_conn", per_conn, "KiB");
     row.ceiling = Some("rss_per_conn".into());
     row.goal = Some(Goal::AtMost(4.0));

@@ -86,7 +86,7 @@ struct RunArgs {
     /// WebSocket clients (user agents) per scenario.
     #[arg(long, default_value_t = 1000)]
     clients: usize,
-    /// Registrations (apps) per client in idle and put; storm uses one.
+    /// Registrations (apps) per client in idle and put (put needs one or more); storm uses one.
     #[arg(long, default_value_t = 1)]
     apps: usize,
     /// Loopback source addresses to spread clients over (127.0.0.2 upwards).
@@ -136,7 +136,7 @@ impl Settings {
         let secs = |s: f64| Duration::from_secs_f64(s.clamp(0.0, 3600.0));
         let mut s = Settings {
             clients: a.clients.max(1),
-            apps: a.apps.max(1),
+            apps: a.apps,
             sources: a.sources.clamp(1, 250),
             connect_concurrency: a.connect_concurrency.max(1),
             app_servers: a.app_servers.max(1),
