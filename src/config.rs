@@ -64,7 +64,8 @@ pub struct Limits {
     pub send_timeout_secs: u64,
     /// Bytes the server buffers for one socket's outgoing frames before it drops that client.
     pub max_write_buffer_bytes: usize,
-    /// Initial read buffer per socket: small, because most sockets are idle.
+    /// Initial read buffer per socket: small, because most sockets are idle; it grows for a
+    /// larger frame.
     pub read_buffer_bytes: usize,
     /// Event TTL when the app server sends none, in seconds.
     pub default_ttl_secs: u64,
@@ -134,7 +135,7 @@ impl Default for Limits {
             idle_timeout_secs: 600,
             send_timeout_secs: 10,
             max_write_buffer_bytes: 1024 * 1024,
-            read_buffer_bytes: 4096,
+            read_buffer_bytes: 512,
             default_ttl_secs: 30 * 24 * 3600,
             max_ttl_secs: 30 * 24 * 3600,
             max_poll_wait_secs: 60,

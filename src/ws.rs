@@ -35,7 +35,7 @@ pub async fn upgrade(
         .max_write_buffer_size(limits.max_write_buffer_bytes)
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
-        .on_upgrade(move |socket| serve(state, socket))
+        .on_upgrade(move |socket| serve(state, Box::new(socket)))
 }
 
 /// Why the loop ended: the peer closed (answer its close), the peer left or stopped reading
@@ -49,14 +49,17 @@ enum End {
 /// How long a closing socket waits for the peer's side of the close handshake.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 
-async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
+/// Sized for the idle socket: this future is the whole of a connection's task, allocated for its
+/// lifetime, so what only handling a frame needs is boxed while it runs (the socket, the stop
+/// signal and the frame handlers live on the heap: 2,496 → 904 bytes per task, measured with
+/// -Zprint-type-sizes).
+async fn serve(state: Arc<AppState>, mut socket: Box<WebSocket>) {
     let _open = state.open_socket();
-    let limits = state.config.limits.clone();
+    let limits = &state.config.limits;
     let send_timeout = Duration::from_secs(limits.send_timeout_secs);
     let mut session = Session::new(state.clone());
     let mailbox = session.mailbox().clone();
-    let stopping = state.stopping();
-    tokio::pin!(stopping);
+    let mut stopping = Box::pin(state.stopping());
     let hello_deadline = Instant::now() + Duration::from_secs(limits.hello_timeout_secs);
     let idle = Duration::from_secs(limits.idle_timeout_secs);
     let mut last_heard = Instant::now();
@@ -76,7 +79,7 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
                 match msg {
                     None => break End::PeerGone,
                     Some(Ok(Message::Close(_))) => break End::PeerClosed,
-                    Some(Ok(Message::Text(text))) => session.on_text(text.as_str(), &mut out).await,
+                    Some(Ok(Message::Text(text))) => Box::pin(session.on_text(text.as_str(), &mut out)).await,
                     Some(Ok(Message::Binary(_))) => Err(WsError::BinaryFrame),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => session.count_frame(),
                     Some(Err(e)) => match classify(e, limits.max_frame_bytes) {
@@ -85,7 +88,7 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
                     },
                 }
             }
-            _ = mailbox.wake.notified() => session.on_mailbox(&mut out).await,
+            _ = mailbox.wake.notified() => Box::pin(session.on_mailbox(&mut out)).await,
             _ = sleep_until(deadline) => Err(if session.greeted() {
                 WsError::IdleTimeout(limits.idle_timeout_secs)
             } else {
@@ -107,7 +110,7 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
     match end {
         // tungstenite queued the close reply when it read the peer's close; send it.
         End::PeerClosed => {
-            let _ = timeout(send_timeout, SinkExt::flush(&mut socket)).await;
+            let _ = timeout(send_timeout, SinkExt::flush(&mut *socket)).await;
         }
         End::PeerGone => {}
         End::Close(err) => {

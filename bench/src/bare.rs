@@ -125,9 +125,9 @@ pub async fn serve_ws(frame_bytes: usize) -> Result<(), BoxError> {
         let _ = stream.set_nodelay(true);
         let frame = frame.clone();
         tokio::spawn(async move {
-            // The same buffer sizes editiond's WebSocket uses.
+            // The same buffer sizes editiond's WebSocket uses by default.
             let config = WebSocketConfig::default()
-                .read_buffer_size(4096)
+                .read_buffer_size(512)
                 .write_buffer_size(0)
                 .max_write_buffer_size(1 << 20);
             let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
