@@ -180,7 +180,7 @@ pub async fn enroll(
 }
 
 /// Records one UPDATE and returns the UAIDs to ACK.
-fn record_update(v: &Value, ident: &Identity, shared: &Shared) -> Vec<String> {
+pub fn record_update(v: &Value, ident: &Identity, shared: &Shared) -> Vec<String> {
     let now = sys::unix_micros();
     let mut uaids = Vec::new();
     let Some(updates) = v["updates"].as_object() else {

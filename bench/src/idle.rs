@@ -29,7 +29,9 @@ pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Resu
     held.close_all().await;
     // What the server gives back once they leave: the sockets' share (an underestimate, as
     // freed heap is not always returned to the OS); stored UAIDs and registrations stay.
-    target.wait_connections_at_most(0, Duration::from_secs(30)).await?;
+    target
+        .wait_connections_at_most(0, Duration::from_secs(30))
+        .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss2 = target.rss()?;
 

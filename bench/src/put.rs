@@ -41,12 +41,16 @@ pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Resu
         let label = rate_label(rate);
         shared.latency.reset();
         let updates0 = shared.updates.load(Ordering::Relaxed);
+        let sync0 = target.buckets("editiond_store_sync_seconds").await?;
+        let cpu0 = target.cpu_seconds()?;
         let spec = LoadSpec {
             app_servers: s.app_servers,
             rate,
             duration: s.duration,
         };
         let r = load::run(target.addr, endpoints.clone(), &spec, sent.clone()).await?;
+        let cpu = target.cpu_seconds()? - cpu0;
+        let sync1 = target.buckets("editiond_store_sync_seconds").await?;
         let (lost, drain) = load::wait_delivered(&sent, &shared.received, s.drain).await;
         let updates = shared.updates.load(Ordering::Relaxed) - updates0;
         let frames_per_s = updates as f64 / (r.elapsed + drain).as_secs_f64();
@@ -81,6 +85,25 @@ pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Resu
             row.goal = Some(Goal::RatioAtLeast(0.5));
         }
         report.add("put", &m("accepted_202"), r.accepted as f64, "");
+        report.add("put", &m("server_cpu"), cpu / r.elapsed.as_secs_f64(), "cores");
+        report.add(
+            "put",
+            &m("server_cpu_per_put"),
+            cpu * 1e6 / r.accepted.max(1) as f64,
+            "us",
+        );
+        report.add(
+            "put",
+            &m("fsync_wait_p50_le"),
+            bucket_quantile(&sync0, &sync1, 0.5) * 1e3,
+            "ms",
+        );
+        report.add(
+            "put",
+            &m("fsync_wait_p99_le"),
+            bucket_quantile(&sync0, &sync1, 0.99) * 1e3,
+            "ms",
+        );
         report.add("put", &m("errors"), r.errors as f64, "").goal = Some(Goal::Zero);
         report.add("put", &m("events_lost"), lost as f64, "").goal = Some(Goal::Zero);
         if r.errors > 0 {
@@ -104,4 +127,24 @@ pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Resu
         report.fail(format!("put: {dropped} client sockets dropped during the run"));
     }
     Ok(())
+}
+
+/// The upper bound of the bucket holding quantile `q` of what was observed between two readings
+/// of a cumulative histogram.
+fn bucket_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let b = before.iter().find(|(l, _)| *l == le).map_or(0.0, |(_, c)| *c);
+            (le, n - b)
+        })
+        .collect();
+    let total = delta.last().map_or(0.0, |(_, n)| *n);
+    if total <= 0.0 {
+        return 0.0;
+    }
+    delta
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map_or(f64::INFINITY, |(le, _)| *le)
 }

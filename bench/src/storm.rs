@@ -1,6 +1,8 @@
 //! The `storm` scenario: N clients (one app each) connect and register, all disconnect, one event
 //! per client piles up, then all reconnect at once (`--connect-concurrency` at a time). Reports
-//! the time until every pending event is delivered and ACKed, and events lost.
+//! the time until every pending event is delivered and ACKed, where a reconnect spends its time
+//! (connect, hello, UPDATE; a reconnect holds its concurrency slot until its UPDATE is ACKed),
+//! and events lost.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::{self, Shared};
 use crate::fleet::{self, Held};
+use crate::hist::Histogram;
 use crate::load::{self, Endpoint};
 use crate::report::{Goal, Report};
 use crate::target::Target;
@@ -62,17 +65,31 @@ pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Resu
     let started = Instant::now();
     let (addr, sources) = (target.addr, s.sources);
     let idents = Arc::new(idents);
+    // Where a reconnect spends its time: TCP + WebSocket handshake, hello, and hello → UPDATE.
+    let steps: Arc<[Histogram; 3]> = Arc::new(Default::default());
     let reconnect = {
-        let (idents, shared) = (idents.clone(), shared.clone());
+        let (idents, shared, steps) = (idents.clone(), shared.clone(), steps.clone());
         tokio::spawn(fleet::run_all(
             idents.len(),
             s.connect_concurrency,
             Duration::from_secs(60),
             move |i| {
                 let (ident, shared, stop) = (idents[i].clone(), shared.clone(), stop.clone());
+                let steps = steps.clone();
                 async move {
+                    let t0 = Instant::now();
                     let mut ws = client::connect(addr, fleet::source(i, sources), "/v1/ws").await?;
+                    let t1 = Instant::now();
                     client::hello_known(&mut ws, &ident.uaid, &ident.secret).await?;
+                    let t2 = Instant::now();
+                    let update = client::next_json(&mut ws, client::REPLY_WAIT).await?;
+                    let t3 = Instant::now();
+                    for (h, d) in steps.iter().zip([t1 - t0, t2 - t1, t3 - t2]) {
+                        h.record(d.as_micros() as u64);
+                    }
+                    let uaids = client::record_update(&update, &ident, &shared);
+                    client::send_json(&mut ws, &serde_json::json!({"type": "ack", "uaids": uaids})).await?;
+                    shared.acks.fetch_add(1, Ordering::Relaxed);
                     Ok(tokio::spawn(client::hold(ws, ident, shared, stop)))
                 }
             },
@@ -112,6 +129,14 @@ pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Resu
     let row = report.add("storm", "all_delivered_acked", served.as_secs_f64(), "s");
     row.ceiling = Some("storm_s".into());
     row.goal = Some(Goal::AtMost(10.0));
+    for (name, h) in ["step_connect", "step_hello", "step_update"]
+        .iter()
+        .zip(steps.iter())
+    {
+        let h = h.summary();
+        report.add("storm", &format!("{name}_p50"), h.p50 as f64 / 1000.0, "ms");
+        report.add("storm", &format!("{name}_p99"), h.p99 as f64 / 1000.0, "ms");
+    }
     report.add("storm", "server_pending_zero", cleared.as_secs_f64(), "s");
     report.add("storm", "server_pending_left", pending, "").goal = Some(Goal::Zero);
     report

@@ -123,6 +123,31 @@ impl Target {
             .ok_or_else(|| "no connections in /health".into())
     }
 
+    /// CPU seconds the server has used.
+    pub fn cpu_seconds(&self) -> Result<f64, BoxError> {
+        Ok(sys::cpu_seconds(self.pid)?)
+    }
+
+    /// Cumulative buckets `(le, count)` of one histogram from `/metrics`.
+    pub async fn buckets(&self, name: &str) -> Result<Vec<(f64, f64)>, BoxError> {
+        let (_, body) = http::get(self.addr, "/metrics").await?;
+        let text = String::from_utf8_lossy(&body);
+        let prefix = format!("{name}_bucket{{le=\"");
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(&prefix)?;
+                let (le, count) = rest.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, count.trim().parse().ok()?))
+            })
+            .collect())
+    }
+
     /// One unlabelled gauge or counter from `/metrics`.
     pub async fn metric(&self, name: &str) -> Result<f64, BoxError> {
         let (status, body) = http::get(self.addr, "/metrics").await?;
