@@ -18,8 +18,50 @@ use crate::report::Report;
 use crate::{client, fleet, rate_label, BoxError, Settings, KIB};
 
 pub async fn run(s: &Settings, report: &mut Report) -> Result<(), BoxError> {
+    fsync_ceiling(s, report).await?;
     http_ceiling(s, report).await?;
     ws_ceiling(s, report).await
+}
+
+/// The disk's floor under a durable PUT: append 128 bytes to a file in the temp dir (where the
+/// spawned server keeps its data) and fsync it, one at a time, for up to 2 s or 2,000 rounds.
+async fn fsync_ceiling(s: &Settings, report: &mut Report) -> Result<(), BoxError> {
+    let limit = s.duration.min(Duration::from_secs(2));
+    let summary = tokio::task::spawn_blocking(move || -> Result<_, BoxError> {
+        use std::io::Write;
+        let dir = crate::target::temp_dir("fsync")?;
+        let hist = crate::hist::Histogram::default();
+        let started = Instant::now();
+        let result = (|| -> Result<(), BoxError> {
+            let mut file = std::fs::File::create(dir.join("log"))?;
+            for _ in 0..2000 {
+                if started.elapsed() >= limit {
+                    break;
+                }
+                let t0 = Instant::now();
+                file.write_all(&[b'x'; 128])?;
+                file.sync_all()?;
+                hist.record(t0.elapsed().as_micros() as u64);
+            }
+            Ok(())
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        result.map(|_| (hist.summary(), started.elapsed()))
+    })
+    .await??;
+    let (summary, elapsed) = summary;
+    let ms = |us: u64| us as f64 / 1000.0;
+    report.ceiling("fsync_p50", ms(summary.p50));
+    report.ceiling("fsync_p99", ms(summary.p99));
+    report.add("baseline", "disk_fsync_p50", ms(summary.p50), "ms");
+    report.add("baseline", "disk_fsync_p99", ms(summary.p99), "ms");
+    report.add(
+        "baseline",
+        "disk_fsyncs_per_s",
+        summary.count as f64 / elapsed.as_secs_f64(),
+        "/s",
+    );
+    Ok(())
 }
 
 async fn http_ceiling(s: &Settings, report: &mut Report) -> Result<(), BoxError> {
