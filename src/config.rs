@@ -82,8 +82,21 @@ pub struct Limits {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sled` (embedded, one node).
+    /// `sled` (embedded, one node) or `redis` (several nodes sharing one Redis or Redis Cluster).
     pub backend: String,
+    /// Redis server URL (`redis://host:port/db`, `rediss://` for TLS is not built in), used when
+    /// `cluster_urls` is empty.
+    pub url: String,
+    /// Seed nodes of a Redis Cluster; non-empty selects cluster mode and `url` is ignored.
+    pub cluster_urls: Vec<String>,
+    /// Milliseconds one Redis call (connecting included) may take before it fails (503 on PUT).
+    pub redis_timeout_ms: u64,
+    /// Seconds between the re-checks of the pending events of every UAID held on this node
+    /// (what repairs a lost pub/sub nudge), which also renew the UAID's route entry.
+    pub recheck_interval_secs: u64,
+    /// Seconds a route entry (UAID → node) lives unless renewed by a re-check; bounds what a
+    /// node that died leaves behind.
+    pub route_ttl_secs: u64,
     /// Milliseconds a durable write may take before the request gets 503 + Retry-After.
     pub write_timeout_ms: u64,
     /// Seconds sent in Retry-After when the store cannot take a write.
@@ -149,6 +162,11 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             backend: "sled".into(),
+            url: "redis://127.0.0.1:6379".into(),
+            cluster_urls: Vec::new(),
+            redis_timeout_ms: 2000,
+            recheck_interval_secs: 30,
+            route_ttl_secs: 300,
             write_timeout_ms: 5000,
             retry_after_secs: 5,
             cache_bytes: 256 * 1024 * 1024,
@@ -239,7 +257,27 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(invalid("config", what)) };
-        check(self.store.backend == "sled", "store.backend must be \"sled\"")?;
+        let st = &self.store;
+        check(
+            matches!(st.backend.as_str(), "sled" | "redis"),
+            "store.backend must be \"sled\" or \"redis\"",
+        )?;
+        check(
+            st.backend != "redis" || !st.url.is_empty() || !st.cluster_urls.is_empty(),
+            "store.backend = \"redis\" needs store.url or store.cluster_urls",
+        )?;
+        check(
+            st.redis_timeout_ms >= 1,
+            "store.redis_timeout_ms must be at least 1",
+        )?;
+        check(
+            st.recheck_interval_secs >= 1,
+            "store.recheck_interval_secs must be at least 1",
+        )?;
+        check(
+            st.route_ttl_secs > st.recheck_interval_secs,
+            "store.route_ttl_secs must exceed store.recheck_interval_secs",
+        )?;
         check(
             l.max_frame_bytes >= 1024,
             "limits.max_frame_bytes must be at least 1024",

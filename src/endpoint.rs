@@ -70,7 +70,7 @@ async fn put_version(
     {
         PutOutcome::Raised(v) => {
             state.sync().await.map_err(unavailable)?;
-            state.registry.nudge(uaid);
+            state.nudge(uaid).await;
             Ok((StatusCode::ACCEPTED, v))
         }
         PutOutcome::Superseded(current) => {

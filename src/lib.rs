@@ -3,7 +3,8 @@
 //!
 //! Modules by concern: [`proto`] (WebSocket messages, pure), [`session`] (the protocol rules of
 //! one connection, no sockets), [`ws`] (the socket loop), [`endpoint`] (app-server PUTs),
-//! [`poll`] (REST clients), [`registry`] (which connection holds which UAID), [`store`] (durable
+//! [`poll`] (REST clients), [`registry`] (which connection holds which UAID), [`route`] (which node
+//! holds it, on Redis), [`store`] (durable
 //! state behind a trait), [`keys`] (tokens and secrets), [`config`], [`metrics`], [`http`]
 //! (errors and bodies), [`server`] (wiring and shutdown).
 
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod poll;
 pub mod proto;
 pub mod registry;
+pub mod route;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -131,7 +131,7 @@ async fn serve(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let state = AppState::open(config).map_err(|e| e.to_string())?;
+    let state = AppState::open(config).await.map_err(|e| e.to_string())?;
     tracing::info!(%addr, public_url = %state.public_url, "editiond listening");
     server::run(listener, state, shutdown_signal())
         .await

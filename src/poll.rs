@@ -82,7 +82,7 @@ struct Claims<'a> {
 impl Drop for Claims<'_> {
     fn drop(&mut self) {
         for uaid in self.uaids {
-            self.state.registry.release(*uaid, self.conn_id);
+            self.state.unhold(*uaid, self.conn_id);
         }
     }
 }
@@ -116,14 +116,17 @@ async fn poll_inner(
 
     let conn_id = state.registry.next_conn_id();
     let mailbox = Arc::new(Mailbox::default());
-    for uaid in &uaids {
-        state.registry.claim(*uaid, conn_id, &mailbox);
-    }
     let _claims = Claims {
         state,
         conn_id,
         uaids: &uaids,
     };
+    for uaid in &uaids {
+        state
+            .hold(*uaid, conn_id, &mailbox)
+            .await
+            .map_err(unavailable(state))?;
+    }
     let deadline = tokio::time::Instant::now() + wait;
     let stopping = state.stopping();
     tokio::pin!(stopping);

@@ -107,6 +107,14 @@ impl Registry {
         self.holders.remove_if(&uaid, |_, h| h.conn_id == conn_id);
     }
 
+    /// Takes `uaid` from `conn_id` (if it still holds it) because a connection on another node
+    /// claimed it; the connection is told it lost it.
+    pub fn evict(&self, uaid: Uaid, conn_id: u64) {
+        if let Some((_, h)) = self.holders.remove_if(&uaid, |_, h| h.conn_id == conn_id) {
+            h.mailbox.mark_lost(uaid);
+        }
+    }
+
     /// Whether `conn_id` is the current holder of `uaid`.
     pub fn is_held_by(&self, uaid: Uaid, conn_id: u64) -> bool {
         self.holders.get(&uaid).is_some_and(|h| h.conn_id == conn_id)
@@ -150,6 +158,19 @@ mod tests {
         assert_eq!(b.take().dirty, vec![u]);
         reg.release(u, 2);
         assert!(!reg.nudge(u));
+    }
+
+    #[test]
+    fn evict_only_takes_from_the_named_connection() {
+        let reg = Registry::default();
+        let u = Uaid::random();
+        let a = Arc::new(Mailbox::default());
+        reg.claim(u, 1, &a);
+        reg.evict(u, 2);
+        assert!(reg.is_held_by(u, 1));
+        reg.evict(u, 1);
+        assert!(!reg.is_held_by(u, 1));
+        assert_eq!(a.take().lost, vec![u]);
     }
 
     #[test]

@@ -18,10 +18,11 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::http::HttpError;
+use crate::ids::Uaid;
 use crate::keys::{KeyError, Keys};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
-use crate::store::{now_ms, SledStore, Store, StoreError};
+use crate::registry::{Mailbox, Registry};
+use crate::store::{now_ms, AnyStore, RedisStore, RedisTarget, SledStore, Store, StoreError};
 
 /// Everything handlers share, passed explicitly as axum state.
 pub struct AppState {
@@ -29,8 +30,11 @@ pub struct AppState {
     /// `config.public_url()`, computed once: it prefixes every endpoint.
     pub public_url: String,
     pub keys: Keys,
-    pub store: SledStore,
+    pub store: AnyStore,
+    /// Which connection on this node holds which UAID.
     pub registry: Registry,
+    /// Which node holds which UAID, with the Redis store; `None` on sled (one node).
+    pub route: Option<Arc<crate::route::Router>>,
     pub metrics: Metrics,
     /// Flips to `true` once to tell every socket and poll to finish.
     shutdown: watch::Sender<bool>,
@@ -46,37 +50,106 @@ pub enum StartError {
     Store { path: String, source: StoreError },
     #[error("data dir {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
+    #[error("redis store: {0}")]
+    Redis(StoreError),
 }
 
 impl AppState {
-    /// Opens keys and store for `config`. Must run inside the Tokio runtime.
-    pub fn open(config: Config) -> Result<Arc<AppState>, StartError> {
-        let dir = &config.server.data_dir;
-        std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        let keys = Keys::load(&config.keys, dir)?;
-        let store_dir = dir.join("sled");
-        let store = SledStore::open(
-            &store_dir,
-            config.store.cache_bytes,
-            Duration::from_millis(config.store.write_timeout_ms),
-        )
-        .map_err(|source| StartError::Store {
-            path: store_dir.display().to_string(),
-            source,
-        })?;
-        Ok(Arc::new(AppState {
+    /// Opens keys and store for `config` (and, on Redis, starts routing). Must run inside the
+    /// Tokio runtime.
+    pub async fn open(config: Config) -> Result<Arc<AppState>, StartError> {
+        let (keys, store, route) = if config.store.backend == "redis" {
+            let target = RedisTarget {
+                url: config.store.url.clone(),
+                cluster_urls: config.store.cluster_urls.clone(),
+                timeout: Duration::from_millis(config.store.redis_timeout_ms),
+            };
+            let store = RedisStore::open(&target).await.map_err(StartError::Redis)?;
+            // Nodes sharing a Redis are one service: they share keys, never per data dir.
+            let keys = match Keys::from_config(&config.keys)? {
+                Some(keys) => keys,
+                None => {
+                    let text = store
+                        .load_or_create_keys(&Keys::generate_text())
+                        .await
+                        .map_err(StartError::Redis)?;
+                    Keys::from_text(&text, "redis key ed:server-keys")?
+                }
+            };
+            let route = crate::route::Router::start(&store, &target, &config.store)
+                .await
+                .map_err(StartError::Redis)?;
+            (keys, AnyStore::Redis(store), Some(route))
+        } else {
+            let dir = &config.server.data_dir;
+            std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+            let keys = Keys::load(&config.keys, dir)?;
+            let store_dir = dir.join("sled");
+            let store = SledStore::open(
+                &store_dir,
+                config.store.cache_bytes,
+                Duration::from_millis(config.store.write_timeout_ms),
+            )
+            .map_err(|source| StartError::Store {
+                path: store_dir.display().to_string(),
+                source,
+            })?;
+            (keys, AnyStore::Sled(store), None)
+        };
+        let (router, inbox) = match route {
+            Some((router, inbox)) => (Some(router), Some(inbox)),
+            None => (None, None),
+        };
+        let state = Arc::new(AppState {
             public_url: config.public_url(),
             config,
             keys,
             store,
             registry: Registry::default(),
+            route: router.clone(),
             metrics: Metrics::default(),
             shutdown: watch::Sender::new(false),
             sockets: watch::Sender::new(0),
-        }))
+        });
+        if let (Some(router), Some(inbox)) = (router, inbox) {
+            tokio::spawn(crate::route::listen(state.clone(), router.clone(), inbox));
+            tokio::spawn(crate::route::recheck_loop(state.clone(), router));
+        }
+        Ok(state)
+    }
+
+    /// Makes connection `conn_id` the holder of `uaid`, on this node and (with Redis) for every
+    /// node, so PUTs anywhere reach it.
+    pub async fn hold(&self, uaid: Uaid, conn_id: u64, mailbox: &Arc<Mailbox>) -> Result<(), StoreError> {
+        self.registry.claim(uaid, conn_id, mailbox);
+        if let Some(route) = &self.route {
+            route.claim(uaid, conn_id).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops `conn_id` holding `uaid` if it still does; never waits.
+    pub fn unhold(&self, uaid: Uaid, conn_id: u64) {
+        self.registry.release(uaid, conn_id);
+        if let Some(route) = &self.route {
+            route.release(uaid, conn_id);
+        }
+    }
+
+    /// Tells the connection holding `uaid`, on this node or another, that events may be
+    /// pending. Best effort: the event is already stored, and a lost nudge only delays it.
+    pub async fn nudge(&self, uaid: Uaid) {
+        if self.registry.nudge(uaid) {
+            return;
+        }
+        if let Some(route) = &self.route {
+            if let Err(e) = route.nudge_remote(uaid).await {
+                tracing::debug!(error = %e, "cross-node nudge not sent");
+            }
+        }
     }
 
     /// The store's durability barrier, timed for `/metrics`.

@@ -132,8 +132,9 @@ impl Session {
         }
         let (statuses, claimed) = authenticate_all(&self.state, &entries).await?;
         for uaid in &claimed {
-            self.state.registry.claim(*uaid, self.conn_id, &self.mailbox);
+            // Held first, so that Drop releases it even if routing it fails below.
             self.held.entry(*uaid).or_insert(None);
+            self.state.hold(*uaid, self.conn_id, &self.mailbox).await?;
         }
         out.push(proto::uaids_reply(kind, &statuses));
         self.send_pending(&claimed, out).await
@@ -145,7 +146,7 @@ impl Session {
             let status = match self.held_uaid(&s) {
                 Ok(uaid) => {
                     self.held.remove(&uaid);
-                    self.state.registry.release(uaid, self.conn_id);
+                    self.state.unhold(uaid, self.conn_id);
                     UaidStatus::ok(s, None)
                 }
                 Err(e) => UaidStatus::failed(Some(s), e),
@@ -310,7 +311,7 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         for uaid in self.held.keys() {
-            self.state.registry.release(*uaid, self.conn_id);
+            self.state.unhold(*uaid, self.conn_id);
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Durable state: UAID bindings, registrations, pending events.
 //!
-//! One small trait, [`Store`], with the embedded sled implementation ([`SledStore`]). Mutating
+//! One small trait, [`Store`], with the embedded sled implementation ([`SledStore`]) for one node
+//! and the Redis implementation ([`RedisStore`]) for several; [`AnyStore`] picks one at start-up
+//! from config and dispatches statically (no boxed futures on the hot path). Mutating
 //! methods change state in memory order; [`Store::sync`] is the durability barrier: when it
 //! returns `Ok`, every change made before the call survives a crash. Callers sync before they
 //! answer (a 2xx to a PUT, a hello reply with a new secret, the frame after an ACK), and before
@@ -12,11 +14,13 @@
 //! * `ack` clears a pending event only if its version is at most the acknowledged one.
 
 mod record;
+pub mod redis;
 mod sled;
 
 use std::future::Future;
 
 pub use self::record::Registration;
+pub use self::redis::{RedisStore, RedisTarget};
 pub use self::sled::SledStore;
 use crate::ids::{Appid, Uaid};
 use crate::keys::TokenId;
@@ -142,6 +146,94 @@ pub trait Store: Send + Sync + 'static {
 
     /// Pending events held now (for metrics; may lag by a sweep).
     fn pending_count(&self) -> u64;
+}
+
+/// The store chosen by `store.backend`. An enum, not a trait object: the trait's methods return
+/// `impl Future`, and a `match` per call costs nothing next to the I/O behind it.
+#[derive(Clone)]
+pub enum AnyStore {
+    Sled(SledStore),
+    Redis(RedisStore),
+}
+
+/// Forwards one call to whichever store is in use.
+macro_rules! delegate {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            AnyStore::Sled($s) => $call,
+            AnyStore::Redis($s) => $call,
+        }
+    };
+}
+
+impl AnyStore {
+    /// Makes everything written so far durable, synchronously; used at shutdown.
+    pub fn flush_now(&self) -> Result<()> {
+        match self {
+            AnyStore::Sled(s) => s.flush_now(),
+            // Every Redis write was acknowledged by the primary when it returned.
+            AnyStore::Redis(_) => Ok(()),
+        }
+    }
+}
+
+impl Store for AnyStore {
+    async fn bind_uaid(&self, uaid: Uaid) -> Result<bool> {
+        delegate!(self, s => s.bind_uaid(uaid).await)
+    }
+
+    async fn uaid_bound(&self, uaid: Uaid) -> Result<bool> {
+        delegate!(self, s => s.uaid_bound(uaid).await)
+    }
+
+    async fn register(
+        &self,
+        uaid: Uaid,
+        appid: Appid,
+        candidate: TokenId,
+        kick: &[u8],
+        max_per_uaid: usize,
+    ) -> Result<Registered> {
+        delegate!(self, s => s.register(uaid, appid, candidate, kick, max_per_uaid).await)
+    }
+
+    async fn unregister(&self, uaid: Uaid, appid: Appid, gone_until_ms: u64) -> Result<bool> {
+        delegate!(self, s => s.unregister(uaid, appid, gone_until_ms).await)
+    }
+
+    async fn lookup_token(&self, id: TokenId) -> Result<TokenTarget> {
+        delegate!(self, s => s.lookup_token(id).await)
+    }
+
+    async fn put_version(
+        &self,
+        uaid: Uaid,
+        appid: Appid,
+        version: VersionReq,
+        expires_at_ms: u64,
+    ) -> Result<PutOutcome> {
+        delegate!(self, s => s.put_version(uaid, appid, version, expires_at_ms).await)
+    }
+
+    async fn pending(&self, uaid: Uaid, now_ms: u64) -> Result<Vec<(Appid, u64)>> {
+        delegate!(self, s => s.pending(uaid, now_ms).await)
+    }
+
+    async fn ack(&self, uaid: Uaid, appid: Appid, version: u64) -> Result<bool> {
+        delegate!(self, s => s.ack(uaid, appid, version).await)
+    }
+
+    async fn sync(&self) -> Result<()> {
+        delegate!(self, s => s.sync().await)
+    }
+
+    async fn sweep(&self, now_ms: u64) -> Result<SweepStats> {
+        delegate!(self, s => s.sweep(now_ms).await)
+    }
+
+    fn pending_count(&self) -> u64 {
+        delegate!(self, s => s.pending_count())
+    }
 }
 
 /// Milliseconds since the Unix epoch.
