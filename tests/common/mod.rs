@@ -2,6 +2,8 @@
 //! WebSocket client and real HTTP requests.
 #![allow(dead_code)]
 
+pub mod redis_harness;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,267 @@
+//! The Redis store against a real redis-server: the semantics of `Store` (compare-and-set PUT,
+//! compare-and-delete ACK, registrations, tombstones, expiry) and its behaviour in an outage.
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis_harness::{redis_available, RedisServer};
+use editiond::ids::{Appid, Uaid};
+use editiond::keys::TokenId;
+use editiond::store::{
+    now_ms, PutOutcome, RedisStore, RedisTarget, Registered, Store, StoreError, TokenTarget, VersionReq,
+    MAX_SERVER_VERSION,
+};
+
+async fn open(redis: &RedisServer) -> RedisStore {
+    RedisStore::open(&RedisTarget {
+        url: redis.url(),
+        cluster_urls: Vec::new(),
+        timeout: Duration::from_millis(1000),
+    })
+    .await
+    .expect("open redis store")
+}
+
+const FAR: u64 = u64::MAX / 2;
+
+async fn registered(store: &RedisStore) -> (Uaid, Appid, TokenId) {
+    let (uaid, appid) = (Uaid::random(), Appid::random());
+    assert!(store.bind_uaid(uaid).await.unwrap());
+    let token = match store
+        .register(uaid, appid, TokenId::random(), b"", 10)
+        .await
+        .unwrap()
+    {
+        Registered::Token(t) => t,
+        other => panic!("{other:?}"),
+    };
+    (uaid, appid, token)
+}
+
+#[tokio::test]
+async fn binding_and_registration() {
+    if !redis_available("binding_and_registration") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let store = open(&redis).await;
+    let uaid = Uaid::random();
+    assert!(!store.uaid_bound(uaid).await.unwrap());
+    assert!(store.bind_uaid(uaid).await.unwrap());
+    assert!(!store.bind_uaid(uaid).await.unwrap(), "bound once only");
+    assert!(store.uaid_bound(uaid).await.unwrap());
+
+    let appid = Appid::random();
+    let first = TokenId::random();
+    let kick = br#"{"webhook":"x"}"#;
+    assert_eq!(
+        store.register(uaid, appid, first, kick, 2).await.unwrap(),
+        Registered::Token(first)
+    );
+    // Idempotent: the same pair keeps its token, and the unused candidate leads nowhere.
+    let second = TokenId::random();
+    assert_eq!(
+        store.register(uaid, appid, second, b"", 2).await.unwrap(),
+        Registered::Token(first)
+    );
+    assert_eq!(store.lookup_token(second).await.unwrap(), TokenTarget::Unknown);
+    assert_eq!(
+        store.lookup_token(first).await.unwrap(),
+        TokenTarget::Active(uaid, appid)
+    );
+    let other = Appid::random();
+    assert!(matches!(
+        store
+            .register(uaid, other, TokenId::random(), b"", 2)
+            .await
+            .unwrap(),
+        Registered::Token(_)
+    ));
+    let extra = TokenId::random();
+    assert_eq!(
+        store
+            .register(uaid, Appid::random(), extra, b"", 2)
+            .await
+            .unwrap(),
+        Registered::TooMany
+    );
+    assert_eq!(store.lookup_token(extra).await.unwrap(), TokenTarget::Unknown);
+
+    // Unregister: the token answers Gone until the tombstone expires (Redis expiry).
+    assert!(store.unregister(uaid, appid, now_ms() + 700).await.unwrap());
+    assert!(!store.unregister(uaid, appid, now_ms() + 700).await.unwrap());
+    assert_eq!(store.lookup_token(first).await.unwrap(), TokenTarget::Gone);
+    assert_eq!(
+        store
+            .put_version(uaid, appid, VersionReq::Exact(1), FAR)
+            .await
+            .unwrap(),
+        PutOutcome::Gone
+    );
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(store.lookup_token(first).await.unwrap(), TokenTarget::Unknown);
+}
+
+#[tokio::test]
+async fn put_is_compare_and_set_and_ack_is_compare_and_delete() {
+    if !redis_available("put_is_compare_and_set_and_ack_is_compare_and_delete") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let store = open(&redis).await;
+    let (uaid, appid, _) = registered(&store).await;
+    let put = |v: u64| store.put_version(uaid, appid, VersionReq::Exact(v), FAR);
+
+    assert_eq!(put(5).await.unwrap(), PutOutcome::Raised(5));
+    assert_eq!(put(5).await.unwrap(), PutOutcome::Superseded(5));
+    assert_eq!(put(3).await.unwrap(), PutOutcome::Superseded(5));
+    assert_eq!(store.pending(uaid, now_ms()).await.unwrap(), vec![(appid, 5)]);
+    // An ACK of an older version leaves the newer one.
+    assert_eq!(put(9).await.unwrap(), PutOutcome::Raised(9));
+    assert!(!store.ack(uaid, appid, 5).await.unwrap());
+    assert_eq!(store.pending(uaid, now_ms()).await.unwrap(), vec![(appid, 9)]);
+    assert!(store.ack(uaid, appid, 9).await.unwrap());
+    assert!(store.pending(uaid, now_ms()).await.unwrap().is_empty());
+    // The last known version survives the ACK.
+    assert_eq!(put(9).await.unwrap(), PutOutcome::Superseded(9));
+
+    // Versions compare exactly across the whole u64 range (Lua numbers are doubles).
+    assert_eq!(put(u64::MAX - 1).await.unwrap(), PutOutcome::Raised(u64::MAX - 1));
+    assert_eq!(put(u64::MAX).await.unwrap(), PutOutcome::Raised(u64::MAX));
+    assert_eq!(put(u64::MAX).await.unwrap(), PutOutcome::Superseded(u64::MAX));
+    assert!(!store.ack(uaid, appid, u64::MAX - 1).await.unwrap());
+    assert!(store.ack(uaid, appid, u64::MAX).await.unwrap());
+
+    // Pending events come ordered by APPID.
+    let (uaid, a1, _) = registered(&store).await;
+    let mut appids = vec![a1];
+    for _ in 0..4 {
+        let a = Appid::random();
+        store.register(uaid, a, TokenId::random(), b"", 10).await.unwrap();
+        appids.push(a);
+    }
+    for (i, a) in appids.iter().enumerate() {
+        store
+            .put_version(uaid, *a, VersionReq::Exact(i as u64 + 1), FAR)
+            .await
+            .unwrap();
+    }
+    let got: Vec<Appid> = store
+        .pending(uaid, now_ms())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    appids.sort();
+    assert_eq!(got, appids);
+}
+
+#[tokio::test]
+async fn clock_versions_stay_above_the_last_and_below_2_53() {
+    if !redis_available("clock_versions_stay_above_the_last_and_below_2_53") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let store = open(&redis).await;
+    let (uaid, appid, _) = registered(&store).await;
+    let clock = |now: u64| store.put_version(uaid, appid, VersionReq::Clock(now), FAR);
+    assert_eq!(clock(1000).await.unwrap(), PutOutcome::Raised(1000));
+    // The clock went back: the next version is the last + 1.
+    assert_eq!(clock(900).await.unwrap(), PutOutcome::Raised(1001));
+    assert_eq!(
+        store
+            .put_version(uaid, appid, VersionReq::Exact(MAX_SERVER_VERSION - 1), FAR)
+            .await
+            .unwrap(),
+        PutOutcome::Raised(MAX_SERVER_VERSION - 1)
+    );
+    assert_eq!(clock(5).await.unwrap(), PutOutcome::Raised(MAX_SERVER_VERSION));
+    assert_eq!(clock(5).await.unwrap(), PutOutcome::Exhausted);
+}
+
+#[tokio::test]
+async fn expired_events_are_invisible_and_vanish() {
+    if !redis_available("expired_events_are_invisible_and_vanish") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let store = open(&redis).await;
+    let (uaid, appid, _) = registered(&store).await;
+    let now = now_ms();
+    assert_eq!(
+        store
+            .put_version(uaid, appid, VersionReq::Exact(1), now + 300)
+            .await
+            .unwrap(),
+        PutOutcome::Raised(1)
+    );
+    assert_eq!(store.pending(uaid, now).await.unwrap(), vec![(appid, 1)]);
+    assert!(store.pending(uaid, now + 300).await.unwrap().is_empty());
+    // Expired, the version is still the last known one.
+    assert_eq!(
+        store
+            .put_version(uaid, appid, VersionReq::Exact(1), FAR)
+            .await
+            .unwrap(),
+        PutOutcome::Superseded(1)
+    );
+    // The pending hash expires with its last event, in Redis.
+    let (uaid, appid, _) = registered(&store).await;
+    store
+        .put_version(uaid, appid, VersionReq::Exact(1), now_ms() + 200)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg(format!("ed:{{{uaid}}}:pend"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+}
+
+#[tokio::test]
+async fn outage_gives_bounded_errors_then_heals() {
+    if !redis_available("outage_gives_bounded_errors_then_heals") {
+        return;
+    }
+    let mut redis = RedisServer::start_persistent();
+    let store = open(&redis).await;
+    let (uaid, appid, _) = registered(&store).await;
+    assert_eq!(
+        store
+            .put_version(uaid, appid, VersionReq::Exact(1), FAR)
+            .await
+            .unwrap(),
+        PutOutcome::Raised(1)
+    );
+    redis.kill();
+    let started = std::time::Instant::now();
+    let err = store
+        .put_version(uaid, appid, VersionReq::Exact(2), FAR)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Io(_) | StoreError::Timeout), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    redis.restart();
+    // The same store handle reconnects by itself; the acknowledged write survived (AOF).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.pending(uaid, now_ms()).await {
+            Ok(p) => {
+                assert_eq!(p, vec![(appid, 1)]);
+                break;
+            }
+            Err(e) => assert!(std::time::Instant::now() < deadline, "no recovery: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
