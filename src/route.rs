@@ -262,8 +262,12 @@ impl Router {
     /// Renews every route this node holds and marks each UAID for a re-read of its pending
     /// events; drops holdings another node took; re-claims routes that vanished.
     async fn recheck(&self, state: &AppState) -> Result<()> {
-        let mut subscriber = self.subscriber.clone();
-        let _: String = bounded(self.timeout, redis::cmd("PING").query_async(&mut subscriber)).await?;
+        // Pinging both connections makes each reconnect (the subscriber also resubscribes) as
+        // soon as Redis is back, before any request needs it.
+        for conn in [&self.subscriber, &self.conn] {
+            let mut conn = conn.clone();
+            let _: String = bounded(self.timeout, redis::cmd("PING").query_async(&mut conn)).await?;
+        }
         let held: Vec<(Uaid, Held)> = self.held.iter().map(|e| (*e.key(), *e.value())).collect();
         for batch in held.chunks(RECHECK_BATCH) {
             let touches = batch.iter().map(|(uaid, h)| async move {
