@@ -165,7 +165,7 @@ impl Default for StoreConfig {
             url: "redis://127.0.0.1:6379".into(),
             cluster_urls: Vec::new(),
             redis_timeout_ms: 2000,
-            recheck_interval_secs: 30,
+            recheck_interval_secs: 60,
             route_ttl_secs: 300,
             write_timeout_ms: 5000,
             retry_after_secs: 5,

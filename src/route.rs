@@ -13,8 +13,9 @@
 //! UAID therefore has one live connection across all nodes, as on one node.
 //!
 //! Losing a nudge loses nothing, it only delays: every `recheck_interval_secs` each node renews
-//! the route of every UAID it holds (compare-epoch) and re-reads its pending events; after a
-//! pub/sub reconnect it does so at once. A node that dies leaves routes that expire after
+//! the route of every UAID it holds (compare-epoch) and, in the same script, learns whether it
+//! has pending events; those with some are re-read and sent. After a pub/sub disconnection it
+//! does so as soon as Redis answers again. A node that dies leaves routes that expire after
 //! `route_ttl_secs`; its clients reconnect elsewhere, claim anew and read what is pending.
 
 use std::str::FromStr;
@@ -52,15 +53,18 @@ end
 return 0
 "#;
 
-/// KEYS: route. ARGV: epoch, ttl_ms. 1 renewed, 0 held by another epoch, -1 held by nobody.
+/// KEYS: route, pend. ARGV: epoch, ttl_ms. Returns {status, pending events}: status 1 renewed,
+/// 0 held by another epoch, -1 held by nobody. One call per held UAID per re-check.
 const LUA_TOUCH: &str = r#"
 local e = redis.call('HGET', KEYS[1], 'epoch')
+local status = -1
 if e == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+  status = 1
+elseif e then
+  status = 0
 end
-if e then return 0 end
-return -1
+return {status, redis.call('HLEN', KEYS[2])}
 "#;
 
 /// Nudges queued from pub/sub before the listener drains them; beyond it, a full re-check.
@@ -272,10 +276,11 @@ impl Router {
         for batch in held.chunks(RECHECK_BATCH) {
             let touches = batch.iter().map(|(uaid, h)| async move {
                 let mut conn = self.conn.clone();
-                let status: Result<i64> = bounded(
+                let status: Result<(i64, u64)> = bounded(
                     self.timeout,
                     self.touch
                         .key(key::route(uaid))
+                        .key(key::pending(uaid))
                         .arg(h.epoch)
                         .arg(self.route_ttl_ms)
                         .invoke_async(&mut conn),
@@ -284,7 +289,8 @@ impl Router {
                 (*uaid, *h, status)
             });
             for (uaid, h, status) in futures_util::future::join_all(touches).await {
-                match status? {
+                let (status, pending) = status?;
+                match status {
                     1 => {}
                     0 => {
                         if self
@@ -303,7 +309,9 @@ impl Router {
                         }
                     }
                 }
-                state.registry.nudge(uaid);
+                if pending > 0 {
+                    state.registry.nudge(uaid);
+                }
             }
         }
         Ok(())

@@ -236,3 +236,47 @@ async fn three_nodes_deliver_exactly_once_survive_a_node_and_a_redis_outage() {
         peer.client.expect_silence(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn a_lost_nudge_is_repaired_by_the_periodic_recheck() {
+    use editiond::ids::{Appid, Uaid};
+    use editiond::store::{now_ms, PutOutcome, RedisStore, RedisTarget, Store, VersionReq};
+
+    if !redis_available("a_lost_nudge_is_repaired_by_the_periodic_recheck") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_nodes(dir.path(), &redis, 1).await;
+    let mut c = Client::connect(&nodes[0]).await;
+    let creds = c.hello_new(1).await;
+    let appid = new_appid();
+    c.register(&creds[0].0, &appid).await;
+
+    // Write the event straight into Redis, as a PUT whose nudge was lost would leave it.
+    let store = RedisStore::open(&RedisTarget {
+        url: redis.url(),
+        cluster_urls: Vec::new(),
+        timeout: Duration::from_secs(2),
+    })
+    .await
+    .unwrap();
+    let (uaid, app) = (Uaid::parse(&creds[0].0).unwrap(), Appid::parse(&appid).unwrap());
+    let outcome = store
+        .put_version(uaid, app, VersionReq::Exact(42), now_ms() + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(outcome, PutOutcome::Raised(42));
+    // The re-check runs every 2 s here.
+    let started = Instant::now();
+    let update = c.expect("update").await;
+    assert_eq!(update["updates"][&creds[0].0][&appid], 42);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    c.ack(&[&creds[0].0]).await;
+    c.barrier().await;
+    c.expect_silence(Duration::from_millis(2500)).await;
+}

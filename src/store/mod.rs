@@ -34,7 +34,7 @@ pub enum StoreError {
     Io(String),
     #[error("store record is corrupt: {0}")]
     Corrupt(&'static str),
-    #[error("store write did not become durable within the time limit")]
+    #[error("store did not complete the operation within the time limit")]
     Timeout,
 }
 
