@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::redis_harness::{redis_available, RedisCluster};
+use common::redis_harness::{raw_command, redis_available, RedisCluster};
 use common::*;
 use editiond::ids::{Appid, Uaid};
 use editiond::keys::TokenId;
@@ -64,12 +64,43 @@ async fn store_scripts_run_on_every_shard() {
         assert_eq!(store.pending(uaid, now_ms()).await.unwrap(), vec![(appid, 4)]);
         assert!(!store.ack(uaid, appid, 3).await.unwrap());
         assert!(store.ack(uaid, appid, 4).await.unwrap());
-        assert!(store.unregister(uaid, appid, now_ms() + 60_000).await.unwrap());
-        assert_eq!(store.lookup_token(token).await.unwrap(), TokenTarget::Gone);
+        // An event that expires, for the sweep below.
+        let soon = now_ms() + 30_000;
+        assert_eq!(
+            store
+                .put_version(uaid, appid, VersionReq::Exact(5), soon)
+                .await
+                .unwrap(),
+            PutOutcome::Raised(5)
+        );
+        let app2 = Appid::random();
+        store
+            .register(uaid, app2, TokenId::random(), b"", 5)
+            .await
+            .unwrap();
+        assert!(store.unregister(uaid, app2, now_ms() + 60_000).await.unwrap());
+        // Our slot arithmetic agrees with the cluster's.
+        let keyslot = raw_command(
+            cluster.nodes[0].port,
+            &format!("CLUSTER KEYSLOT ed:{{{uaid}}}:pend"),
+        )
+        .unwrap();
+        assert_eq!(
+            keyslot.trim(),
+            format!(
+                ":{}",
+                editiond::store::redis::slot::of(&format!("ed:{{{uaid}}}:pend"))
+            )
+        );
     }
+    // One sweep reaches every slot's expiry index on every shard.
+    let stats = store.sweep(now_ms() + 45_000).await.unwrap();
+    assert_eq!(stats.expired_events, 48);
+    let stats = store.sweep(now_ms() + 120_000).await.unwrap();
+    assert_eq!(stats.expired_tombstones, 48);
     // Every master holds some of the keys.
     for node in &cluster.nodes {
-        let keys = common::redis_harness::raw_command(node.port, "DBSIZE").unwrap();
+        let keys = raw_command(node.port, "DBSIZE").unwrap();
         assert!(!keys.starts_with(":0"), "node {} is empty: {keys}", node.port);
     }
 }

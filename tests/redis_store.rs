@@ -207,21 +207,16 @@ async fn expired_events_are_invisible_and_vanish() {
             .unwrap(),
         PutOutcome::Superseded(1)
     );
-    // The pending hash expires with its last event, in Redis.
-    let (uaid, appid, _) = registered(&store).await;
-    store
-        .put_version(uaid, appid, VersionReq::Exact(1), now_ms() + 200)
-        .await
-        .unwrap();
+    // A sweep deletes it (through the expiry index) and the tombstone of an unregistration.
+    let stats = store.sweep(now + 300).await.unwrap();
+    assert_eq!(stats.expired_events, 1);
+    assert!(store.pending(uaid, 0).await.unwrap().is_empty());
+    let (uaid, appid, token) = registered(&store).await;
+    assert!(store.unregister(uaid, appid, now_ms() + 200).await.unwrap());
+    assert_eq!(store.lookup_token(token).await.unwrap(), TokenTarget::Gone);
+    // The tombstone also expires by itself in Redis, sweep or not.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let exists: u64 = redis::cmd("EXISTS")
-        .arg(format!("ed:{{{uaid}}}:pend"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(exists, 0);
+    assert_eq!(store.lookup_token(token).await.unwrap(), TokenTarget::Unknown);
 }
 
 #[tokio::test]

@@ -1,13 +1,17 @@
 //! The store conformance suite (tests/store_suite) against every backend in this crate.
 //!
 //! Another backend is one more line: `store_suite!(redis, redis_store);` with an
-//! `async fn redis_store() -> Fixture<RedisStore>` that returns a fresh, isolated store.
+//! `async fn redis_store() -> Fixture<RedisStore>` that returns a fresh, isolated store. The Redis
+//! instantiation starts a redis-server per case and skips only where none is installed and CI
+//! is unset.
 
+mod common;
 mod store_suite;
 
 use std::time::Duration;
 
-use editiond::store::SledStore;
+use common::redis_harness::{redis_available, RedisServer};
+use editiond::store::{RedisStore, RedisTarget, SledStore};
 use store_suite::Fixture;
 
 /// A sled store in its own temporary directory, removed when the test ends.
@@ -18,3 +22,18 @@ async fn sled_store() -> Fixture<SledStore> {
 }
 
 store_suite!(sled, sled_store);
+
+/// A Redis store on its own in-memory redis-server, killed when the test ends.
+async fn redis_store() -> Fixture<RedisStore> {
+    let server = RedisServer::start();
+    let store = RedisStore::open(&RedisTarget {
+        url: server.url(),
+        cluster_urls: Vec::new(),
+        timeout: Duration::from_secs(5),
+    })
+    .await
+    .expect("open redis store");
+    Fixture::new(store, server)
+}
+
+store_suite!(redis, redis_store, if redis_available);

@@ -13,11 +13,16 @@
 //! * `ed:{u}:last` — hash APPID → last known version, 20-digit zero-padded decimal so that
 //!   versions up to 2^64-1 compare exactly (Lua numbers are doubles).
 //! * `ed:{u}:kick` — hash APPID → KICK settings (JSON), only for registrations that have some.
-//! * `ed:{u}:pend` — hash APPID → `version:expires_ms`; the key's own expiry is the latest of its
-//!   events', so a UAID whose events all expired costs nothing. An expired event inside a live
-//!   hash is invisible to reads and deleted by the read that finds it.
-//! * `ed:tok:<hex>` — string per token: `uaid/appid`, or `gone` with a Redis expiry (the tombstone).
+//! * `ed:{u}:pend` — hash APPID → `version:expires_ms`: the pending events. Reads skip expired ones.
+//! * `ed:tok:<hex>` — string per token: `uaid/appid`, or `gone` (the tombstone, which also has a
+//!   Redis expiry at its time as a backstop).
 //! * `ed:{u}:route` — which node holds the UAID (see `crate::route`).
+//! * `ed:{t}:exp` — sorted set per hash slot (`t` a short tag chosen to hash to that slot; on a
+//!   single server one set `ed:exp`): what expires when, members `e:<uaid>/<appid>` (events) and
+//!   `t:<hex>` (tombstones), score expires_ms. Because it lives in the same slot as the keys it
+//!   indexes, the scripts that raise, clear and unregister keep it exact atomically, and the sweep
+//!   finds expired entries without scanning the keyspace (one cheap read per slot per sweep).
+//! * `ed:pending-count` — the pending-event gauge: each node adds its net change at every sweep.
 //!
 //! Register and unregister touch two slots (the UAID's and the token's), so they are two steps
 //! ordered so that a crash between them leaves nothing visible: register writes the token index
@@ -31,13 +36,17 @@
 //! no AOF, everything since the last snapshot. A failover to a replica can lose what was not yet
 //! replicated. [`Store::sync`] is therefore a no-op here: there is nothing to wait for.
 //!
-//! Expiry: tombstones and fully expired pending hashes use Redis expiry, so [`Store::sweep`] has
-//! nothing to do; `pending_count` is not tracked (it would be a cross-slot counter on every PUT)
-//! and reports 0.
+//! Expiry: [`Store::sweep`] deletes events and tombstones whose time has passed, through the
+//! expiry index. Tombstones also carry a Redis expiry, so a cluster nobody sweeps still forgets
+//! them. `pending_count` is this node's view: the shared counter as of the last sweep plus this
+//! node's own changes since (a node killed between sweeps loses its unflushed changes to the
+//! gauge, never an event).
 //!
 //! Every call has a bounded time (`store.redis_timeout_ms`), and the connection reconnects by
 //! itself, so an outage turns into errors (503 on PUT) and then heals without a restart.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{AsyncPushSender, ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -76,6 +85,29 @@ pub mod key {
     pub fn token(id: &TokenId) -> String {
         format!("ed:tok:{}", super::token_hex(id))
     }
+    /// The expiry index for the hash slot of `slot_key` (`None`: one index, single server).
+    pub fn expiry_index(slot_key: Option<&str>) -> String {
+        match slot_key {
+            None => "ed:exp".to_owned(),
+            Some(k) => format!("ed:{{{}}}:exp", super::slot::tag(super::slot::of(k))),
+        }
+    }
+    /// The expiry index of one hash slot, for the sweep.
+    pub fn expiry_index_of_slot(slot: u16) -> String {
+        format!("ed:{{{}}}:exp", super::slot::tag(slot))
+    }
+    /// Index member of a pending event.
+    pub fn event_member(u: &Uaid, a: &crate::ids::Appid) -> String {
+        format!("e:{u}/{a}")
+    }
+    /// Index member of a tombstone.
+    pub fn tombstone_member(id: &TokenId) -> String {
+        format!("t:{}", super::token_hex(id))
+    }
+    /// The shared pending-event gauge.
+    pub fn pending_count() -> &'static str {
+        "ed:pending-count"
+    }
     /// The endpoint and secret keys shared by every node (when config names none).
     pub fn server_keys() -> &'static str {
         "ed:server-keys"
@@ -83,6 +115,65 @@ pub mod key {
     /// A node's nudge channel; the node id is a hash tag so sharded pub/sub maps it to one slot.
     pub fn node_channel(node: &str) -> String {
         format!("ed:node:{{{node}}}")
+    }
+}
+
+/// Redis Cluster hash slots, so that an expiry index can be placed in the slot of the keys it
+/// indexes: CRC16 (XMODEM) of the key or of its `{hash tag}`, modulo 16384.
+pub mod slot {
+    use std::sync::LazyLock;
+
+    pub const SLOTS: u16 = 16384;
+
+    fn crc16(data: &[u8]) -> u16 {
+        let mut crc: u16 = 0;
+        for &b in data {
+            crc ^= u16::from(b) << 8;
+            for _ in 0..8 {
+                crc = if crc & 0x8000 != 0 {
+                    (crc << 1) ^ 0x1021
+                } else {
+                    crc << 1
+                };
+            }
+        }
+        crc
+    }
+
+    /// The slot of a key, honouring a non-empty `{hash tag}`.
+    pub fn of(key: &str) -> u16 {
+        let hashed = key
+            .find('{')
+            .and_then(|open| {
+                let rest = &key[open + 1..];
+                rest.find('}')
+                    .filter(|&close| close > 0)
+                    .map(|close| &rest[..close])
+            })
+            .unwrap_or(key);
+        crc16(hashed.as_bytes()) % SLOTS
+    }
+
+    /// For each slot, the shortest decimal string that hashes to it (all found below 10^6).
+    static TAGS: LazyLock<Vec<String>> = LazyLock::new(|| {
+        let mut tags = vec![String::new(); usize::from(SLOTS)];
+        let mut missing = usize::from(SLOTS);
+        let mut n: u64 = 0;
+        while missing > 0 {
+            let tag = n.to_string();
+            let slot = usize::from(crc16(tag.as_bytes()) % SLOTS);
+            if tags[slot].is_empty() {
+                tags[slot] = tag;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    });
+
+    /// A hash tag whose slot is `slot`.
+    pub fn tag(slot: u16) -> &'static str {
+        &TAGS[usize::from(slot % SLOTS)]
     }
 }
 
@@ -129,49 +220,38 @@ local function cmp(a, b)
 end
 "#;
 
-/// KEYS: tok, last, pend. ARGV: appid, mode (`e` exact, `c` clock), version, expires_ms,
-/// max server version. The compare-and-set of a PUT.
+/// KEYS: tok, last, pend, expiry index. ARGV: appid, mode (`e` exact, `c` clock), version,
+/// expires_ms, max server version, index member. The compare-and-set of a PUT. Returns
+/// {'raised', version, had a pending event (0/1)} or {'superseded', last} or {'gone'} or
+/// {'exhausted'}.
 const LUA_PUT: &str = r#"
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return {'gone'} end
 local last = redis.call('HGET', KEYS[2], ARGV[1])
 local v = ARGV[3]
-if ARGV[2] == 'c' and last and cmp(last, v) >= 0 then
-  if cmp(last, ARGV[5]) >= 0 then return {'exhausted'} end
-  v = string.format('%020.0f', tonumber(last) + 1)
-end
-if last and cmp(v, last) <= 0 then return {'superseded', last} end
-redis.call('HSET', KEYS[2], ARGV[1], v)
-redis.call('HSET', KEYS[3], ARGV[1], v .. ':' .. ARGV[4])
-if redis.call('PEXPIRETIME', KEYS[3]) < tonumber(ARGV[4]) then
-  redis.call('PEXPIREAT', KEYS[3], ARGV[4])
-end
-return {'raised', v}
-"#;
-
-/// KEYS: pend. ARGV: now_ms. Returns [appid, version, …] of live events; deletes expired ones.
-const LUA_PENDING: &str = r#"
-local all = redis.call('HGETALL', KEYS[1])
-local now = tonumber(ARGV[1])
-local out = {}
-for i = 1, #all, 2 do
-  local val = all[i + 1]
-  local sep = string.find(val, ':', 1, true)
-  if sep == nil or tonumber(string.sub(val, sep + 1)) <= now then
-    redis.call('HDEL', KEYS[1], all[i])
-  else
-    out[#out + 1] = all[i]
-    out[#out + 1] = string.sub(val, 1, sep - 1)
+if ARGV[2] == 'c' then
+  if last and cmp(last, v) >= 0 then
+    if cmp(last, ARGV[5]) >= 0 then return {'exhausted'} end
+    v = string.format('%020.0f', tonumber(last) + 1)
+  elseif cmp(v, ARGV[5]) > 0 then
+    return {'exhausted'}
   end
 end
-return out
+if last and cmp(v, last) <= 0 then return {'superseded', last} end
+local had = redis.call('HEXISTS', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], v)
+redis.call('HSET', KEYS[3], ARGV[1], v .. ':' .. ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[6])
+return {'raised', v, tostring(had)}
 "#;
 
-/// KEYS: pend. ARGV: appid, version. The compare-and-delete of an ACK.
+/// KEYS: pend, expiry index. ARGV: appid, version, index member. The compare-and-delete of an
+/// ACK.
 const LUA_ACK: &str = r#"
 local val = redis.call('HGET', KEYS[1], ARGV[1])
 if not val then return 0 end
 if cmp(string.sub(val, 1, 20), ARGV[2]) <= 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[3])
   return 1
 end
 return 0
@@ -187,13 +267,58 @@ if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[4]) end
 return {'created', ARGV[2]}
 "#;
 
-/// KEYS: tok, last, kick, pend. ARGV: appid. Returns the token, or false.
+/// KEYS: tok, last, kick, pend, expiry index. ARGV: appid, index member. Returns
+/// {token, had a pending event (0/1)}, or false.
 const LUA_UNREGISTER: &str = r#"
 local t = redis.call('HGET', KEYS[1], ARGV[1])
 if not t then return false end
-for i = 1, 4 do redis.call('HDEL', KEYS[i], ARGV[1]) end
-return t
+local had = redis.call('HDEL', KEYS[4], ARGV[1])
+for i = 1, 3 do redis.call('HDEL', KEYS[i], ARGV[1]) end
+redis.call('ZREM', KEYS[5], ARGV[2])
+return {t, tostring(had)}
 "#;
+
+/// KEYS: token, expiry index. ARGV: gone_until_ms, index member. Writes the tombstone.
+const LUA_TOMBSTONE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(ARGV[1]) > now then
+  redis.call('SET', KEYS[1], 'gone', 'PXAT', ARGV[1])
+else
+  redis.call('SET', KEYS[1], 'gone')
+end
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"#;
+
+/// KEYS: pend, expiry index. ARGV: appid, now_ms, index member. Deletes the event if it has
+/// expired (it may have been replaced by a later one since the index was read).
+const LUA_EXPIRE_EVENT: &str = r#"
+local val = redis.call('HGET', KEYS[1], ARGV[1])
+if val then
+  local sep = string.find(val, ':', 1, true)
+  if sep and tonumber(string.sub(val, sep + 1)) > tonumber(ARGV[2]) then return 0 end
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+redis.call('ZREM', KEYS[2], ARGV[3])
+if val then return 1 end
+return 0
+"#;
+
+/// KEYS: token, expiry index. ARGV: index member. Deletes an expired tombstone.
+const LUA_EXPIRE_TOMBSTONE: &str = r#"
+local removed = 0
+if redis.call('GET', KEYS[1]) == 'gone' then
+  removed = redis.call('DEL', KEYS[1])
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return removed
+"#;
+
+/// Index entries read per expiry index and round of a sweep.
+const SWEEP_BATCH: usize = 512;
+/// Expiry indexes read concurrently by a sweep (pipelined on one connection).
+const SWEEP_PARALLEL: usize = 256;
 
 /// The connection: one server through a reconnecting manager, or a cluster (which follows
 /// slot moves and reconnects by itself). Clones share the underlying connection.
@@ -285,20 +410,32 @@ impl RedisTarget {
     }
 }
 
-/// The Redis-backed store. Clones share one connection.
+/// The Redis-backed store. Clones share one connection and one pending-event gauge.
 #[derive(Clone)]
 pub struct RedisStore {
     conn: RedisConn,
     timeout: Duration,
-    scripts: std::sync::Arc<Scripts>,
+    /// Cluster mode: one expiry index per hash slot instead of one in all.
+    cluster: bool,
+    scripts: Arc<Scripts>,
+    gauge: Arc<Gauge>,
 }
 
 struct Scripts {
     put: Script,
-    pending: Script,
     ack: Script,
     register: Script,
     unregister: Script,
+    tombstone: Script,
+    expire_event: Script,
+    expire_tombstone: Script,
+}
+
+/// The pending-event gauge: the shared counter as last read, plus this node's changes since.
+#[derive(Default)]
+struct Gauge {
+    shared: AtomicI64,
+    unflushed: AtomicI64,
 }
 
 impl RedisStore {
@@ -306,17 +443,110 @@ impl RedisStore {
     pub async fn open(target: &RedisTarget) -> Result<RedisStore> {
         let conn = target.connect(None::<NoPush>).await?;
         let with_cmp = |body: &str| Script::new(&format!("{LUA_CMP}{body}"));
-        Ok(RedisStore {
+        let store = RedisStore {
             conn,
             timeout: target.timeout,
-            scripts: std::sync::Arc::new(Scripts {
+            cluster: target.is_cluster(),
+            scripts: Arc::new(Scripts {
                 put: with_cmp(LUA_PUT),
-                pending: Script::new(LUA_PENDING),
                 ack: with_cmp(LUA_ACK),
                 register: Script::new(LUA_REGISTER),
                 unregister: Script::new(LUA_UNREGISTER),
+                tombstone: Script::new(LUA_TOMBSTONE),
+                expire_event: Script::new(LUA_EXPIRE_EVENT),
+                expire_tombstone: Script::new(LUA_EXPIRE_TOMBSTONE),
             }),
-        })
+            gauge: Arc::new(Gauge::default()),
+        };
+        store.flush_gauge().await?;
+        Ok(store)
+    }
+
+    /// The expiry index that lives in the slot of `key`.
+    fn index_for(&self, key: &str) -> String {
+        key::expiry_index(self.cluster.then_some(key))
+    }
+
+    fn count_pending(&self, delta: i64) {
+        self.gauge.unflushed.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Adds this node's unflushed changes to the shared counter and reads it back.
+    async fn flush_gauge(&self) -> Result<()> {
+        let delta = self.gauge.unflushed.swap(0, Ordering::Relaxed);
+        let mut incr = redis::cmd("INCRBY");
+        incr.arg(key::pending_count()).arg(delta);
+        match self.query::<i64>(&incr).await {
+            Ok(shared) => {
+                self.gauge.shared.store(shared, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.gauge.unflushed.fetch_add(delta, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Expires what one index holds up to `now_ms`; returns (events, tombstones) deleted.
+    async fn sweep_index(&self, index: &str, now_ms: u64) -> Result<(u64, u64)> {
+        let (mut events, mut tombstones) = (0, 0);
+        loop {
+            let mut range = redis::cmd("ZRANGEBYSCORE");
+            range
+                .arg(index)
+                .arg("-inf")
+                .arg(now_ms)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(SWEEP_BATCH);
+            let members: Vec<String> = self.query(&range).await?;
+            for member in &members {
+                let mut conn = self.conn.clone();
+                if let Some(pair) = member.strip_prefix("e:") {
+                    let parsed = pair
+                        .split_once('/')
+                        .and_then(|(u, a)| Some((Uaid::parse(u).ok()?, Appid::parse(a).ok()?)));
+                    let Some((uaid, appid)) = parsed else {
+                        return Err(StoreError::Corrupt("expiry index member"));
+                    };
+                    let n: u64 = bounded(
+                        self.timeout,
+                        self.scripts
+                            .expire_event
+                            .key(key::pending(&uaid))
+                            .key(index)
+                            .arg(appid.to_string())
+                            .arg(now_ms)
+                            .arg(member)
+                            .invoke_async(&mut conn),
+                    )
+                    .await?;
+                    if n > 0 {
+                        self.count_pending(-1);
+                    }
+                    events += n;
+                } else if let Some(hex) = member.strip_prefix("t:") {
+                    let id = parse_token_hex(hex)?;
+                    let n: u64 = bounded(
+                        self.timeout,
+                        self.scripts
+                            .expire_tombstone
+                            .key(key::token(&id))
+                            .key(index)
+                            .arg(member)
+                            .invoke_async(&mut conn),
+                    )
+                    .await?;
+                    tombstones += n;
+                } else {
+                    return Err(StoreError::Corrupt("expiry index member"));
+                }
+            }
+            if members.len() < SWEEP_BATCH {
+                return Ok((events, tombstones));
+            }
+        }
     }
 
     /// A handle on the connection, for routing.
@@ -435,7 +665,7 @@ impl Store for RedisStore {
 
     async fn unregister(&self, uaid: Uaid, appid: Appid, gone_until_ms: u64) -> Result<bool> {
         let mut conn = self.conn.clone();
-        let token: Option<String> = bounded(
+        let reply: Option<(String, String)> = bounded(
             self.timeout,
             self.scripts
                 .unregister
@@ -443,26 +673,33 @@ impl Store for RedisStore {
                 .key(key::last(&uaid))
                 .key(key::kick(&uaid))
                 .key(key::pending(&uaid))
+                .key(self.index_for(&key::pending(&uaid)))
                 .arg(appid.to_string())
+                .arg(key::event_member(&uaid, &appid))
                 .invoke_async(&mut conn),
         )
         .await?;
-        let Some(token) = token else { return Ok(false) };
-        let id = parse_token_hex(&token)?;
-        // The tombstone expires by itself; one already past its time is simply removed.
-        let cmd = if gone_until_ms > super::now_ms() {
-            let mut set = redis::cmd("SET");
-            set.arg(key::token(&id))
-                .arg("gone")
-                .arg("PXAT")
-                .arg(gone_until_ms);
-            set
-        } else {
-            let mut del = redis::cmd("DEL");
-            del.arg(key::token(&id));
-            del
+        let Some((token, had)) = reply else {
+            return Ok(false);
         };
-        let _: Value = self.query(&cmd).await?;
+        if had == "1" {
+            self.count_pending(-1);
+        }
+        // Second step, in the token's slot. If we stop before it, the token still names the
+        // registration, which no longer exists: a PUT answers Gone all the same.
+        let id = parse_token_hex(&token)?;
+        let token_key = key::token(&id);
+        let _: i64 = bounded(
+            self.timeout,
+            self.scripts
+                .tombstone
+                .key(&token_key)
+                .key(self.index_for(&token_key))
+                .arg(gone_until_ms)
+                .arg(key::tombstone_member(&id))
+                .invoke_async(&mut conn),
+        )
+        .await?;
         Ok(true)
     }
 
@@ -502,41 +739,43 @@ impl Store for RedisStore {
                 .key(key::tokens(&uaid))
                 .key(key::last(&uaid))
                 .key(key::pending(&uaid))
+                .key(self.index_for(&key::pending(&uaid)))
                 .arg(appid.to_string())
                 .arg(mode)
                 .arg(version_text(v))
                 .arg(expires_at_ms)
                 .arg(version_text(MAX_SERVER_VERSION))
+                .arg(key::event_member(&uaid, &appid))
                 .invoke_async(&mut conn),
         )
         .await?;
-        match reply_parts(reply) {
-            (s, _) if s == "gone" => Ok(PutOutcome::Gone),
-            (s, _) if s == "exhausted" => Ok(PutOutcome::Exhausted),
-            (s, Some(last)) if s == "superseded" => Ok(PutOutcome::Superseded(parse_version(&last)?)),
-            (s, Some(v)) if s == "raised" => Ok(PutOutcome::Raised(parse_version(&v)?)),
+        match reply.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+            ["gone"] => Ok(PutOutcome::Gone),
+            ["exhausted"] => Ok(PutOutcome::Exhausted),
+            ["superseded", last] => Ok(PutOutcome::Superseded(parse_version(last)?)),
+            ["raised", v, had] => {
+                if *had == "0" {
+                    self.count_pending(1);
+                }
+                Ok(PutOutcome::Raised(parse_version(v)?))
+            }
             _ => Err(StoreError::Corrupt("put reply")),
         }
     }
 
     async fn pending(&self, uaid: Uaid, now_ms: u64) -> Result<Vec<(Appid, u64)>> {
-        let mut conn = self.conn.clone();
-        let flat: Vec<String> = bounded(
-            self.timeout,
-            self.scripts
-                .pending
-                .key(key::pending(&uaid))
-                .arg(now_ms)
-                .invoke_async(&mut conn),
-        )
-        .await?;
-        let mut out = Vec::with_capacity(flat.len() / 2);
-        for pair in flat.chunks(2) {
-            let [appid, version] = pair else {
-                return Err(StoreError::Corrupt("pending reply"));
-            };
-            let appid = Appid::parse(appid).map_err(|_| StoreError::Corrupt("pending appid"))?;
-            out.push((appid, parse_version(version)?));
+        let mut hgetall = redis::cmd("HGETALL");
+        hgetall.arg(key::pending(&uaid));
+        let all: Vec<(String, String)> = self.query(&hgetall).await?;
+        let corrupt = || StoreError::Corrupt("pending event");
+        let mut out = Vec::with_capacity(all.len());
+        for (appid, value) in all {
+            let (version, expires) = value.split_once(':').ok_or_else(corrupt)?;
+            let expires: u64 = expires.parse().map_err(|_| corrupt())?;
+            if expires > now_ms {
+                let appid = Appid::parse(&appid).map_err(|_| corrupt())?;
+                out.push((appid, parse_version(version)?));
+            }
         }
         out.sort_unstable_by_key(|(a, _)| *a);
         Ok(out)
@@ -549,11 +788,16 @@ impl Store for RedisStore {
             self.scripts
                 .ack
                 .key(key::pending(&uaid))
+                .key(self.index_for(&key::pending(&uaid)))
                 .arg(appid.to_string())
                 .arg(version_text(version))
+                .arg(key::event_member(&uaid, &appid))
                 .invoke_async(&mut conn),
         )
         .await?;
+        if cleared == 1 {
+            self.count_pending(-1);
+        }
         Ok(cleared == 1)
     }
 
@@ -562,13 +806,29 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn sweep(&self, _now_ms: u64) -> Result<SweepStats> {
-        // Tombstones and fully expired pending hashes expire in Redis; see the module docs.
-        Ok(SweepStats::default())
+    async fn sweep(&self, now_ms: u64) -> Result<SweepStats> {
+        let indexes: Vec<String> = if self.cluster {
+            (0..slot::SLOTS).map(key::expiry_index_of_slot).collect()
+        } else {
+            vec![key::expiry_index(None)]
+        };
+        let mut stats = SweepStats::default();
+        for batch in indexes.chunks(SWEEP_PARALLEL) {
+            let swept = batch.iter().map(|index| self.sweep_index(index, now_ms));
+            for result in futures_util::future::join_all(swept).await {
+                let (events, tombstones) = result?;
+                stats.expired_events += events;
+                stats.expired_tombstones += tombstones;
+            }
+        }
+        self.flush_gauge().await?;
+        Ok(stats)
     }
 
     fn pending_count(&self) -> u64 {
-        0
+        let shared = self.gauge.shared.load(Ordering::Relaxed);
+        let unflushed = self.gauge.unflushed.load(Ordering::Relaxed);
+        shared.saturating_add(unflushed).max(0) as u64
     }
 }
 
@@ -591,6 +851,25 @@ mod tests {
             assert!(k.contains(&tag), "{k}");
         }
         assert!(key::node_channel("n1").contains("{n1}"));
+    }
+
+    #[test]
+    fn slots_match_redis_and_every_slot_has_a_tag() {
+        // Values from CLUSTER KEYSLOT.
+        assert_eq!(slot::of("foo"), 12182);
+        assert_eq!(slot::of("{user1000}.following"), slot::of("{user1000}.followers"));
+        assert_eq!(slot::of("foo{}{bar}"), slot::of("foo{}{bar}"));
+        for s in [0, 1, 5000, 16383] {
+            assert_eq!(slot::of(&key::expiry_index_of_slot(s)), s);
+        }
+        let u = Uaid::random();
+        let index = key::expiry_index(Some(&key::pending(&u)));
+        assert_eq!(slot::of(&index), slot::of(&key::pending(&u)));
+        let id = TokenId::random();
+        assert_eq!(
+            slot::of(&key::expiry_index(Some(&key::token(&id)))),
+            slot::of(&key::token(&id))
+        );
     }
 
     #[test]

@@ -47,13 +47,18 @@ impl<S: Store> Fixture<S> {
 }
 
 /// Expands to a module `$name` with one test per case, each on a store made by `$make`
-/// (an `async fn() -> Fixture<S>` in scope where the macro is invoked).
+/// (an `async fn() -> Fixture<S>` in scope where the macro is invoked). With `if $ready`, each
+/// case first calls `$ready(case_name) -> bool` and returns early (skips) when it is false, for a
+/// backend that needs a server which may be missing on a developer's machine.
 #[macro_export]
 macro_rules! store_suite {
     ($name:ident, $make:path) => {
+        $crate::store_suite!($name, $make, if $crate::store_suite::always);
+    };
+    ($name:ident, $make:path, if $ready:path) => {
         mod $name {
             use super::*;
-            $crate::store_suite!(@cases $make;
+            $crate::store_suite!(@cases $make, $ready;
                 bind_uaid_is_true_once,
                 concurrent_binds_have_one_winner,
                 uaid_bound_follows_bind,
@@ -80,16 +85,24 @@ macro_rules! store_suite {
             );
         }
     };
-    (@cases $make:path; $($case:ident),* $(,)?) => {
+    (@cases $make:path, $ready:path; $($case:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
+                if !$ready(stringify!($case)) {
+                    return;
+                }
                 let fixture = $make().await;
                 $crate::store_suite::$case(fixture.store.clone()).await;
                 drop(fixture);
             }
         )*
     };
+}
+
+/// The readiness check of backends that need nothing.
+pub fn always(_case: &str) -> bool {
+    true
 }
 
 const HOUR_MS: u64 = 3_600_000;
