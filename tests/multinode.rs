@@ -280,3 +280,55 @@ async fn a_lost_nudge_is_repaired_by_the_periodic_recheck() {
     c.barrier().await;
     c.expect_silence(Duration::from_millis(2500)).await;
 }
+
+/// Memory per connected client on a node and in Redis, for capacity planning (README,
+/// "Numbers"). Not a pass/fail test:
+/// `cargo test --release --test multinode -- --ignored --nocapture measure`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_memory_per_connected_client() {
+    if !redis_available("measure_memory_per_connected_client") {
+        return;
+    }
+    const CLIENTS: usize = 3000;
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_nodes(dir.path(), &redis, 1).await;
+    let rss = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    };
+    let redis_mem = || {
+        let info = common::redis_harness::raw_command(redis.port, "INFO memory").unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    // Warm up allocator and runtime with a few clients first.
+    let mut clients = Vec::with_capacity(CLIENTS + 10);
+    for _ in 0..10 {
+        let mut c = Client::connect(&nodes[0]).await;
+        let creds = c.hello_new(1).await;
+        c.register(&creds[0].0, &new_appid()).await;
+        clients.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (node0, redis0) = (rss(nodes[0].pid()), redis_mem());
+    for _ in 0..CLIENTS {
+        let mut c = Client::connect(&nodes[0]).await;
+        let creds = c.hello_new(1).await;
+        c.register(&creds[0].0, &new_appid()).await;
+        clients.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (node1, redis1) = (rss(nodes[0].pid()), redis_mem());
+    println!(
+        "{CLIENTS} idle clients (hello + 1 registration): node RSS {:.1} KiB per client, Redis {:.0} bytes per client",
+        (node1.saturating_sub(node0)) as f64 / CLIENTS as f64 / 1024.0,
+        (redis1.saturating_sub(redis0)) as f64 / CLIENTS as f64
+    );
+}

@@ -260,3 +260,118 @@ async fn outage_gives_bounded_errors_then_heals() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Redis's own cost per event, for capacity planning (README, "Numbers"). Not a pass/fail test:
+/// `cargo test --release --test redis_store -- --ignored --nocapture measure`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_redis_cost_per_event() {
+    use std::sync::Arc;
+
+    if !redis_available("measure_redis_cost_per_event") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let store = Arc::new(open(&redis).await);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let admin = client.get_multiplexed_async_connection().await.unwrap();
+    let info = |section: &'static str| {
+        let mut admin = admin.clone();
+        async move {
+            let text: String = redis::cmd("INFO")
+                .arg(section)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            text.lines()
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+                .collect::<std::collections::HashMap<_, _>>()
+        }
+    };
+    let cpu = |m: &std::collections::HashMap<String, String>| {
+        m["used_cpu_user"].parse::<f64>().unwrap() + m["used_cpu_sys"].parse::<f64>().unwrap()
+    };
+
+    // 10k UAIDs, one registration each: what a connected, registered client keeps in Redis.
+    const UAIDS: usize = 10_000;
+    let mem0: u64 = info("memory").await["used_memory"].parse().unwrap();
+    let mut regs = Vec::with_capacity(UAIDS);
+    for chunk in 0..UAIDS / 100 {
+        let batch = (0..100).map(|_| {
+            let store = store.clone();
+            async move {
+                let (uaid, appid, token) = (Uaid::random(), Appid::random(), TokenId::random());
+                store.bind_uaid(uaid).await.unwrap();
+                store.register(uaid, appid, token, b"", 10).await.unwrap();
+                (uaid, appid, token)
+            }
+        });
+        regs.extend(futures_util::future::join_all(batch).await);
+        let _ = chunk;
+    }
+    let mem1: u64 = info("memory").await["used_memory"].parse().unwrap();
+
+    // 10k events through the Redis calls of the whole path: token lookup, compare-and-set,
+    // route lookup + publish (a cross-node nudge), the holder's pending read, the ACK.
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin.clone())
+        .await
+        .unwrap();
+    let cpu0 = cpu(&info("cpu").await);
+    let started = std::time::Instant::now();
+    for chunk in regs.chunks(100) {
+        let batch = chunk.iter().map(|&(uaid, appid, token)| {
+            let store = store.clone();
+            let mut conn = admin.clone();
+            async move {
+                assert_eq!(
+                    store.lookup_token(token).await.unwrap(),
+                    TokenTarget::Active(uaid, appid)
+                );
+                let out = store
+                    .put_version(uaid, appid, VersionReq::Clock(now_ms()), FAR)
+                    .await
+                    .unwrap();
+                let PutOutcome::Raised(v) = out else {
+                    panic!("{out:?}")
+                };
+                let _: Option<String> = redis::cmd("HGET")
+                    .arg(format!("ed:{{{uaid}}}:route"))
+                    .arg("node")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                let _: i64 = redis::cmd("PUBLISH")
+                    .arg("ed:node:{n}")
+                    .arg(format!("n {uaid}"))
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                assert_eq!(store.pending(uaid, now_ms()).await.unwrap(), vec![(appid, v)]);
+                assert!(store.ack(uaid, appid, v).await.unwrap());
+            }
+        });
+        futures_util::future::join_all(batch).await;
+    }
+    let wall = started.elapsed();
+    let cpu1 = cpu(&info("cpu").await);
+    let stats = info("commandstats").await;
+    println!(
+        "registered UAIDs: {UAIDS}, Redis memory {:.0} bytes per UAID",
+        (mem1 - mem0) as f64 / UAIDS as f64
+    );
+    println!(
+        "events: {}, Redis CPU {:.3} s per 10k events ({:.1} µs per event), wall {:?}",
+        regs.len(),
+        (cpu1 - cpu0) * 10_000.0 / regs.len() as f64,
+        (cpu1 - cpu0) * 1e6 / regs.len() as f64,
+        wall
+    );
+    let mut lines: Vec<_> = stats.iter().filter(|(k, _)| k.starts_with("cmdstat_")).collect();
+    lines.sort();
+    for (k, v) in lines {
+        println!("{k}: {v}");
+    }
+}
