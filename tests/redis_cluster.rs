@@ -82,14 +82,14 @@ async fn store_scripts_run_on_every_shard() {
         // Our slot arithmetic agrees with the cluster's.
         let keyslot = raw_command(
             cluster.nodes[0].port,
-            &format!("CLUSTER KEYSLOT ed:{{{uaid}}}:pend"),
+            &format!("CLUSTER KEYSLOT {}", editiond::store::redis::key::pending(&uaid)),
         )
         .unwrap();
         assert_eq!(
             keyslot.trim(),
             format!(
                 ":{}",
-                editiond::store::redis::slot::of(&format!("ed:{{{uaid}}}:pend"))
+                editiond::store::redis::slot::of(&editiond::store::redis::key::pending(&uaid))
             )
         );
     }

@@ -338,13 +338,13 @@ async fn measure_redis_cost_per_event() {
                     panic!("{out:?}")
                 };
                 let _: Option<String> = redis::cmd("HGET")
-                    .arg(format!("ed:{{{uaid}}}:route"))
+                    .arg(editiond::store::redis::key::route(&uaid))
                     .arg("node")
                     .query_async(&mut conn)
                     .await
                     .unwrap();
                 let _: i64 = redis::cmd("PUBLISH")
-                    .arg("ed:node:{n}")
+                    .arg(editiond::store::redis::key::node_channel("n"))
                     .arg(format!("n {uaid}"))
                     .query_async(&mut conn)
                     .await
