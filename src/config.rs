@@ -245,6 +245,15 @@ impl Config {
         Ok(config)
     }
 
+    /// Removes what must never be printed: the keys, and passwords in Redis URLs.
+    pub fn redact_secrets(&mut self) {
+        self.keys = KeysConfig::default();
+        self.store.url = redact_url(&self.store.url);
+        for url in &mut self.store.cluster_urls {
+            *url = redact_url(url);
+        }
+    }
+
     /// The base URL endpoints are built from, without a trailing slash.
     pub fn public_url(&self) -> String {
         if self.server.public_url.is_empty() {
@@ -315,6 +324,22 @@ impl Config {
     }
 }
 
+/// `redis://user:secret@host` → `redis://user:***@host`; URLs without a password are unchanged.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+    if userinfo.contains(':') {
+        format!("{scheme}://{user}:***@{host}")
+    } else {
+        format!("{scheme}://***@{host}")
+    }
+}
+
 fn invalid(origin: &str, message: impl std::fmt::Display) -> ConfigError {
     ConfigError::Invalid {
         origin: origin.to_owned(),
@@ -372,6 +397,30 @@ mod tests {
         assert_eq!(config.limits.max_frame_bytes, 2048);
         assert_eq!(config.keys.secret_key, "1234");
         assert_eq!(config.server.listen.port(), 9001);
+    }
+
+    #[test]
+    fn redis_backend_is_selected_by_env_and_secrets_are_redacted() {
+        let vars = [
+            ("EDITIOND_STORE__BACKEND".to_owned(), "redis".to_owned()),
+            (
+                "EDITIOND_STORE__URL".to_owned(),
+                "redis://app:hunter2@10.0.0.5:6379".to_owned(),
+            ),
+            (
+                "EDITIOND_STORE__CLUSTER_URLS".to_owned(),
+                r#"["redis://:pw@10.0.0.6:7000", "redis://10.0.0.7:7000"]"#.to_owned(),
+            ),
+        ];
+        let mut config = Config::load(None, vars, &Flags::default()).unwrap();
+        assert_eq!(config.store.backend, "redis");
+        assert_eq!(config.store.cluster_urls.len(), 2);
+        config.redact_secrets();
+        assert_eq!(config.store.url, "redis://app:***@10.0.0.5:6379");
+        assert_eq!(config.store.cluster_urls[0], "redis://:***@10.0.0.6:7000");
+        assert_eq!(config.store.cluster_urls[1], "redis://10.0.0.7:7000");
+        let bad = [("EDITIOND_STORE__BACKEND".to_owned(), "mongo".to_owned())];
+        assert!(Config::load(None, bad, &Flags::default()).is_err());
     }
 
     #[test]

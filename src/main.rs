@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Config { config } => match load(config, &Flags::default()) {
             Ok(mut config) => {
-                config.keys = Default::default();
+                config.redact_secrets();
                 match toml::to_string_pretty(&config) {
                     Ok(text) => {
                         print!("{text}");
