@@ -75,19 +75,58 @@ impl RedisServer {
             args,
             _dir: dir,
         };
-        server.spawn();
+        server.spawn_on_free_port(free_port);
         server
     }
 
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
+    /// Starts redis-server on `self.port` and waits until that very process answers (not another
+    /// one that took the port meanwhile). `false` if it exited (the port was taken).
+    fn try_spawn(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
             .args(&self.args)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server");
-        self.child = Some(child);
-        wait_for_pong(self.port);
+        let own = format!("process_id:{}", child.id());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            let info = raw_command(self.port, "INFO server").unwrap_or_default();
+            if info.contains(&own) && raw_command(self.port, "PING").is_some_and(|r| r.starts_with("+PONG")) {
+                self.child = Some(child);
+                return true;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {} did not answer",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.try_spawn(), "redis-server could not bind port {}", self.port);
+    }
+
+    /// First start: on a port taken meanwhile by someone else, try another.
+    fn spawn_on_free_port(&mut self, pick: fn() -> u16) {
+        for _ in 0..10 {
+            if self.try_spawn() {
+                return;
+            }
+            let old = self.port;
+            self.port = pick();
+            for arg in self.args.iter_mut() {
+                if *arg == old.to_string() {
+                    *arg = self.port.to_string();
+                }
+            }
+        }
+        panic!("redis-server found no free port");
     }
 
     pub fn url(&self) -> String {
@@ -116,20 +155,6 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-fn wait_for_pong(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if raw_command(port, "PING").is_some_and(|r| r.starts_with("+PONG")) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "redis-server on {port} did not answer PING"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -182,7 +207,7 @@ impl RedisCluster {
                 args,
                 _dir: dir,
             };
-            server.spawn();
+            server.spawn_on_free_port(free_cluster_port);
             nodes.push(server);
         }
         let mut create = Command::new("redis-cli");
