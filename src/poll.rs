@@ -121,12 +121,10 @@ async fn poll_inner(
         conn_id,
         uaids: &uaids,
     };
-    for uaid in &uaids {
-        state
-            .hold(*uaid, conn_id, &mailbox)
-            .await
-            .map_err(unavailable(state))?;
-    }
+    state
+        .hold(&uaids, conn_id, &mailbox)
+        .await
+        .map_err(unavailable(state))?;
     let deadline = tokio::time::Instant::now() + wait;
     let stopping = state.stopping();
     tokio::pin!(stopping);

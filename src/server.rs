@@ -121,12 +121,17 @@ impl AppState {
         Ok(state)
     }
 
-    /// Makes connection `conn_id` the holder of `uaid`, on this node and (with Redis) for every
-    /// node, so PUTs anywhere reach it.
-    pub async fn hold(&self, uaid: Uaid, conn_id: u64, mailbox: &Arc<Mailbox>) -> Result<(), StoreError> {
-        self.registry.claim(uaid, conn_id, mailbox);
+    /// Makes connection `conn_id` the holder of `uaids`, on this node and (with Redis) for every
+    /// node, so PUTs anywhere reach it. Route claims run concurrently (a relay claims hundreds).
+    pub async fn hold(&self, uaids: &[Uaid], conn_id: u64, mailbox: &Arc<Mailbox>) -> Result<(), StoreError> {
+        for uaid in uaids {
+            self.registry.claim(*uaid, conn_id, mailbox);
+        }
         if let Some(route) = &self.route {
-            route.claim(uaid, conn_id).await?;
+            let claims = uaids.iter().map(|uaid| route.claim(*uaid, conn_id));
+            for claimed in futures_util::future::join_all(claims).await {
+                claimed?;
+            }
         }
         Ok(())
     }

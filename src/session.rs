@@ -134,8 +134,8 @@ impl Session {
         for uaid in &claimed {
             // Held first, so that Drop releases it even if routing it fails below.
             self.held.entry(*uaid).or_insert(None);
-            self.state.hold(*uaid, self.conn_id, &self.mailbox).await?;
         }
+        self.state.hold(&claimed, self.conn_id, &self.mailbox).await?;
         out.push(proto::uaids_reply(kind, &statuses));
         self.send_pending(&claimed, out).await
     }

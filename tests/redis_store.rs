@@ -266,13 +266,19 @@ async fn outage_gives_bounded_errors_then_heals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn measure_redis_cost_per_event() {
-    use std::sync::Arc;
-
     if !redis_available("measure_redis_cost_per_event") {
         return;
     }
-    let redis = RedisServer::start();
-    let store = Arc::new(open(&redis).await);
+    measure("no persistence", &RedisServer::start()).await;
+    let everysec = ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"];
+    measure("appendfsync everysec", &RedisServer::start_with(&everysec)).await;
+}
+
+async fn measure(label: &str, redis: &RedisServer) {
+    use std::sync::Arc;
+
+    println!("== Redis {label}");
+    let store = Arc::new(open(redis).await);
     let client = redis::Client::open(redis.url()).unwrap();
     let admin = client.get_multiplexed_async_connection().await.unwrap();
     let info = |section: &'static str| {

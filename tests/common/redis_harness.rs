@@ -57,7 +57,8 @@ impl RedisServer {
         RedisServer::start_with(&["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
     }
 
-    fn start_with(extra: &[&str]) -> RedisServer {
+    /// With extra redis-server arguments (persistence settings, for instance).
+    pub fn start_with(extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let mut args: Vec<String> = vec![
