@@ -7,6 +7,9 @@
 //! returns `Ok`, every change made before the call survives a crash. Callers sync before they
 //! answer (a 2xx to a PUT, a hello reply with a new secret, the frame after an ACK), and before
 //! they pass on what they read (an UPDATE): a read may see another caller's uncommitted write.
+//! On Redis every write is acknowledged by the primary before its call returns, so `sync` has
+//! nothing to wait for, and "survives a crash" means what Redis's persistence policy gives (see
+//! [`redis`]: `appendfsync always` for the sled guarantee).
 //!
 //! Semantics every implementation keeps:
 //! * a registration remembers the last known version for as long as it exists, pending or not;
