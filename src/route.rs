@@ -265,14 +265,23 @@ impl Router {
 
     /// Renews every route this node holds and marks each UAID for a re-read of its pending
     /// events; drops holdings another node took; re-claims routes that vanished.
-    async fn recheck(&self, state: &AppState) -> Result<()> {
+    async fn recheck(self: &Arc<Self>, state: &AppState) -> Result<()> {
         // Pinging both connections makes each reconnect (the subscriber also resubscribes) as
         // soon as Redis is back, before any request needs it.
         for conn in [&self.subscriber, &self.conn] {
             let mut conn = conn.clone();
             let _: String = bounded(self.timeout, redis::cmd("PING").query_async(&mut conn)).await?;
         }
-        let held: Vec<(Uaid, Held)> = self.held.iter().map(|e| (*e.key(), *e.value())).collect();
+        let mut held: Vec<(Uaid, Held)> = self.held.iter().map(|e| (*e.key(), *e.value())).collect();
+        // An entry whose connection no longer holds the UAID here (it failed to claim, or was
+        // closing) is released rather than renewed.
+        held.retain(|(uaid, h)| {
+            let live = state.registry.is_held_by(*uaid, h.conn_id);
+            if !live {
+                self.release(*uaid, h.conn_id);
+            }
+            live
+        });
         for batch in held.chunks(RECHECK_BATCH) {
             let touches = batch.iter().map(|(uaid, h)| async move {
                 let mut conn = self.conn.clone();

@@ -108,6 +108,10 @@ impl Session {
             .into_iter()
             .filter(|u| !registry.is_held_by(*u, self.conn_id) && self.held.remove(u).is_some())
             .collect();
+        for uaid in &lost {
+            // Drops this connection's route entry if a newer one never replaced it.
+            self.state.unhold(*uaid, self.conn_id);
+        }
         if !lost.is_empty() {
             out.push(proto::released_frame(&lost));
             if self.held.is_empty() {
