@@ -266,6 +266,11 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(invalid("config", what)) };
+        let url = &self.server.public_url;
+        check(
+            url.is_empty() || url.starts_with("http://") || url.starts_with("https://"),
+            "server.public_url must start with http:// or https:// (or be empty)",
+        )?;
         let st = &self.store;
         check(
             matches!(st.backend.as_str(), "sled" | "redis"),
@@ -421,6 +426,21 @@ mod tests {
         assert_eq!(config.store.cluster_urls[1], "redis://10.0.0.7:7000");
         let bad = [("EDITIOND_STORE__BACKEND".to_owned(), "mongo".to_owned())];
         assert!(Config::load(None, bad, &Flags::default()).is_err());
+    }
+
+    #[test]
+    fn public_url_must_be_a_url() {
+        let bad = [(
+            "EDITIOND_SERVER__PUBLIC_URL".to_owned(),
+            "push.example.com".to_owned(),
+        )];
+        assert!(Config::load(None, bad, &Flags::default()).is_err());
+        let good = [(
+            "EDITIOND_SERVER__PUBLIC_URL".to_owned(),
+            "https://push.example.com/".to_owned(),
+        )];
+        let config = Config::load(None, good, &Flags::default()).unwrap();
+        assert_eq!(config.public_url(), "https://push.example.com");
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! Semantics every implementation keeps:
 //! * a registration remembers the last known version for as long as it exists, pending or not;
 //! * `put_version` raises an event only for a version greater than the last known one;
-//! * `ack` clears a pending event only if its version is at most the acknowledged one.
+//! * `ack` clears a pending event only if its version is exactly the acknowledged one: an ACK
+//!   names what the client received, never more.
 
 mod record;
 pub mod redis;
@@ -138,7 +139,7 @@ pub trait Store: Send + Sync + 'static {
     /// The UAID's pending events that have not expired at `now_ms`, ordered by APPID.
     fn pending(&self, uaid: Uaid, now_ms: u64) -> impl Future<Output = Result<Vec<(Appid, u64)>>> + Send;
 
-    /// Compare-and-delete: clears the pending event if its version is at most `version`.
+    /// Compare-and-delete: clears the pending event if its version equals `version`.
     fn ack(&self, uaid: Uaid, appid: Appid, version: u64) -> impl Future<Output = Result<bool>> + Send;
 
     /// Durability barrier; see the module documentation.

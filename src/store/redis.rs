@@ -249,7 +249,7 @@ return {'raised', v, tostring(had)}
 const LUA_ACK: &str = r#"
 local val = redis.call('HGET', KEYS[1], ARGV[1])
 if not val then return 0 end
-if cmp(string.sub(val, 1, 20), ARGV[2]) <= 0 then
+if cmp(string.sub(val, 1, 20), ARGV[2]) == 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[3])
   return 1

@@ -303,7 +303,7 @@ impl Store for SledStore {
     async fn ack(&self, uaid: Uaid, appid: Appid, version: u64) -> Result<bool> {
         let key = registration_key(&uaid, &appid);
         let cleared = self.update_reg(&key, |old| match old {
-            Some(mut reg) if reg.pending.is_some_and(|(v, _)| v <= version) => {
+            Some(mut reg) if reg.pending.is_some_and(|(v, _)| v == version) => {
                 reg.pending = None;
                 Ok((Some(Some(reg)), true))
             }

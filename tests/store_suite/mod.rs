@@ -475,8 +475,10 @@ pub async fn ack_is_compare_and_delete<S: Store>(s: Arc<S>) {
     assert_eq!(put(&*s, uaid, appid, 7).await, PutOutcome::Raised(7));
     assert!(!s.ack(uaid, appid, 6).await.unwrap());
     assert_eq!(pending(&*s, uaid).await, vec![(appid, 7)]);
-    // An ACK naming a newer version clears it.
-    assert!(s.ack(uaid, appid, 9).await.unwrap());
+    // An ACK names exactly what was received: one naming a version never sent clears nothing.
+    assert!(!s.ack(uaid, appid, 9).await.unwrap());
+    assert_eq!(pending(&*s, uaid).await, vec![(appid, 7)]);
+    assert!(s.ack(uaid, appid, 7).await.unwrap());
     assert_eq!(pending(&*s, uaid).await, vec![]);
     // Unknown registrations: nothing to clear.
     assert!(!s.ack(uaid, Appid::random(), 1).await.unwrap());
