@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use crate::http::{json, read_body, HttpError};
+use crate::registry::Durable;
 use crate::server::AppState;
 use crate::store::{now_ms, PutOutcome, Store, TokenTarget, VersionReq};
 
@@ -62,6 +63,8 @@ async fn put_version(
     let now = now_ms();
     let request = version.map_or(VersionReq::Clock(now), VersionReq::Exact);
     let expires = now.saturating_add(ttl.as_millis() as u64);
+    // Read before the write, for the durable fact the nudge carries (see `Registry::fact_epoch`).
+    let epoch = state.registry.fact_epoch();
     match state
         .store
         .put_version(uaid, appid, request, expires)
@@ -70,7 +73,13 @@ async fn put_version(
     {
         PutOutcome::Raised(v) => {
             state.sync().await.map_err(unavailable)?;
-            state.nudge(uaid).await;
+            // v is committed now: the holder may send it without a sync of its own.
+            let durable = epoch.map(|epoch| Durable {
+                appid,
+                version: v,
+                epoch,
+            });
+            state.nudge(uaid, durable).await;
             Ok((StatusCode::ACCEPTED, v))
         }
         PutOutcome::Superseded(current) => {

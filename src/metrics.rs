@@ -18,6 +18,8 @@ pub struct Metrics {
     pub updates_sent: IntCounter,
     pub events_sent: IntCounter,
     pub acks: IntCounter,
+    /// UPDATEs sent without a sync because PUTs here had already made their events durable.
+    pub syncs_skipped: IntCounter,
     closes: IntCounterVec,
     pub store_sync_seconds: Histogram,
 }
@@ -43,6 +45,10 @@ impl Default for Metrics {
             updates_sent: counter("updates_sent_total", "UPDATE frames sent"),
             events_sent: counter("events_sent_total", "Events carried by UPDATE frames and polls"),
             acks: counter("acks_total", "Events cleared by ACKs"),
+            syncs_skipped: counter(
+                "update_syncs_skipped_total",
+                "UPDATEs sent without a store sync: every event was known committed",
+            ),
             closes: family(
                 "ws_closes_total",
                 "WebSocket closes by the server, by close code",
@@ -57,7 +63,7 @@ impl Default for Metrics {
             )
             .expect("valid metric"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
             Box::new(m.connections.clone()),
             Box::new(m.held_uaids.clone()),
             Box::new(m.pending.clone()),
@@ -65,6 +71,7 @@ impl Default for Metrics {
             Box::new(m.updates_sent.clone()),
             Box::new(m.events_sent.clone()),
             Box::new(m.acks.clone()),
+            Box::new(m.syncs_skipped.clone()),
             Box::new(m.closes.clone()),
             Box::new(m.store_sync_seconds.clone()),
         ];

@@ -6,15 +6,33 @@
 //! up holds at most one mark per UAID it speaks for: a slow reader cannot grow memory or stall a
 //! PUT. A lost mark loses nothing either: the event is in the store and goes out on the next
 //! hello, claim or ACK.
+//!
+//! A mark may carry a [`Durable`] fact: the (APPID, version) a PUT on this node raised and then
+//! saw committed before it nudged. A connection whose reads are all covered by such facts needs
+//! no group commit of its own before sending them (see `Session::send_pending_after`).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-use crate::ids::Uaid;
+use crate::ids::{Appid, Uaid};
+
+/// At most this many facts are kept per dirty UAID; more are dropped (dropping one only costs
+/// the sync it would have saved).
+const MAX_FACTS_PER_UAID: usize = 16;
+
+/// "Version `version` of `appid` is committed", told by the PUT that raised it once its sync
+/// returned. `epoch` is [`Registry::fact_epoch`] read before that PUT wrote: the fact speaks for
+/// the registration that existed then, and only while no unregister has started since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Durable {
+    pub appid: Appid,
+    pub version: u64,
+    pub epoch: u64,
+}
 
 /// What other tasks leave for one connection.
 #[derive(Default)]
@@ -27,8 +45,9 @@ pub struct Mailbox {
 
 #[derive(Default)]
 struct Marks {
-    /// UAIDs with possibly new pending events.
-    dirty: HashSet<Uaid>,
+    /// UAIDs with possibly new pending events, each with the durable facts told about it (at
+    /// most one per APPID: the highest version).
+    dirty: HashMap<Uaid, Vec<Durable>>,
     /// UAIDs a newer connection took from this one.
     lost: Vec<Uaid>,
 }
@@ -37,12 +56,53 @@ struct Marks {
 #[derive(Default, Debug)]
 pub struct Delivery {
     pub dirty: Vec<Uaid>,
+    /// The durable facts that came with the dirty marks.
+    pub durable: HashMap<Uaid, Vec<Durable>>,
     pub lost: Vec<Uaid>,
 }
 
+impl Delivery {
+    /// Whether `events` of `uaid`, as just read from the store, are all known committed: each
+    /// (APPID, version) has a fact with that same APPID and version, and no unregister has
+    /// started since the fact's PUT (`registry` decides; see [`Registry::fact_epoch`]).
+    pub fn covers(&self, registry: &Registry, uaid: &Uaid, events: &[(Appid, u64)]) -> bool {
+        let Some(facts) = self.durable.get(uaid) else {
+            return events.is_empty();
+        };
+        events.iter().all(|(appid, version)| {
+            facts
+                .iter()
+                .any(|f| f.appid == *appid && f.version == *version && registry.fact_still_valid(f.epoch))
+        })
+    }
+}
+
 impl Mailbox {
+    /// Marks `uaid` dirty, with nothing known about what is durable.
     pub fn mark_dirty(&self, uaid: Uaid) {
-        let inserted = self.lock().dirty.insert(uaid);
+        self.mark(uaid, None);
+    }
+
+    /// Marks `uaid` dirty and, with `durable`, records that fact (keeping the highest version
+    /// per APPID).
+    pub fn mark(&self, uaid: Uaid, durable: Option<Durable>) {
+        let inserted = {
+            let mut marks = self.lock();
+            let mut inserted = false;
+            let facts = marks.dirty.entry(uaid).or_insert_with(|| {
+                inserted = true;
+                Vec::new()
+            });
+            if let Some(d) = durable {
+                match facts.iter().position(|f| f.appid == d.appid) {
+                    Some(i) if facts[i].version < d.version => facts[i] = d,
+                    Some(_) => {}
+                    None if facts.len() < MAX_FACTS_PER_UAID => facts.push(d),
+                    None => {}
+                }
+            }
+            inserted
+        };
         if inserted {
             self.wake.notify_one();
         }
@@ -56,8 +116,17 @@ impl Mailbox {
     /// Takes everything left so far.
     pub fn take(&self) -> Delivery {
         let mut marks = self.lock();
+        let mut dirty = Vec::with_capacity(marks.dirty.len());
+        let mut durable = HashMap::new();
+        for (uaid, facts) in marks.dirty.drain() {
+            dirty.push(uaid);
+            if !facts.is_empty() {
+                durable.insert(uaid, facts);
+            }
+        }
         Delivery {
-            dirty: marks.dirty.drain().collect(),
+            dirty,
+            durable,
             lost: std::mem::take(&mut marks.lost),
         }
     }
@@ -79,6 +148,18 @@ struct Holder {
 pub struct Registry {
     holders: DashMap<Uaid, Holder>,
     next_conn_id: AtomicU64,
+    /// Unregisters begun / finished on this node; see [`Registry::fact_epoch`].
+    unregisters_started: AtomicU64,
+    unregisters_finished: AtomicU64,
+}
+
+/// Counts one unregister as running until dropped; see [`Registry::unregistering`].
+pub struct Unregistering<'a>(&'a Registry);
+
+impl Drop for Unregistering<'_> {
+    fn drop(&mut self) {
+        self.0.unregisters_finished.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl Registry {
@@ -122,13 +203,41 @@ impl Registry {
 
     /// Tells the holder of `uaid`, if any, that it may have new events. `true` if one holds it.
     pub fn nudge(&self, uaid: Uaid) -> bool {
+        self.nudge_with(uaid, None)
+    }
+
+    /// [`Self::nudge`], telling the holder a version that is already committed.
+    pub fn nudge_with(&self, uaid: Uaid, durable: Option<Durable>) -> bool {
         match self.holders.get(&uaid) {
             Some(h) => {
-                h.mailbox.mark_dirty(uaid);
+                h.mailbox.mark(uaid, durable);
                 true
             }
             None => false,
         }
+    }
+
+    /// Held across every unregister's store write: a registration can be removed (and then
+    /// created again, its versions starting over) only while one is held.
+    pub fn unregistering(&self) -> Unregistering<'_> {
+        self.unregisters_started.fetch_add(1, Ordering::SeqCst);
+        Unregistering(self)
+    }
+
+    /// The epoch a PUT reads before it writes, for the [`Durable`] fact it may tell later;
+    /// `None` while an unregister runs. A fact is valid while [`Self::fact_still_valid`]: then no
+    /// unregister ran between the PUT's write and the check, so an (APPID, version) read from
+    /// the store is the one that PUT wrote, not the same number in a registration made again
+    /// since (whose versions start over), which may not be committed yet.
+    pub fn fact_epoch(&self) -> Option<u64> {
+        let finished = self.unregisters_finished.load(Ordering::SeqCst);
+        let started = self.unregisters_started.load(Ordering::SeqCst);
+        (started == finished).then_some(started)
+    }
+
+    /// Whether no unregister has started on this node since `epoch` was read.
+    pub fn fact_still_valid(&self, epoch: u64) -> bool {
+        self.unregisters_started.load(Ordering::SeqCst) == epoch
     }
 
     /// UAIDs held on this node.
@@ -171,6 +280,66 @@ mod tests {
         reg.evict(u, 1);
         assert!(!reg.is_held_by(u, 1));
         assert_eq!(a.take().lost, vec![u]);
+    }
+
+    fn fact(appid: Appid, version: u64, epoch: u64) -> Option<Durable> {
+        Some(Durable {
+            appid,
+            version,
+            epoch,
+        })
+    }
+
+    #[test]
+    fn facts_keep_the_highest_version_per_appid() {
+        let m = Mailbox::default();
+        let (u, a, b) = (Uaid::random(), Appid::random(), Appid::random());
+        m.mark(u, fact(a, 5, 0));
+        m.mark(u, fact(a, 3, 0));
+        m.mark(u, fact(b, 1, 0));
+        m.mark(u, fact(a, 7, 0));
+        m.mark_dirty(u);
+        let d = m.take();
+        assert_eq!(d.dirty, vec![u]);
+        let mut facts = d.durable[&u].clone();
+        facts.sort_by_key(|f| f.version);
+        assert_eq!(
+            facts.iter().map(|f| (f.appid, f.version)).collect::<Vec<_>>(),
+            vec![(b, 1), (a, 7)]
+        );
+        // Taken with the mark: nothing is left for the next delivery.
+        m.mark_dirty(u);
+        assert!(m.take().durable.is_empty());
+        // Bounded per UAID.
+        for _ in 0..100 {
+            m.mark(u, fact(Appid::random(), 1, 0));
+        }
+        assert_eq!(m.take().durable[&u].len(), MAX_FACTS_PER_UAID);
+    }
+
+    #[test]
+    fn coverage_needs_the_same_appid_and_version_and_no_unregister_since() {
+        let reg = Registry::default();
+        let m = Mailbox::default();
+        let (u, other, a, b) = (Uaid::random(), Uaid::random(), Appid::random(), Appid::random());
+        let epoch = reg.fact_epoch().unwrap();
+        m.mark(u, fact(a, 7, epoch));
+        m.mark_dirty(other);
+        let d = m.take();
+        assert!(d.covers(&reg, &u, &[(a, 7)]));
+        assert!(d.covers(&reg, &u, &[]));
+        assert!(!d.covers(&reg, &u, &[(a, 8)]), "newer than the fact");
+        assert!(!d.covers(&reg, &u, &[(a, 6)]), "not the same version");
+        assert!(!d.covers(&reg, &u, &[(a, 7), (b, 1)]), "one event without a fact");
+        assert!(!d.covers(&reg, &other, &[(a, 7)]), "a nudge without facts");
+        assert!(d.covers(&reg, &other, &[]));
+        {
+            let _running = reg.unregistering();
+            assert_eq!(reg.fact_epoch(), None, "no facts while an unregister runs");
+            assert!(!d.covers(&reg, &u, &[(a, 7)]));
+        }
+        assert!(!d.covers(&reg, &u, &[(a, 7)]), "an unregister ran since the fact");
+        assert!(reg.fact_epoch().is_some());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::http::HttpError;
 use crate::ids::Uaid;
 use crate::keys::{KeyError, Keys};
 use crate::metrics::Metrics;
-use crate::registry::{Mailbox, Registry};
+use crate::registry::{Durable, Mailbox, Registry};
 use crate::store::{now_ms, AnyStore, RedisStore, RedisTarget, SledStore, Store, StoreError};
 
 /// Everything handlers share, passed explicitly as axum state.
@@ -146,8 +146,10 @@ impl AppState {
 
     /// Tells the connection holding `uaid`, on this node or another, that events may be
     /// pending. Best effort: the event is already stored, and a lost nudge only delays it.
-    pub async fn nudge(&self, uaid: Uaid) {
-        if self.registry.nudge(uaid) {
+    /// `durable` is what the caller saw committed (a PUT after its sync); it reaches a holder on
+    /// this node only, so that one can skip its own sync (see `Session::send_pending_after`).
+    pub async fn nudge(&self, uaid: Uaid, durable: Option<Durable>) {
+        if self.registry.nudge_with(uaid, durable) {
             return;
         }
         if let Some(route) = &self.route {

@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::ids::{Appid, Uaid};
 use crate::keys::TokenId;
 use crate::proto::{self, ClientMessage, Credential, EntryError, UaidStatus, WsError};
-use crate::registry::Mailbox;
+use crate::registry::{Delivery, Mailbox};
 use crate::server::AppState;
 use crate::store::{now_ms, Registered, Store, StoreError};
 
@@ -105,7 +105,8 @@ impl Session {
         let registry = &self.state.registry;
         let lost: Vec<Uaid> = delivery
             .lost
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|u| !registry.is_held_by(*u, self.conn_id) && self.held.remove(u).is_some())
             .collect();
         for uaid in &lost {
@@ -118,7 +119,8 @@ impl Session {
                 return Err(WsError::Replaced);
             }
         }
-        self.send_pending(&delivery.dirty, out).await
+        self.send_pending_after(&delivery.dirty, false, Some(&delivery), out)
+            .await
     }
 
     async fn claim(
@@ -230,7 +232,10 @@ impl Session {
             }
         };
         let gone_until = now_ms().saturating_add(self.state.config.limits.gone_ttl_secs.saturating_mul(1000));
-        if self.state.store.unregister(uaid, appid, gone_until).await? {
+        let unregistering = self.state.registry.unregistering();
+        let removed = self.state.store.unregister(uaid, appid, gone_until).await?;
+        drop(unregistering);
+        if removed {
             self.state.sync().await?;
             // An UPDATE in flight may name this APPID; its ACK then clears nothing, which is right.
             out.push(reply(Ok(None)));
@@ -261,13 +266,13 @@ impl Session {
         }
         // The ACK is durable before any later frame is answered (`send_pending` syncs), so a
         // reply to a frame sent after an ACK proves the ACK survives a crash.
-        self.send_pending_after(&acked, true, out).await
+        self.send_pending_after(&acked, true, None, out).await
     }
 
     /// Sends one UPDATE (split only to respect the frame limit) with the pending events of those
     /// `uaids` that are held and have nothing in flight.
     async fn send_pending(&mut self, uaids: &[Uaid], out: &mut Vec<String>) -> Result<(), WsError> {
-        self.send_pending_after(uaids, false, out).await
+        self.send_pending_after(uaids, false, None, out).await
     }
 
     /// [`Self::send_pending`], syncing the store first when events go out or `sync` is set.
@@ -276,10 +281,20 @@ impl Session {
     /// running; a client must never see a version that a crash could take back (it would then
     /// see an older one again). So the events are read, then one sync covers them (and this
     /// connection's own writes, such as an ACK), then the UPDATE is queued.
+    ///
+    /// That sync is skipped when `sync` is unset and `known` (the mailbox delivery that woke
+    /// this call) covers every event read: each (APPID, version) was raised by a PUT on this
+    /// node that saw its own sync return before it nudged, and no unregister has run since (see
+    /// [`crate::registry::Registry::fact_epoch`]). Versions of a registration only grow, so the
+    /// same (APPID, version) read again is that committed write, and a crash cannot take it back;
+    /// anything else read (a newer version, another APPID, a nudge from another node or the
+    /// re-check) syncs as before. On Redis `sync` waits for nothing, so skipping it changes
+    /// nothing there.
     async fn send_pending_after(
         &mut self,
         uaids: &[Uaid],
         sync: bool,
+        known: Option<&Delivery>,
         out: &mut Vec<String>,
     ) -> Result<(), WsError> {
         let now = now_ms();
@@ -293,8 +308,15 @@ impl Session {
                 found.push((*uaid, events));
             }
         }
-        if sync || !found.is_empty() {
+        let covered = known.is_some_and(|known| {
+            found
+                .iter()
+                .all(|(uaid, events)| known.covers(&self.state.registry, uaid, events))
+        });
+        if sync || (!found.is_empty() && !covered) {
             self.state.sync().await?;
+        } else if !found.is_empty() {
+            self.state.metrics.syncs_skipped.inc();
         }
         let mut update = proto::UpdateBuilder::new(self.state.config.limits.max_frame_bytes);
         for (uaid, events) in found {
