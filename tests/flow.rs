@@ -272,6 +272,8 @@ async fn health_metrics_and_graceful_shutdown() {
         "editiond_connections 1",
         "editiond_puts_total{status=\"202\"} 1",
         "editiond_updates_sent_total 1",
+        // The PUT's nudge said its version was committed: the UPDATE needed no sync of its own.
+        "editiond_update_syncs_skipped_total 1",
         "editiond_pending_events 1",
         "editiond_store_sync_seconds_count",
     ] {
