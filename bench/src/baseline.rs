@@ -73,6 +73,7 @@ async fn http_ceiling(s: &Settings, report: &mut Report) -> Result<(), BoxError>
             .map(|slot| Endpoint {
                 path: format!("/v1/e/{}", "t".repeat(90) + &format!("{slot:010}")),
                 slot,
+                node: 0,
             })
             .collect(),
     );
@@ -83,7 +84,7 @@ async fn http_ceiling(s: &Settings, report: &mut Report) -> Result<(), BoxError>
             rate,
             duration: s.duration,
         };
-        let r = load::run(bare.addr, endpoints.clone(), &spec, sent).await?;
+        let r = load::run(&[bare.addr], endpoints.clone(), &spec, sent).await?;
         let label = rate_label(rate);
         report.ceiling(&format!("put_rate@{label}"), r.throughput());
         report.ceiling(&format!("put_p50@{label}"), r.latency.p50 as f64 / 1000.0);

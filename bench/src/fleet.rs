@@ -89,18 +89,25 @@ where
     }
 }
 
-/// Enrolls `n` new clients with `apps` registrations each (slots `i * apps ..`).
+/// Enrolls `n` new clients with `apps` registrations each (slots `i * apps ..`), client `i` on
+/// `targets[i % targets.len()]` (round-robin over the nodes of one service).
 pub async fn enroll(
-    target: SocketAddr,
+    targets: &[SocketAddr],
     n: usize,
     apps: usize,
     sources: usize,
     concurrency: usize,
 ) -> Opened<(Identity, Ws)> {
+    let targets = targets.to_vec();
     run_all(n, concurrency, Duration::from_secs(60), move |i| {
-        client::enroll(target, source(i, sources), apps, i * apps)
+        client::enroll(targets[i % targets.len()], source(i, sources), apps, i * apps)
     })
     .await
+}
+
+/// The node [`enroll`] put the client of registration `slot` on.
+pub fn node_of(slot: usize, apps: usize, nodes: usize) -> usize {
+    slot / apps.max(1) % nodes.max(1)
 }
 
 /// Clients held open in their own tasks.

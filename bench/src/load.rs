@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 use crate::hist::{Histogram, Summary};
 use crate::{sys, BoxError};
 
-/// One PUT target: the endpoint's path and its registration slot.
+/// One PUT target: the endpoint's path, its registration slot, and the node (index into the
+/// addresses given to [`run`]) that holds its client's socket.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     pub path: String,
     pub slot: usize,
+    pub node: usize,
 }
 
 pub struct LoadSpec {
@@ -36,6 +38,8 @@ pub struct LoadResult {
     pub superseded: u64,
     /// Any other status, or a transport error.
     pub errors: u64,
+    /// PUTs sent to a node other than the one holding the client's socket.
+    pub cross_node: u64,
     pub first_error: Option<String>,
     pub elapsed: Duration,
     pub latency: Summary,
@@ -60,14 +64,15 @@ impl Rng {
 }
 
 /// Runs the load. `sent` (one per slot) receives the highest version answered 202, so the
-/// caller can check each arrived.
+/// caller can check each arrived. With several `addrs` (nodes of one service) each app server
+/// holds one connection to every node and sends each PUT to a random one.
 pub async fn run(
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     endpoints: Arc<Vec<Endpoint>>,
     spec: &LoadSpec,
     sent: Arc<Vec<AtomicU64>>,
 ) -> Result<LoadResult, BoxError> {
-    if endpoints.is_empty() {
+    if endpoints.is_empty() || addrs.is_empty() {
         return Err("no endpoints to PUT to".into());
     }
     let m = spec.app_servers.clamp(1, endpoints.len());
@@ -78,16 +83,20 @@ pub async fn run(
     let mut tasks = Vec::with_capacity(m);
     for w in 0..m {
         let (endpoints, sent, latency) = (endpoints.clone(), sent.clone(), latency.clone());
+        let addrs = addrs.to_vec();
         tasks.push(tokio::spawn(async move {
             let mut r = LoadResult::default();
-            let mut conn = match crate::http::HttpConn::connect(addr).await {
-                Ok(c) => c,
-                Err(e) => {
-                    r.errors += 1;
-                    r.first_error = Some(e.to_string());
-                    return r;
+            let mut conns = Vec::with_capacity(addrs.len());
+            for addr in &addrs {
+                match crate::http::HttpConn::connect(*addr).await {
+                    Ok(c) => conns.push(c),
+                    Err(e) => {
+                        r.errors += 1;
+                        r.first_error = Some(e.to_string());
+                        return r;
+                    }
                 }
-            };
+            }
             let share = (endpoints.len() - w).div_ceil(m);
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (w as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9));
             let mut last = 0u64;
@@ -103,6 +112,16 @@ pub async fn run(
                     next_at = Some(at + p);
                 }
                 let ep = &endpoints[w + m * (rng.next() % share as u64) as usize];
+                // One node: no extra draw, so the single-node sequence is unchanged.
+                let node = if conns.len() > 1 {
+                    (rng.next() % conns.len() as u64) as usize
+                } else {
+                    0
+                };
+                if node != ep.node {
+                    r.cross_node += 1;
+                }
+                let conn = &mut conns[node];
                 let version = sys::unix_micros().max(last + 1);
                 last = version;
                 let t0 = Instant::now();
@@ -139,6 +158,7 @@ pub async fn run(
         total.accepted += r.accepted;
         total.superseded += r.superseded;
         total.errors += r.errors;
+        total.cross_node += r.cross_node;
         if total.first_error.is_none() {
             total.first_error = r.first_error;
         }

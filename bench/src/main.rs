@@ -14,6 +14,7 @@ mod http;
 mod idle;
 mod load;
 mod put;
+mod redis;
 mod report;
 mod storm;
 mod sys;
@@ -27,8 +28,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+use crate::redis::Redis;
 use crate::report::Report;
-use crate::target::Target;
+use crate::target::{nodes, Target};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -77,6 +79,18 @@ struct RunArgs {
     /// Extra environment for a spawned server, KEY=VALUE (e.g. EDITIOND_LIMITS__READ_BUFFER_BYTES=1024).
     #[arg(long = "server-env", value_parser = parse_env)]
     server_env: Vec<(String, String)>,
+    /// redis-server binary: start one Redis on a free 127.0.0.1 port (temp dir) and run --nodes
+    /// editiond nodes (from --server-bin) on it as one service. Clients go round-robin over
+    /// the nodes and each PUT goes to a random node. Runs baseline, idle and put (not storm).
+    #[arg(long, requires = "server_bin")]
+    redis_server_bin: Option<PathBuf>,
+    /// editiond nodes on the Redis of --redis-server-bin.
+    #[arg(long, default_value_t = 1, requires = "redis_server_bin")]
+    nodes: usize,
+    /// redis-server arguments, one per flag (--redis-arg=--appendfsync --redis-arg=always); when
+    /// none is given: --save "" --appendonly yes --appendfsync everysec.
+    #[arg(long = "redis-arg", allow_hyphen_values = true)]
+    redis_args: Vec<String>,
     /// Scenarios to run, comma-separated; they always run in the order baseline, idle, put, storm.
     #[arg(long, value_delimiter = ',', default_value = "baseline,idle,put,storm")]
     scenarios: Vec<Scenario>,
@@ -201,17 +215,45 @@ fn main() -> ExitCode {
 async fn run(args: RunArgs) -> Result<bool, BoxError> {
     let nofile = sys::raise_nofile_limit()?;
     let s = Settings::from(&args);
-    let mut target = match (&args.server_bin, args.target, args.server_pid) {
-        (Some(bin), _, _) => Target::spawn(bin, &args.server_env).await?,
-        (None, Some(addr), Some(pid)) => {
+    let mut redis_args = args.redis_args.clone();
+    if redis_args.is_empty() {
+        redis_args = ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
+            .map(String::from)
+            .to_vec();
+    }
+    // Declared before the nodes so that it is dropped (killed) after them.
+    let mut redis = match &args.redis_server_bin {
+        Some(bin) => Some(Redis::spawn(bin, &redis_args).await?),
+        None => None,
+    };
+    let mut targets = match (&args.server_bin, args.target, args.server_pid, &redis) {
+        (Some(bin), _, _, Some(redis)) => {
+            eprintln!(
+                "editiond-bench: redis-server pid {} at {}",
+                redis.pid,
+                redis.url()
+            );
+            let mut env = args.server_env.clone();
+            env.push(("EDITIOND_STORE__BACKEND".into(), "redis".into()));
+            env.push(("EDITIOND_STORE__URL".into(), redis.url()));
+            let mut v = Vec::new();
+            for _ in 0..args.nodes.clamp(1, 64) {
+                v.push(Target::spawn(bin, &env).await?);
+            }
+            v
+        }
+        (Some(bin), _, _, None) => vec![Target::spawn(bin, &args.server_env).await?],
+        (None, Some(addr), Some(pid), _) => {
             if !addr.ip().is_loopback() {
                 return Err("--target must be a loopback address".into());
             }
-            Target::attach(addr, pid)
+            vec![Target::attach(addr, pid)]
         }
         _ => return Err("give --server-bin PATH, or --target ADDR --server-pid PID".into()),
     };
-    eprintln!("editiond-bench: server pid {} at {}", target.pid, target.addr);
+    for t in &targets {
+        eprintln!("editiond-bench: server pid {} at {}", t.pid, t.addr);
+    }
     let mut report = Report::default();
     let mut header = json!({
         "date": date_utc(),
@@ -224,7 +266,12 @@ async fn run(args: RunArgs) -> Result<bool, BoxError> {
         "app_servers": s.app_servers,
         "rates": s.rates,
         "duration_s": s.duration.as_secs_f64(),
+        "store": if redis.is_some() { "redis" } else { "sled" },
+        "nodes": targets.len(),
     });
+    if redis.is_some() {
+        header["redis_args"] = json!(redis_args);
+    }
     if s.clients + 100 > nofile as usize {
         report.notes.push(format!(
             "{} clients need more than this process's {nofile} open files",
@@ -236,14 +283,22 @@ async fn run(args: RunArgs) -> Result<bool, BoxError> {
         eprintln!("editiond-bench: {scenario:?} (load {})", sys::load_average());
         let result = match scenario {
             Scenario::Baseline => baseline::run(&s, &mut report).await,
-            Scenario::Idle => idle::run(&s, &mut target, &mut report).await,
-            Scenario::Put => put::run(&s, &mut target, &mut report).await,
-            Scenario::Storm => storm::run(&s, &mut target, &mut report).await,
+            Scenario::Idle => idle::run(&s, &mut targets, redis.as_ref(), &mut report).await,
+            Scenario::Put => put::run(&s, &mut targets, redis.as_ref(), &mut report).await,
+            Scenario::Storm if redis.is_some() => {
+                report
+                    .notes
+                    .push("storm is not run on Redis (one node's reconnects only)".into());
+                Ok(())
+            }
+            Scenario::Storm => storm::run(&s, &mut targets[0], &mut report).await,
         };
         if let Err(e) = result {
             report.fail(format!("{scenario:?}: {e}"));
         }
-        if let Err(e) = target.check_alive() {
+        let alive =
+            nodes::check_alive(&mut targets).and_then(|_| redis.as_mut().map_or(Ok(()), |r| r.check_alive()));
+        if let Err(e) = alive {
             report.fail(e.to_string());
             break;
         }

@@ -1,7 +1,9 @@
 //! The `put` scenario: N clients with K apps each stay connected and ACK every UPDATE while M app
 //! servers PUT to random endpoints, once per rate in `--rates` (0 = flat out). Reports PUT
 //! throughput and latency, PUT→UPDATE latency, delivered frames/s, and events lost: every
-//! version answered 202 must reach its client.
+//! version answered 202 must reach its client. With several nodes on one Redis the clients go
+//! round-robin over the nodes, each PUT goes to a random node (most cross nodes over pub/sub),
+//! CPU and RSS are the nodes' sums, and Redis's own CPU (per event too) is reported.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,13 +11,20 @@ use std::sync::Arc;
 use crate::client::Shared;
 use crate::fleet::{self, Held};
 use crate::load::{self, Endpoint, LoadSpec};
+use crate::redis::Redis;
 use crate::report::{Goal, Report};
-use crate::target::Target;
-use crate::{rate_label, BoxError, Settings};
+use crate::target::{nodes, Target};
+use crate::{rate_label, BoxError, Settings, KIB};
 
-pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Result<(), BoxError> {
+pub async fn run(
+    s: &Settings,
+    targets: &mut [Target],
+    redis: Option<&Redis>,
+    report: &mut Report,
+) -> Result<(), BoxError> {
     let slots = s.clients * s.apps;
-    let opened = fleet::enroll(target.addr, s.clients, s.apps, s.sources, s.connect_concurrency).await;
+    let addrs = nodes::addrs(targets);
+    let opened = fleet::enroll(&addrs, s.clients, s.apps, s.sources, s.connect_concurrency).await;
     if opened.errors > 0 {
         report.fail(format!(
             "put: {} clients failed to enroll ({})",
@@ -30,6 +39,7 @@ pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Resu
         endpoints.extend(ident.apps.iter().map(|a| Endpoint {
             path: a.path.clone(),
             slot: a.slot,
+            node: fleet::node_of(a.slot, s.apps, addrs.len()),
         }));
         held.hold(Arc::new(ident), ws);
     }
@@ -41,17 +51,24 @@ pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Resu
         let label = rate_label(rate);
         shared.latency.reset();
         let updates0 = shared.updates.load(Ordering::Relaxed);
-        let sync0 = target.buckets("editiond_store_sync_seconds").await?;
-        let cpu0 = target.cpu_seconds()?;
+        let sync0 = targets[0].buckets("editiond_store_sync_seconds").await?;
+        let cpu0 = nodes::cpu_seconds(targets)?;
+        let redis_cpu0 = redis.map(|r| r.cpu_seconds()).transpose()?;
+        let t0 = std::time::Instant::now();
         let spec = LoadSpec {
             app_servers: s.app_servers,
             rate,
             duration: s.duration,
         };
-        let r = load::run(target.addr, endpoints.clone(), &spec, sent.clone()).await?;
-        let cpu = target.cpu_seconds()? - cpu0;
-        let sync1 = target.buckets("editiond_store_sync_seconds").await?;
+        let r = load::run(&addrs, endpoints.clone(), &spec, sent.clone()).await?;
+        let cpu = nodes::cpu_seconds(targets)? - cpu0;
+        let sync1 = targets[0].buckets("editiond_store_sync_seconds").await?;
         let (lost, drain) = load::wait_delivered(&sent, &shared.received, s.drain).await;
+        // Redis's CPU from the first PUT until the last event arrived (the ACKs follow at once).
+        let redis_cpu = match (redis, redis_cpu0) {
+            (Some(rd), Some(c0)) => Some((rd.cpu_seconds()? - c0, t0.elapsed().as_secs_f64())),
+            _ => None,
+        };
         let updates = shared.updates.load(Ordering::Relaxed) - updates0;
         let frames_per_s = updates as f64 / (r.elapsed + drain).as_secs_f64();
         let u = shared.latency.summary();
@@ -92,13 +109,32 @@ pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Resu
             cpu * 1e6 / r.accepted.max(1) as f64,
             "us",
         );
-        // Compared with the disk's own write + fsync, measured by the baseline.
-        for (name, q, ceiling) in [
-            ("fsync_wait_p50_le", 0.5, "fsync_p50"),
-            ("fsync_wait_p99_le", 0.99, "fsync_p99"),
-        ] {
-            let waited = bucket_quantile(&sync0, &sync1, q) * 1e3;
-            report.add("put", &m(name), waited, "ms").ceiling = Some(ceiling.into());
+        if let Some((redis_cpu, secs)) = redis_cpu {
+            report.add("put", &m("cross_node_puts"), r.cross_node as f64, "");
+            report.add(
+                "put",
+                &m("nodes_rss"),
+                nodes::rss(targets)? as f64 / (KIB * KIB),
+                "MiB",
+            );
+            report.add("put", &m("redis_cpu"), redis_cpu / secs.max(1e-9), "cores");
+            report.add(
+                "put",
+                &m("redis_cpu_per_event"),
+                redis_cpu * 1e6 / r.accepted.max(1) as f64,
+                "us",
+            );
+        }
+        // Compared with the disk's own write + fsync, measured by the baseline (sled only: on
+        // Redis a 2xx waits for no fsync).
+        if redis.is_none() {
+            for (name, q, ceiling) in [
+                ("fsync_wait_p50_le", 0.5, "fsync_p50"),
+                ("fsync_wait_p99_le", 0.99, "fsync_p99"),
+            ] {
+                let waited = bucket_quantile(&sync0, &sync1, q) * 1e3;
+                report.add("put", &m(name), waited, "ms").ceiling = Some(ceiling.into());
+            }
         }
         report.add("put", &m("errors"), r.errors as f64, "").goal = Some(Goal::Zero);
         report.add("put", &m("events_lost"), lost as f64, "").goal = Some(Goal::Zero);
@@ -115,7 +151,7 @@ pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Resu
                 s.drain
             ));
         }
-        target.check_alive()?;
+        nodes::check_alive(targets)?;
     }
     let dropped = shared.errors.load(Ordering::Relaxed);
     held.close_all().await;

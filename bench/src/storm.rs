@@ -18,7 +18,7 @@ use crate::{BoxError, Settings};
 
 pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Result<(), BoxError> {
     let n = s.clients;
-    let opened = fleet::enroll(target.addr, n, 1, s.sources, s.connect_concurrency).await;
+    let opened = fleet::enroll(&[target.addr], n, 1, s.sources, s.connect_concurrency).await;
     if opened.errors > 0 {
         report.fail(format!(
             "storm: {} clients failed to enroll ({})",
@@ -45,6 +45,7 @@ pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Resu
             .map(|i| Endpoint {
                 path: i.apps[0].path.clone(),
                 slot: i.apps[0].slot,
+                node: 0,
             })
             .collect(),
     );

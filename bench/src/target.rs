@@ -189,3 +189,54 @@ impl Drop for Target {
         }
     }
 }
+
+/// The nodes of one service (one node on sled; one or more on one Redis), read as a whole.
+pub mod nodes {
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use super::Target;
+    use crate::BoxError;
+
+    pub fn addrs(nodes: &[Target]) -> Vec<SocketAddr> {
+        nodes.iter().map(|t| t.addr).collect()
+    }
+
+    /// Sum of the nodes' RSS, bytes.
+    pub fn rss(nodes: &[Target]) -> Result<u64, BoxError> {
+        nodes.iter().map(|t| t.rss()).sum()
+    }
+
+    /// Sum of the nodes' CPU seconds.
+    pub fn cpu_seconds(nodes: &[Target]) -> Result<f64, BoxError> {
+        nodes.iter().map(|t| t.cpu_seconds()).sum()
+    }
+
+    /// Sum of the nodes' open WebSocket connections.
+    pub async fn connections(nodes: &[Target]) -> Result<u64, BoxError> {
+        let mut total = 0;
+        for t in nodes {
+            total += t.connections().await?;
+        }
+        Ok(total)
+    }
+
+    /// Polls until the nodes hold at most `n` sockets in total, for up to `limit`.
+    pub async fn wait_connections_at_most(nodes: &[Target], n: u64, limit: Duration) -> Result<(), BoxError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let open = connections(nodes).await?;
+            if open <= n {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("the nodes still hold {open} sockets after {limit:?}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn check_alive(nodes: &mut [Target]) -> Result<(), BoxError> {
+        nodes.iter_mut().try_for_each(|t| t.check_alive())
+    }
+}
