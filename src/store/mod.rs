@@ -89,6 +89,10 @@ pub enum TokenTarget {
     Unknown,
 }
 
+/// A requested commit; see [`Store::request_commit`]. Tickets only grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CommitTicket(pub u64);
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepStats {
     pub expired_events: u64,
@@ -142,8 +146,21 @@ pub trait Store: Send + Sync + 'static {
     /// Compare-and-delete: clears the pending event if its version equals `version`.
     fn ack(&self, uaid: Uaid, appid: Appid, version: u64) -> impl Future<Output = Result<bool>> + Send;
 
-    /// Durability barrier; see the module documentation.
-    fn sync(&self) -> impl Future<Output = Result<()>> + Send;
+    /// Asks for a commit of every change made so far and returns at once. A caller with nothing
+    /// to answer yet (an ACK that no frame follows) takes a ticket now and waits for it with
+    /// [`Store::committed`] only before it next answers, so it never blocks on a commit that
+    /// nobody is waiting to see.
+    fn request_commit(&self) -> CommitTicket;
+
+    /// Waits until the commit asked for by `ticket` has finished; `Ok` means every change made
+    /// before [`Store::request_commit`] returned it survives a crash.
+    fn committed(&self, ticket: CommitTicket) -> impl Future<Output = Result<()>> + Send;
+
+    /// Durability barrier ([`Store::request_commit`] then [`Store::committed`]); see the module
+    /// documentation.
+    fn sync(&self) -> impl Future<Output = Result<()>> + Send {
+        self.committed(self.request_commit())
+    }
 
     /// Deletes events and tombstones that expired before `now_ms`.
     fn sweep(&self, now_ms: u64) -> impl Future<Output = Result<SweepStats>> + Send;
@@ -227,8 +244,12 @@ impl Store for AnyStore {
         delegate!(self, s => s.ack(uaid, appid, version).await)
     }
 
-    async fn sync(&self) -> Result<()> {
-        delegate!(self, s => s.sync().await)
+    fn request_commit(&self) -> CommitTicket {
+        delegate!(self, s => s.request_commit())
+    }
+
+    async fn committed(&self, ticket: CommitTicket) -> Result<()> {
+        delegate!(self, s => s.committed(ticket).await)
     }
 
     async fn sweep(&self, now_ms: u64) -> Result<SweepStats> {

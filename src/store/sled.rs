@@ -8,9 +8,11 @@
 //! caller's writes. A commit is `Db::flush` (which writes sled's log buffers to `<dir>/db`)
 //! followed by `fsync` (`File::sync_all`) of that file. The fsync is ours because on Linux
 //! sled's flush ends with `sync_file_range`, which neither flushes the drive's write cache nor
-//! the file's metadata: enough to survive a killed process, not a power cut. One flusher task
+//! the file's metadata: enough to survive a killed process, not a power cut. One flusher thread
 //! runs commits back to back; every caller that arrives while one runs shares the next, so N
-//! concurrent PUTs cost about two fsyncs, not N. Reads take no part: a caller that answers with
+//! concurrent PUTs cost about two fsyncs, not N. The thread is a plain OS thread, not a task
+//! plus `spawn_blocking` per commit: a commit then costs one wake-up of the thread and one
+//! broadcast to its waiters, and no hop through the runtime's blocking pool. Reads take no part: a caller that answers with
 //! what it read (an UPDATE, a 200 "already known") syncs first, because the value may come from
 //! another caller's write that is not yet committed. sled's own periodic flush (every 500 ms,
 //! also with fsync) is left on as a second line only.
@@ -19,11 +21,13 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use super::record::{appid_of_key, registration_key, Registration, TokenEntry};
 use super::MAX_SERVER_VERSION;
-use super::{PutOutcome, Registered, Result, Store, StoreError, SweepStats, TokenTarget, VersionReq};
+use super::{
+    CommitTicket, PutOutcome, Registered, Result, Store, StoreError, SweepStats, TokenTarget, VersionReq,
+};
 use crate::ids::{Appid, Uaid};
 use crate::keys::TokenId;
 
@@ -52,7 +56,17 @@ struct GroupCommit {
     requested: AtomicU64,
     /// Highest ticket covered by a finished flush, and whether that flush succeeded.
     done: watch::Sender<(u64, bool)>,
-    wake: Notify,
+    /// The flusher thread, unparked for each ticket (a no-op while it is busy committing).
+    flusher: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The flusher holds only a weak reference: wake it to see the store is gone and exit.
+        if let Some(thread) = self.commit.flusher.get() {
+            thread.unpark();
+        }
+    }
 }
 
 impl SledStore {
@@ -89,12 +103,17 @@ impl SledStore {
             commit: GroupCommit {
                 requested: AtomicU64::new(0),
                 done: watch::Sender::new((0, true)),
-                wake: Notify::new(),
+                flusher: std::sync::OnceLock::new(),
             },
             pending: AtomicI64::new(pending),
             write_timeout,
         });
-        tokio::spawn(flusher(inner.clone()));
+        let weak = Arc::downgrade(&inner);
+        let thread = std::thread::Builder::new()
+            .name("store-commit".into())
+            .spawn(move || flusher(weak))
+            .map_err(|e| StoreError::Io(format!("start the commit thread: {e}")))?;
+        let _ = inner.commit.flusher.set(thread.thread().clone());
         Ok(SledStore { inner })
     }
 
@@ -144,25 +163,22 @@ impl Inner {
     }
 }
 
-/// Runs flushes while tickets are waiting; lives as long as the runtime.
-async fn flusher(inner: Arc<Inner>) {
-    let commit = &inner.commit;
+/// Runs commits while tickets are waiting; ends when the store is dropped.
+fn flusher(inner: std::sync::Weak<Inner>) {
     loop {
+        let Some(inner) = inner.upgrade() else { return };
+        let commit = &inner.commit;
         let target = commit.requested.load(Ordering::SeqCst);
         if target <= commit.done.borrow().0 {
-            // A ticket taken after the load above left a permit, so this wakes at once.
-            commit.wake.notified().await;
+            drop(inner);
+            // A ticket taken after the load above unparked this thread, so park returns at once.
+            std::thread::park();
             continue;
         }
-        let committing = inner.clone();
-        let ok = match tokio::task::spawn_blocking(move || committing.commit()).await {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "store flush failed");
-                false
-            }
+        let ok = match inner.commit() {
+            Ok(()) => true,
             Err(e) => {
-                tracing::error!(error = %e, "store flush task failed");
+                tracing::error!(error = %e, "store flush failed");
                 false
             }
         };
@@ -315,11 +331,18 @@ impl Store for SledStore {
         Ok(cleared)
     }
 
-    async fn sync(&self) -> Result<()> {
+    fn request_commit(&self) -> CommitTicket {
+        let commit = &self.inner.commit;
+        let ticket = commit.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(thread) = commit.flusher.get() {
+            thread.unpark();
+        }
+        CommitTicket(ticket)
+    }
+
+    async fn committed(&self, CommitTicket(ticket): CommitTicket) -> Result<()> {
         let commit = &self.inner.commit;
         let mut done = commit.done.subscribe();
-        let ticket = commit.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        commit.wake.notify_one();
         let waited =
             tokio::time::timeout(self.inner.write_timeout, done.wait_for(|(d, _)| *d >= ticket)).await;
         match waited {
