@@ -2,7 +2,7 @@
 //! WebSocket (or polling) for that user agent get an UPDATE and ACK it.
 //!
 //! Modules by concern: [`proto`] (WebSocket messages, pure), [`session`] (the protocol rules of
-//! one connection, no sockets), [`ws`] (the socket loop), [`endpoint`] (app-server PUTs),
+//! one connection, no sockets; [`held`] its UAIDs), [`ws`] (the socket loop), [`endpoint`] (app-server PUTs),
 //! [`poll`] (REST clients), [`registry`] (which connection holds which UAID), [`route`] (which node
 //! holds it, on Redis), [`store`] (durable
 //! state behind a trait), [`keys`] (tokens and secrets), [`config`], [`metrics`], [`http`]
@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod endpoint;
+pub mod held;
 pub mod http;
 pub mod ids;
 pub mod keys;

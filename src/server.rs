@@ -14,7 +14,8 @@ use axum::routing::{get, post, put};
 use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::futures::Notified;
+use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
 use crate::http::HttpError;
@@ -38,6 +39,9 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Flips to `true` once to tell every socket and poll to finish.
     shutdown: watch::Sender<bool>,
+    /// Wakes every WebSocket when `shutdown` flips: a socket waits on this (a future kept
+    /// inline in its task) rather than on [`AppState::stopping`] (a boxed future per socket).
+    stop: Notify,
     /// Open sockets; shutdown waits for it to reach zero.
     sockets: watch::Sender<usize>,
 }
@@ -112,6 +116,7 @@ impl AppState {
             route: router.clone(),
             metrics: Metrics::default(),
             shutdown: watch::Sender::new(false),
+            stop: Notify::new(),
             sockets: watch::Sender::new(0),
         });
         if let (Some(router), Some(inbox)) = (router, inbox) {
@@ -167,6 +172,17 @@ impl AppState {
             .store_sync_seconds
             .observe(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Completes when shutdown begins, if `enable`d (or first polled) before it began; check
+    /// [`AppState::is_stopping`] after enabling it. For the WebSocket loop; see `stop`.
+    pub fn stop_notified(&self) -> Notified<'_> {
+        self.stop.notified()
     }
 
     /// Completes once shutdown has begun (at once if it already has).
@@ -271,6 +287,7 @@ pub async fn run(
             shutdown.await;
             tracing::info!("shutting down: closing sockets");
             signal_state.shutdown.send_replace(true);
+            signal_state.stop.notify_waiters();
         })
         .await?;
     let grace = Duration::from_secs(state.config.server.shutdown_grace_secs);

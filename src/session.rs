@@ -5,18 +5,18 @@
 //! register/unregister, at most one UPDATE in flight per UAID, ACKs clearing exactly what was
 //! sent. Because it never touches a socket, the rules read top to bottom in this file.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
 
+use crate::held::Held;
 use crate::ids::{Appid, Uaid};
 use crate::keys::TokenId;
 use crate::proto::{self, ClientMessage, Credential, EntryError, UaidStatus, WsError};
 use crate::registry::{Delivery, Mailbox};
 use crate::server::AppState;
-use crate::store::{now_ms, Registered, Store, StoreError};
+use crate::store::{now_ms, CommitTicket, Registered, Store, StoreError};
 
 impl From<StoreError> for WsError {
     fn from(e: StoreError) -> Self {
@@ -32,10 +32,12 @@ pub struct Session {
     mailbox: Arc<Mailbox>,
     greeted: bool,
     /// UAIDs this connection speaks for, each with the events of its UPDATE awaiting ACK.
-    held: HashMap<Uaid, Option<Vec<(Appid, u64)>>>,
+    held: Held,
     /// Default KICK settings from hello, applied to registrations that name none.
     kick: Vec<u8>,
     rate: RateLimit,
+    /// The commit asked for by this connection's last ACK, until a frame has waited for it.
+    unsettled: Option<CommitTicket>,
 }
 
 impl Session {
@@ -46,9 +48,10 @@ impl Session {
             conn_id: state.registry.next_conn_id(),
             mailbox: Arc::new(Mailbox::default()),
             greeted: false,
-            held: HashMap::new(),
+            held: Held::default(),
             kick: Vec::new(),
             rate,
+            unsettled: None,
             state,
         }
     }
@@ -63,6 +66,24 @@ impl Session {
 
     /// Handles one text frame. An `Err` is a protocol violation: send its frame, then close.
     pub async fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> Result<(), WsError> {
+        let handled = self.handle_text(text, out).await;
+        self.settle(handled.is_err() || !out.is_empty()).await?;
+        handled
+    }
+
+    /// Before any frame goes out after an ACK, the ACK's commit must have finished: a reply to a
+    /// later frame then proves the ACK survives a crash. An ACK that no frame follows waits for
+    /// nothing (its commit runs anyway, asked for by [`Self::ack`]).
+    async fn settle(&mut self, answering: bool) -> Result<(), WsError> {
+        if answering {
+            if let Some(ticket) = self.unsettled.take() {
+                self.state.store.committed(ticket).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_text(&mut self, text: &str, out: &mut Vec<String>) -> Result<(), WsError> {
         self.count_frame()?;
         let limits = &self.state.config.limits;
         let msg = proto::parse_client(text)?;
@@ -119,8 +140,9 @@ impl Session {
                 return Err(WsError::Replaced);
             }
         }
-        self.send_pending_after(&delivery.dirty, false, Some(&delivery), out)
-            .await
+        self.send_pending_after(&delivery.dirty, Some(&delivery), out)
+            .await?;
+        self.settle(!out.is_empty()).await
     }
 
     async fn claim(
@@ -139,7 +161,7 @@ impl Session {
         let (statuses, claimed) = authenticate_all(&self.state, &entries).await?;
         for uaid in &claimed {
             // Held first, so that Drop releases it even if routing it fails below.
-            self.held.entry(*uaid).or_insert(None);
+            self.held.insert(*uaid);
         }
         self.state.hold(&claimed, self.conn_id, &self.mailbox).await?;
         out.push(proto::uaids_reply(kind, &statuses));
@@ -166,7 +188,7 @@ impl Session {
     /// Parses a UAID and checks this connection speaks for it.
     fn held_uaid(&self, s: &str) -> Result<Uaid, EntryError> {
         let uaid = Uaid::parse(s).map_err(|_| EntryError::InvalidUaid)?;
-        if self.held.contains_key(&uaid) {
+        if self.held.contains(&uaid) {
             Ok(uaid)
         } else {
             Err(EntryError::UaidNotHeld)
@@ -246,43 +268,53 @@ impl Session {
     }
 
     async fn ack(&mut self, uaids: Vec<String>, out: &mut Vec<String>) -> Result<(), WsError> {
-        let mut acked = Vec::with_capacity(uaids.len());
+        // UAIDs with events announced while their UPDATE was in flight: read again below.
+        let mut reread = Vec::new();
+        let mut cleared = false;
         for s in &uaids {
             let uaid = Uaid::parse(s)
                 .map_err(|_| WsError::InvalidFrame("ack".into(), format!("{s:?} is not a UAID")))?;
             // A UAID not held or with nothing in flight: a late or repeated ACK, harmless.
-            let Some(events) = self.held.get_mut(&uaid).and_then(Option::take) else {
+            let Some(slot) = self.held.get_mut(&uaid) else {
                 continue;
             };
+            let Some(events) = slot.in_flight.take() else {
+                continue;
+            };
+            // Nothing was announced meanwhile: nothing new to read for it.
+            if std::mem::take(&mut slot.missed) {
+                reread.push(uaid);
+            }
             for (appid, version) in events {
                 if self.state.store.ack(uaid, appid, version).await? {
                     self.state.metrics.acks.inc();
+                    cleared = true;
                 }
             }
-            acked.push(uaid);
         }
-        if acked.is_empty() {
-            return Ok(());
+        if cleared {
+            // Committed in the background; `settle` waits for it before the next frame.
+            self.unsettled = Some(self.state.store.request_commit());
         }
-        // The ACK is durable before any later frame is answered (`send_pending` syncs), so a
-        // reply to a frame sent after an ACK proves the ACK survives a crash.
-        self.send_pending_after(&acked, true, None, out).await
+        // What arrived while the UPDATE was in flight goes out now (after a sync: nothing read
+        // here is known to be durable).
+        self.send_pending_after(&reread, None, out).await
     }
 
     /// Sends one UPDATE (split only to respect the frame limit) with the pending events of those
     /// `uaids` that are held and have nothing in flight.
     async fn send_pending(&mut self, uaids: &[Uaid], out: &mut Vec<String>) -> Result<(), WsError> {
-        self.send_pending_after(uaids, false, None, out).await
+        self.send_pending_after(uaids, None, out).await
     }
 
-    /// [`Self::send_pending`], syncing the store first when events go out or `sync` is set.
+    /// [`Self::send_pending`], syncing the store first when events go out.
     ///
     /// An event read from the store may have been raised by a PUT whose group commit is still
     /// running; a client must never see a version that a crash could take back (it would then
     /// see an older one again). So the events are read, then one sync covers them (and this
     /// connection's own writes, such as an ACK), then the UPDATE is queued.
     ///
-    /// That sync is skipped when `sync` is unset and `known` (the mailbox delivery that woke
+    /// That sync is skipped when `known` (the mailbox delivery that woke
     /// this call) covers every event read: each (APPID, version) was raised by a PUT on this
     /// node that saw its own sync return before it nudged, and no unregister has run since (see
     /// [`crate::registry::Registry::fact_epoch`]). Versions of a registration only grow, so the
@@ -293,15 +325,20 @@ impl Session {
     async fn send_pending_after(
         &mut self,
         uaids: &[Uaid],
-        sync: bool,
         known: Option<&Delivery>,
         out: &mut Vec<String>,
     ) -> Result<(), WsError> {
         let now = now_ms();
         let mut found = Vec::new();
         for uaid in uaids {
-            if !matches!(self.held.get(uaid), Some(None)) {
-                continue;
+            match self.held.get_mut(uaid) {
+                Some(slot) if slot.in_flight.is_none() => {}
+                // Read again after the ACK of the UPDATE in flight.
+                Some(slot) => {
+                    slot.missed = true;
+                    continue;
+                }
+                None => continue,
             }
             let events = self.state.store.pending(*uaid, now).await?;
             if !events.is_empty() {
@@ -313,20 +350,22 @@ impl Session {
                 .iter()
                 .all(|(uaid, events)| known.covers(&self.state.registry, uaid, events))
         });
-        if sync || (!found.is_empty() && !covered) {
+        if !found.is_empty() && !covered {
             self.state.sync().await?;
+            // That commit also covers this connection's ACKs.
+            self.unsettled = None;
         } else if !found.is_empty() {
             self.state.metrics.syncs_skipped.inc();
         }
         let mut update = proto::UpdateBuilder::new(self.state.config.limits.max_frame_bytes);
         for (uaid, events) in found {
             // A UAID named twice goes out once.
-            let Some(slot @ None) = self.held.get_mut(&uaid) else {
+            let Some(slot) = self.held.get_mut(&uaid).filter(|s| s.in_flight.is_none()) else {
                 continue;
             };
             update.add(uaid, &events, out);
             self.state.metrics.events_sent.inc_by(events.len() as u64);
-            *slot = Some(events);
+            slot.in_flight = Some(events);
         }
         let frames = update.finish(out);
         self.state.metrics.updates_sent.inc_by(frames as u64);
@@ -336,7 +375,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        for uaid in self.held.keys() {
+        for uaid in self.held.uaids() {
             self.state.unhold(*uaid, self.conn_id);
         }
     }
