@@ -217,14 +217,25 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// 200 while the store answers (a bounded PING on Redis), so a load balancer stops sending to a
+/// node that cannot serve; 503 with `Retry-After` when it does not, or once shutdown began.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     if *state.shutdown.borrow() {
         return HttpError::ShuttingDown.into_response();
     }
-    crate::http::json(
-        StatusCode::OK,
-        serde_json::json!({"status": "ok", "connections": *state.sockets.borrow()}).to_string(),
-    )
+    if let Err(e) = state.store.health().await {
+        tracing::warn!(error = %e, "health: the store does not answer");
+        return HttpError::StoreUnavailable {
+            retry_after_secs: state.config.store.retry_after_secs,
+        }
+        .into_response();
+    }
+    let body = serde_json::json!({
+        "status": "ok",
+        "store": state.store.backend(),
+        "connections": *state.sockets.borrow(),
+    });
+    crate::http::json(StatusCode::OK, body.to_string())
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
