@@ -56,6 +56,18 @@ pub struct Limits {
     pub ws_frames_per_sec: u32,
     /// Burst of frames allowed above that average.
     pub ws_frames_burst: u32,
+    /// PUTs per second one registration (endpoint) may make on average, counted on each node;
+    /// beyond it and the burst a PUT gets 429 with `Retry-After`. 0: no limit.
+    ///
+    /// Default 10, with a burst of 100: versions coalesce and a UAID has one UPDATE in flight,
+    /// so faster PUTs to one registration deliver nothing more; a 429 to an app server that
+    /// does not retry can cost the client the newest version, so the limit catches runaway
+    /// loops and leaves normal bursts alone (a backlog flushed after an outage, an update per
+    /// edit). Ten a second is about 0.1% of one node's PUT capacity (`bench/RESULTS.md`), and
+    /// ten times what the bench's flat-out run gives each of its 10,000 registrations.
+    pub put_rate_per_sec: u32,
+    /// PUTs one registration may make at once above that average (the bucket size).
+    pub put_burst: u32,
     /// Seconds a new socket has to send its hello before it is closed (4408).
     pub hello_timeout_secs: u64,
     /// Seconds without any frame from the client before the socket is closed (4408).
@@ -144,6 +156,8 @@ impl Default for Limits {
             max_kick_bytes: 2048,
             ws_frames_per_sec: 100,
             ws_frames_burst: 200,
+            put_rate_per_sec: 10,
+            put_burst: 100,
             hello_timeout_secs: 10,
             idle_timeout_secs: 600,
             send_timeout_secs: 10,
@@ -312,6 +326,10 @@ impl Config {
             l.ws_frames_per_sec >= 1,
             "limits.ws_frames_per_sec must be at least 1",
         )?;
+        check(
+            l.put_rate_per_sec == 0 || l.put_burst >= 1,
+            "limits.put_burst must be at least 1 unless limits.put_rate_per_sec is 0",
+        )?;
         check(l.max_ttl_secs >= 1, "limits.max_ttl_secs must be at least 1")?;
         check(
             l.read_buffer_bytes >= 256,
@@ -441,6 +459,21 @@ mod tests {
         )];
         let config = Config::load(None, good, &Flags::default()).unwrap();
         assert_eq!(config.public_url(), "https://push.example.com");
+    }
+
+    #[test]
+    fn put_rate_limit_is_set_by_env_and_needs_a_burst() {
+        let var = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let off = [var("EDITIOND_LIMITS__PUT_RATE_PER_SEC", "0")];
+        let config = Config::load(None, off, &Flags::default()).unwrap();
+        assert_eq!(config.limits.put_rate_per_sec, 0);
+        let no_burst = [var("EDITIOND_LIMITS__PUT_BURST", "0")];
+        assert!(Config::load(None, no_burst, &Flags::default()).is_err());
+        let off_no_burst = [
+            var("EDITIOND_LIMITS__PUT_RATE_PER_SEC", "0"),
+            var("EDITIOND_LIMITS__PUT_BURST", "0"),
+        ];
+        assert!(Config::load(None, off_no_burst, &Flags::default()).is_ok());
     }
 
     #[test]

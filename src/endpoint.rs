@@ -1,12 +1,14 @@
 //! `PUT /v1/e/{token}`: app servers announce a new version.
 //!
-//! Order matters: parse everything, resolve the token, compare-and-set in the store, wait for the
-//! group commit, and only then answer and nudge the connection holding the UAID. Both successes
-//! wait for the commit: a 202 for the version it raised, a 200 for the newer version it reports,
-//! which another request may have raised a moment ago and not yet made durable.
+//! Order matters: parse everything and verify the token's tag, take a token from the
+//! registration's rate-limit bucket (so a forged token costs no bucket and a limited PUT no
+//! store call), resolve the token, compare-and-set in the store, wait for the group commit, and
+//! only then answer and nudge the connection holding the UAID. Both successes wait for the
+//! commit: a 202 for the version it raised, a 200 for the newer version it reports, which
+//! another request may have raised a moment ago and not yet made durable.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -15,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use crate::http::{json, read_body, HttpError};
+use crate::ratelimit::retry_after_secs;
 use crate::registry::Durable;
 use crate::server::AppState;
 use crate::store::{now_ms, PutOutcome, Store, TokenTarget, VersionReq};
@@ -34,7 +37,7 @@ pub async fn put(
         Ok((status, version)) => json(status, format!("{{\"version\":{version}}}")),
         Err(e) => e.into_response(),
     };
-    state.metrics.count_put(response.status().as_u16());
+    state.metrics.count_put(response.status());
     response
 }
 
@@ -49,6 +52,13 @@ async fn put_version(
     let id = state.keys.open_token(token).ok_or(HttpError::UnknownToken)?;
     let version = parse_version(&body)?;
     let ttl = parse_ttl(headers, limits.default_ttl_secs, limits.max_ttl_secs)?;
+    if let Some(buckets) = &state.put_limit {
+        buckets
+            .take(id, Instant::now())
+            .map_err(|wait| HttpError::RateLimited {
+                retry_after_secs: retry_after_secs(wait),
+            })?;
+    }
     let unavailable = |e: crate::store::StoreError| {
         tracing::warn!(error = %e, "store error on PUT");
         HttpError::StoreUnavailable {

@@ -35,6 +35,8 @@ pub enum HttpError {
     Credentials { error: EntryError, uaid: String },
     #[error("UAID {0} is not among the authenticated UAIDs of this request")]
     UaidNotAuthenticated(String),
+    #[error("too many PUTs to this endpoint: retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
     #[error("the store cannot take the request now")]
     StoreUnavailable { retry_after_secs: u64 },
     #[error("the server is shutting down")]
@@ -66,6 +68,7 @@ impl HttpError {
                 StatusCode::from_u16(error.status()).unwrap_or(StatusCode::BAD_REQUEST)
             }
             HttpError::UaidNotAuthenticated(_) => StatusCode::FORBIDDEN,
+            HttpError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             HttpError::StoreUnavailable { .. } | HttpError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             HttpError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -84,6 +87,7 @@ impl HttpError {
             HttpError::TooManyUaids(_) => "too_many_uaids",
             HttpError::Credentials { error, .. } => error.slug(),
             HttpError::UaidNotAuthenticated(_) => "uaid_not_authenticated",
+            HttpError::RateLimited { .. } => "rate_limited",
             HttpError::StoreUnavailable { .. } => "store_unavailable",
             HttpError::ShuttingDown => "shutting_down",
             HttpError::NotFound => "not_found",
@@ -104,7 +108,8 @@ impl IntoResponse for HttpError {
         });
         let mut response = (status, axum::Json(body)).into_response();
         let retry_after = match self {
-            HttpError::StoreUnavailable { retry_after_secs } => Some(retry_after_secs),
+            HttpError::StoreUnavailable { retry_after_secs }
+            | HttpError::RateLimited { retry_after_secs } => Some(retry_after_secs),
             HttpError::ShuttingDown => Some(1),
             _ => None,
         };

@@ -3,6 +3,7 @@
 //! Counters are bumped where things happen; gauges that mirror state (pending events, held UAIDs)
 //! are read when scraped, so they cost nothing on the hot path.
 
+use axum::http::StatusCode;
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
@@ -14,6 +15,8 @@ pub struct Metrics {
     pub connections: IntGauge,
     pub held_uaids: IntGauge,
     pub pending: IntGauge,
+    /// PUT rate-limit buckets held: registrations PUT to within about their refill time.
+    pub put_buckets: IntGauge,
     puts: IntCounterVec,
     pub updates_sent: IntCounter,
     pub events_sent: IntCounter,
@@ -41,6 +44,10 @@ impl Default for Metrics {
             connections: gauge("connections", "Open WebSocket connections"),
             held_uaids: gauge("held_uaids", "UAIDs held by connections on this node"),
             pending: gauge("pending_events", "Pending events in the store"),
+            put_buckets: gauge(
+                "put_rate_buckets",
+                "Registrations with a PUT rate-limit bucket that is not full",
+            ),
             puts: family("puts_total", "Endpoint PUTs by HTTP status", "status"),
             updates_sent: counter("updates_sent_total", "UPDATE frames sent"),
             events_sent: counter("events_sent_total", "Events carried by UPDATE frames and polls"),
@@ -63,10 +70,11 @@ impl Default for Metrics {
             )
             .expect("valid metric"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
             Box::new(m.connections.clone()),
             Box::new(m.held_uaids.clone()),
             Box::new(m.pending.clone()),
+            Box::new(m.put_buckets.clone()),
             Box::new(m.puts.clone()),
             Box::new(m.updates_sent.clone()),
             Box::new(m.events_sent.clone()),
@@ -83,9 +91,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts one answered PUT.
-    pub fn count_put(&self, status: u16) {
-        self.puts.with_label_values(&[status.to_string()]).inc();
+    /// Counts one answered PUT (the label is the status's own `&'static str`: no allocation).
+    pub fn count_put(&self, status: StatusCode) {
+        self.puts.with_label_values(&[status.as_str()]).inc();
     }
 
     /// Counts one socket closed by the server with `code`.
@@ -109,12 +117,14 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let m = Metrics::default();
-        m.count_put(202);
+        m.count_put(StatusCode::ACCEPTED);
+        m.count_put(StatusCode::TOO_MANY_REQUESTS);
         m.acks.inc();
         m.store_sync_seconds.observe(0.001);
         let text = m.render();
         assert!(text.contains("# TYPE editiond_puts_total counter"), "{text}");
         assert!(text.contains("editiond_puts_total{status=\"202\"} 1"), "{text}");
+        assert!(text.contains("editiond_puts_total{status=\"429\"} 1"), "{text}");
         assert!(text.contains("editiond_acks_total 1"), "{text}");
         assert!(text.contains("editiond_store_sync_seconds_count 1"), "{text}");
         assert!(!text.contains("# EOF"), "{text}");

@@ -20,8 +20,9 @@ use tokio::sync::{watch, Notify};
 use crate::config::Config;
 use crate::http::HttpError;
 use crate::ids::Uaid;
-use crate::keys::{KeyError, Keys};
+use crate::keys::{KeyError, Keys, TokenId};
 use crate::metrics::Metrics;
+use crate::ratelimit::{Buckets, Rate};
 use crate::registry::{Durable, Mailbox, Registry};
 use crate::store::{now_ms, AnyStore, RedisStore, RedisTarget, SledStore, Store, StoreError};
 
@@ -37,6 +38,10 @@ pub struct AppState {
     /// Which node holds which UAID, with the Redis store; `None` on sled (one node).
     pub route: Option<Arc<crate::route::Router>>,
     pub metrics: Metrics,
+    /// PUT rate limit per registration, keyed by endpoint token, on this node only (nodes do not
+    /// share it: a registration PUT to through N nodes may get up to N times the rate). `None`
+    /// when `put_rate_per_sec` is 0. Pruned by the sweeper, so it holds only recent PUTs.
+    pub put_limit: Option<Buckets<TokenId>>,
     /// Flips to `true` once to tell every socket and poll to finish.
     shutdown: watch::Sender<bool>,
     /// Wakes every WebSocket when `shutdown` flips: a socket waits on this (a future kept
@@ -107,8 +112,12 @@ impl AppState {
             Some((router, inbox)) => (Some(router), Some(inbox)),
             None => (None, None),
         };
+        let limits = &config.limits;
+        let put_limit = (limits.put_rate_per_sec > 0)
+            .then(|| Buckets::new(Rate::new(limits.put_rate_per_sec, limits.put_burst)));
         let state = Arc::new(AppState {
             public_url: config.public_url(),
+            put_limit,
             config,
             keys,
             store,
@@ -224,19 +233,32 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// 200 while the store answers (a bounded PING on Redis), so a load balancer stops sending to a
+/// node that cannot serve; 503 with `Retry-After` when it does not, or once shutdown began.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     if *state.shutdown.borrow() {
         return HttpError::ShuttingDown.into_response();
     }
-    crate::http::json(
-        StatusCode::OK,
-        serde_json::json!({"status": "ok", "connections": *state.sockets.borrow()}).to_string(),
-    )
+    if let Err(e) = state.store.health().await {
+        tracing::warn!(error = %e, "health: the store does not answer");
+        return HttpError::StoreUnavailable {
+            retry_after_secs: state.config.store.retry_after_secs,
+        }
+        .into_response();
+    }
+    let body = serde_json::json!({
+        "status": "ok",
+        "store": state.store.backend(),
+        "connections": *state.sockets.borrow(),
+    });
+    crate::http::json(StatusCode::OK, body.to_string())
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.metrics.pending.set(state.store.pending_count() as i64);
     state.metrics.held_uaids.set(state.registry.len() as i64);
+    let buckets = state.put_limit.as_ref().map_or(0, Buckets::len);
+    state.metrics.put_buckets.set(buckets as i64);
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         state.metrics.render(),
@@ -244,28 +266,46 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// Deletes expired events and tombstones every `sweep_interval_secs`.
+/// Deletes expired events and tombstones every `sweep_interval_secs`, and forgets PUT buckets
+/// that are full again once per refill time (at least a second, at most a sweep interval), so
+/// the buckets held are about the registrations PUT to within the last two refill times.
 async fn sweep_loop(state: Arc<AppState>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(state.config.limits.sweep_interval_secs));
+    let sweep_every = Duration::from_secs(state.config.limits.sweep_interval_secs);
+    let mut tick = tokio::time::interval(sweep_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let prune_every = state.put_limit.as_ref().map_or(sweep_every, |b| {
+        b.rate()
+            .refill_time()
+            .clamp(Duration::from_secs(1), sweep_every.max(Duration::from_secs(1)))
+    });
+    let mut prune = tokio::time::interval(prune_every);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stopping = state.stopping();
     tokio::pin!(stopping);
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tick.tick() => sweep_store(&state).await,
+            _ = prune.tick() => {
+                if let Some(buckets) = &state.put_limit {
+                    buckets.prune(Instant::now());
+                }
+            }
             _ = &mut stopping => return,
         }
-        match state.store.sweep(now_ms()).await {
-            Ok(stats) if stats.expired_events + stats.expired_tombstones > 0 => {
-                tracing::info!(
-                    events = stats.expired_events,
-                    tombstones = stats.expired_tombstones,
-                    "swept expired entries"
-                );
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "sweep failed"),
+    }
+}
+
+async fn sweep_store(state: &AppState) {
+    match state.store.sweep(now_ms()).await {
+        Ok(stats) if stats.expired_events + stats.expired_tombstones > 0 => {
+            tracing::info!(
+                events = stats.expired_events,
+                tombstones = stats.expired_tombstones,
+                "swept expired entries"
+            );
         }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "sweep failed"),
     }
 }
 

@@ -14,6 +14,7 @@ use crate::held::Held;
 use crate::ids::{Appid, Uaid};
 use crate::keys::TokenId;
 use crate::proto::{self, ClientMessage, Credential, EntryError, UaidStatus, WsError};
+use crate::ratelimit::{Bucket, Rate};
 use crate::registry::{Delivery, Mailbox};
 use crate::server::AppState;
 use crate::store::{now_ms, CommitTicket, Registered, Store, StoreError};
@@ -35,7 +36,9 @@ pub struct Session {
     held: Held,
     /// Default KICK settings from hello, applied to registrations that name none.
     kick: Vec<u8>,
-    rate: RateLimit,
+    /// `ws_frames_per_sec` and `ws_frames_burst`, and this connection's bucket of frames.
+    frame_rate: Rate,
+    frames: Bucket,
     /// The commit asked for by this connection's last ACK, until a frame has waited for it.
     unsettled: Option<CommitTicket>,
 }
@@ -43,14 +46,15 @@ pub struct Session {
 impl Session {
     pub fn new(state: Arc<AppState>) -> Session {
         let limits = &state.config.limits;
-        let rate = RateLimit::new(limits.ws_frames_per_sec, limits.ws_frames_burst);
+        let frame_rate = Rate::new(limits.ws_frames_per_sec, limits.ws_frames_burst);
         Session {
             conn_id: state.registry.next_conn_id(),
             mailbox: Arc::new(Mailbox::default()),
             greeted: false,
             held: Held::default(),
             kick: Vec::new(),
-            rate,
+            frame_rate,
+            frames: Bucket::full(frame_rate, Instant::now()),
             unsettled: None,
             state,
         }
@@ -113,7 +117,7 @@ impl Session {
     /// Counts a frame against `ws_frames_per_sec`; WebSocket pings and pongs count too, so a
     /// flood of them is closed like any other.
     pub fn count_frame(&mut self) -> Result<(), WsError> {
-        if self.rate.allow(Instant::now()) {
+        if self.frames.take(self.frame_rate, Instant::now()).is_ok() {
             Ok(())
         } else {
             Err(WsError::RateLimited(self.state.config.limits.ws_frames_per_sec))
@@ -459,51 +463,5 @@ fn validate_kick(kick: Option<&Value>, max_bytes: usize) -> Result<Vec<u8>, WsEr
             }
         }
         Some(_) => Err(WsError::InvalidKick),
-    }
-}
-
-/// A token bucket: `per_sec` frames on average, `burst` at once.
-struct RateLimit {
-    tokens: f64,
-    per_sec: f64,
-    burst: f64,
-    last: Instant,
-}
-
-impl RateLimit {
-    fn new(per_sec: u32, burst: u32) -> RateLimit {
-        let burst = f64::from(burst.max(1));
-        RateLimit {
-            tokens: burst,
-            per_sec: f64::from(per_sec),
-            burst,
-            last: Instant::now(),
-        }
-    }
-
-    fn allow(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rate_limit_allows_burst_then_average() {
-        let start = Instant::now();
-        let mut r = RateLimit::new(10, 5);
-        assert!((0..5).all(|_| r.allow(start)));
-        assert!(!r.allow(start));
-        assert!(r.allow(start + std::time::Duration::from_millis(100)));
     }
 }

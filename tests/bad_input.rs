@@ -989,6 +989,97 @@ async fn put_to_unregistered_endpoint_is_410() {
     b.still_served(&mut server).await;
 }
 
+/// Reads UPDATEs for `uaid`, ACKing each, until every APPID in `want` has reached its version;
+/// panics on a version above the one wanted.
+async fn receive_until(c: &mut Client, uaid: &str, want: &[(&str, u64)]) {
+    let mut seen: std::collections::HashMap<String, u64> = Default::default();
+    while want.iter().any(|(a, v)| seen.get(*a) != Some(v)) {
+        let update = c.expect("update").await;
+        let events = update["updates"][uaid].as_object().expect("events for the UAID");
+        for (appid, version) in events {
+            let version = version.as_u64().expect("integer version");
+            let (_, wanted) = want.iter().find(|(a, _)| a == appid).expect("a wanted APPID");
+            assert!(version <= *wanted, "{update}");
+            seen.insert(appid.clone(), version);
+        }
+        c.ack(&[uaid]).await;
+    }
+    c.barrier().await;
+}
+
+/// One registration PUT to faster than `put_rate_per_sec` beyond `put_burst` gets 429 with
+/// `Retry-After`; its version is neither stored nor delivered; other registrations (of the same
+/// UAID too) are unaffected; after `Retry-After` the same version is accepted as new.
+#[tokio::test]
+async fn put_beyond_the_rate_limit_is_429_and_stores_nothing() {
+    let env = [
+        ("EDITIOND_LIMITS__PUT_RATE_PER_SEC", "1"),
+        ("EDITIOND_LIMITS__PUT_BURST", "3"),
+    ];
+    let (_dir, mut server, mut b) = endpoint_setup(&env).await;
+    let (mut c, uaid, _) = greeted(&server).await;
+    let (appid, other_appid) = (new_appid(), new_appid());
+    let endpoint = c.register(&uaid, &appid).await;
+    let other = c.register(&uaid, &other_appid).await;
+    let http = reqwest::Client::new();
+
+    // PUT until refused: the burst passes (a slow machine may earn a token or two meanwhile).
+    let mut accepted = 0;
+    let refused = loop {
+        let version = accepted + 1;
+        let r = http
+            .put(&endpoint)
+            .body(format!("version={version}"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 429 {
+            break (version, r);
+        }
+        assert_eq!(r.status(), 202);
+        accepted = version;
+        assert!(accepted < 50, "no PUT was ever refused");
+    };
+    let (rejected, r) = refused;
+    assert!(accepted >= 3, "the burst of 3 was refused after {accepted}");
+    let retry_after: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert_eq!(retry_after, 1, "at 1 PUT/s a token is at most a second away");
+    assert_http_error(r, 429, "rate_limited").await;
+
+    // A tampered token is rejected before any bucket is looked at: 404, not 429.
+    let (base, token) = endpoint.rsplit_once('/').unwrap();
+    let flipped = if token.starts_with('A') { 'B' } else { 'A' };
+    let tampered = format!("{base}/{flipped}{}", &token[1..]);
+    let r = http.put(&tampered).body("version=1").send().await.unwrap();
+    assert_http_error(r, 404, "unknown_token").await;
+
+    // Another registration of the same UAID, and of another UAID, are served.
+    assert_eq!(put_version(&http, &other, 1).await, 202);
+    receive_until(&mut c, &uaid, &[(&appid, accepted), (&other_appid, 1)]).await;
+    b.still_served(&mut server).await;
+    // The refused version never reaches the client.
+    c.expect_silence(Duration::from_millis(300)).await;
+
+    // After Retry-After the refused version is new to the store (202, not 200) and delivered.
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    assert_eq!(put_version(&http, &endpoint, rejected).await, 202);
+    receive_until(&mut c, &uaid, &[(&appid, rejected)]).await;
+
+    let metrics = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("editiond_puts_total{status=\"429\"}"),
+        "{metrics}"
+    );
+    b.still_served(&mut server).await;
+}
+
 #[tokio::test]
 async fn websocket_path_without_a_handshake_gets_a_json_error() {
     let (_dir, mut server, mut b) = endpoint_setup(&[]).await;

@@ -254,7 +254,10 @@ async fn health_metrics_and_graceful_shutdown() {
     let mut server = Server::start(dir.path()).await;
     let http = reqwest::Client::new();
     let r = http.get(server.url("/health")).send().await.unwrap();
-    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["status"], "ok");
+    assert_eq!(r.status(), 200);
+    let health = r.json::<serde_json::Value>().await.unwrap();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["store"], "sled", "{health}");
     let mut c = Client::connect(&server).await;
     let creds = c.hello_new(1).await;
     let endpoint = c.register(&creds[0].0, &new_appid()).await;

@@ -40,6 +40,46 @@ async fn start_nodes(base: &std::path::Path, redis: &RedisServer, n: usize) -> V
     nodes
 }
 
+/// `GET /health` on `node`: the status, `Retry-After` if any, and the JSON body.
+async fn health(http: &reqwest::Client, node: &Server) -> (u16, Option<String>, Value) {
+    let r = http.get(node.url("/health")).send().await.unwrap();
+    let status = r.status().as_u16();
+    let retry_after = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (status, retry_after, r.json().await.unwrap())
+}
+
+/// `/health` of `node` answers 200 for the Redis store within 15 s (it reconnects by itself).
+async fn wait_healthy(http: &reqwest::Client, node: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _, body) = health(http, node).await;
+        if status == 200 {
+            assert_eq!(body["store"], "redis", "{body}");
+            return;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(Instant::now() < deadline, "/health did not recover: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `/health` of `node` is 503 `store_unavailable` with `Retry-After`, within the Redis bound.
+async fn assert_unhealthy(http: &reqwest::Client, node: &Server) {
+    let started = Instant::now();
+    let (status, retry_after, body) = health(http, node).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("2"));
+    assert_eq!(body["error"], "store_unavailable", "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// One client: its node, its credentials, its endpoints by APPID.
 struct Peer {
     node: usize,
@@ -189,11 +229,16 @@ async fn three_nodes_deliver_exactly_once_survive_a_node_and_a_redis_outage() {
         "{:?}",
         started.elapsed()
     );
+    // /health says so (a bounded PING), so a load balancer can take the node out.
+    assert_unhealthy(&http, &nodes[1]).await;
     assert!(Command::new("kill")
         .args(["-CONT", &pid])
         .status()
         .unwrap()
         .success());
+    for node in &nodes[1..] {
+        wait_healthy(&http, node).await;
+    }
 
     // Redis dies and comes back on the same port with its AOF.
     redis.kill();
@@ -208,6 +253,7 @@ async fn three_nodes_deliver_exactly_once_survive_a_node_and_a_redis_outage() {
     assert!(r.headers().contains_key("retry-after"));
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "store_unavailable");
+    assert_unhealthy(&http, &nodes[2]).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Sockets stayed open through the outage.
     for peer in kept.iter_mut().chain(orphans.iter_mut()) {
@@ -234,6 +280,9 @@ async fn three_nodes_deliver_exactly_once_survive_a_node_and_a_redis_outage() {
     for peer in kept.iter_mut().chain(orphans.iter_mut()) {
         peer.receive_round(12).await;
         peer.client.expect_silence(Duration::from_millis(200)).await;
+    }
+    for node in &nodes[1..] {
+        wait_healthy(&http, node).await;
     }
 }
 

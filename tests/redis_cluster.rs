@@ -103,6 +103,8 @@ async fn store_scripts_run_on_every_shard() {
         let keys = raw_command(node.port, "DBSIZE").unwrap();
         assert!(!keys.starts_with(":0"), "node {} is empty: {keys}", node.port);
     }
+    // The health probe PINGs every primary.
+    store.health().await.unwrap();
 }
 
 #[tokio::test]

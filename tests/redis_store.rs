@@ -246,6 +246,14 @@ async fn outage_gives_bounded_errors_then_heals() {
         "{:?}",
         started.elapsed()
     );
+    // The health probe fails too, within the same bound.
+    let started = std::time::Instant::now();
+    assert!(store.health().await.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     redis.restart();
     // The same store handle reconnects by itself; the acknowledged write survived (AOF).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -253,6 +261,7 @@ async fn outage_gives_bounded_errors_then_heals() {
         match store.pending(uaid, now_ms()).await {
             Ok(p) => {
                 assert_eq!(p, vec![(appid, 1)]);
+                store.health().await.expect("healthy once Redis answers");
                 break;
             }
             Err(e) => assert!(std::time::Instant::now() < deadline, "no recovery: {e}"),

@@ -167,6 +167,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Pending events held now (for metrics; may lag by a sweep).
     fn pending_count(&self) -> u64;
+
+    /// Whether the store answers now, within its usual time bound (for `GET /health`).
+    fn health(&self) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// The store chosen by `store.backend`. An enum, not a trait object: the trait's methods return
@@ -188,6 +191,14 @@ macro_rules! delegate {
 }
 
 impl AnyStore {
+    /// The backend's name, as in `store.backend`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            AnyStore::Sled(_) => "sled",
+            AnyStore::Redis(_) => "redis",
+        }
+    }
+
     /// Makes everything written so far durable, synchronously; used at shutdown.
     pub fn flush_now(&self) -> Result<()> {
         match self {
@@ -258,6 +269,10 @@ impl Store for AnyStore {
 
     fn pending_count(&self) -> u64 {
         delegate!(self, s => s.pending_count())
+    }
+
+    async fn health(&self) -> Result<()> {
+        delegate!(self, s => s.health().await)
     }
 }
 

@@ -836,6 +836,13 @@ impl Store for RedisStore {
         let unflushed = self.gauge.unflushed.load(Ordering::Relaxed);
         shared.saturating_add(unflushed).max(0) as u64
     }
+
+    async fn health(&self) -> Result<()> {
+        // One PING within `redis_timeout_ms`; on a cluster the client sends it to every primary
+        // and succeeds only if all answer.
+        let _: redis::Value = self.query(&redis::cmd("PING")).await?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -80,6 +80,7 @@ macro_rules! store_suite {
                 sweep_deletes_expired_events_only,
                 pending_count_tracks_every_change,
                 sync_succeeds,
+                a_fresh_store_is_healthy,
                 concurrent_puts_end_at_the_max,
                 concurrent_puts_and_acks_lose_nothing,
             );
@@ -613,6 +614,10 @@ pub async fn sync_succeeds<S: Store>(s: Arc<S>) {
         t.await.unwrap().unwrap();
     }
     assert_eq!(pending(&*s, uaid).await, vec![(appid, 33)]);
+}
+
+pub async fn a_fresh_store_is_healthy<S: Store>(s: Arc<S>) {
+    s.health().await.unwrap();
 }
 
 pub async fn concurrent_puts_end_at_the_max<S: Store>(s: Arc<S>) {
