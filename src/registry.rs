@@ -56,7 +56,7 @@ struct Marks {
 #[derive(Default, Debug)]
 pub struct Delivery {
     pub dirty: Vec<Uaid>,
-    /// The durable facts that came with the dirty marks.
+    /// The durable facts that came with the dirty marks (possibly none for a UAID).
     pub durable: HashMap<Uaid, Vec<Durable>>,
     pub lost: Vec<Uaid>,
 }
@@ -113,19 +113,13 @@ impl Mailbox {
         self.wake.notify_one();
     }
 
-    /// Takes everything left so far.
+    /// Takes everything left so far. The sets are moved out, not drained: an idle connection's
+    /// mailbox keeps no capacity from its last delivery.
     pub fn take(&self) -> Delivery {
         let mut marks = self.lock();
-        let mut dirty = Vec::with_capacity(marks.dirty.len());
-        let mut durable = HashMap::new();
-        for (uaid, facts) in marks.dirty.drain() {
-            dirty.push(uaid);
-            if !facts.is_empty() {
-                durable.insert(uaid, facts);
-            }
-        }
+        let durable = std::mem::take(&mut marks.dirty);
         Delivery {
-            dirty,
+            dirty: durable.keys().copied().collect(),
             durable,
             lost: std::mem::take(&mut marks.lost),
         }
@@ -309,7 +303,7 @@ mod tests {
         );
         // Taken with the mark: nothing is left for the next delivery.
         m.mark_dirty(u);
-        assert!(m.take().durable.is_empty());
+        assert!(m.take().durable[&u].is_empty());
         // Bounded per UAID.
         for _ in 0..100 {
             m.mark(u, fact(Appid::random(), 1, 0));

@@ -60,6 +60,10 @@ impl Session {
         }
     }
 
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
     pub fn mailbox(&self) -> &Arc<Mailbox> {
         &self.mailbox
     }

@@ -50,101 +50,140 @@ enum End {
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 
 /// Sized for the idle socket: this future is the whole of a connection's task, allocated for its
-/// lifetime, so what only handling a frame needs is boxed while it runs (the socket and the frame
-/// handlers live on the heap: 2,576 → 952 bytes per task, measured with -Zprint-type-sizes).
+/// lifetime, so it holds only what the idle wait needs, and everything the loop does when woken
+/// (handling a frame, sending, closing) runs boxed, on the heap only while it runs. The task went
+/// from 2,576 to 1,024 bytes this way (measured with -Zprint-type-sizes; see bench/RESULTS.md).
 async fn serve(state: Arc<AppState>, mut socket: Box<WebSocket>) {
     let _open = state.open_socket();
     let limits = &state.config.limits;
-    let send_timeout = Duration::from_secs(limits.send_timeout_secs);
     let mut session = Session::new(state.clone());
     let mailbox = session.mailbox().clone();
     let stopping = state.stop_notified();
     tokio::pin!(stopping);
     stopping.as_mut().enable();
-    let hello_deadline = Instant::now() + Duration::from_secs(limits.hello_timeout_secs);
-    let idle = Duration::from_secs(limits.idle_timeout_secs);
-    let mut last_heard = Instant::now();
-    let mut out = Vec::new();
+    // The hello deadline until hello, then the idle deadline from the last frame heard.
+    let mut deadline = Instant::now() + Duration::from_secs(limits.hello_timeout_secs);
 
-    let end = 'serve: loop {
+    let end = loop {
         if state.is_stopping() {
             break End::Close(WsError::ShuttingDown);
         }
-        let deadline = if session.greeted() {
-            last_heard + idle
-        } else {
-            hello_deadline
-        };
-        let step = tokio::select! {
+        let wake = tokio::select! {
             biased;
-            _ = &mut stopping => Err(WsError::ShuttingDown),
-            msg = socket.recv() => {
-                last_heard = Instant::now();
-                match msg {
-                    None => break End::PeerGone,
-                    Some(Ok(Message::Close(_))) => break End::PeerClosed,
-                    Some(Ok(Message::Text(text))) => Box::pin(session.on_text(text.as_str(), &mut out)).await,
-                    Some(Ok(Message::Binary(_))) => Err(WsError::BinaryFrame),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => session.count_frame(),
-                    Some(Err(e)) => match classify(e, limits.max_frame_bytes) {
-                        Some(err) => Err(err),
-                        None => break End::PeerGone,
-                    },
-                }
-            }
-            _ = mailbox.wake.notified() => Box::pin(session.on_mailbox(&mut out)).await,
-            _ = sleep_until(deadline) => Err(if session.greeted() {
-                WsError::IdleTimeout(limits.idle_timeout_secs)
-            } else {
-                WsError::HelloTimeout(limits.hello_timeout_secs)
-            }),
+            _ = &mut stopping => Wake::Stop,
+            msg = socket.recv() => Wake::Frame(msg),
+            _ = mailbox.wake.notified() => Wake::Mailbox,
+            _ = sleep_until(deadline) => Wake::Deadline,
         };
-        // Taken, not drained: an idle socket keeps no spare capacity.
-        for frame in std::mem::take(&mut out) {
-            let sent = timeout(send_timeout, socket.send(Message::Text(frame.into()))).await;
-            if !matches!(sent, Ok(Ok(()))) {
-                tracing::debug!("dropping a client that does not read");
-                break 'serve End::PeerGone;
-            }
-        }
-        if let Err(e) = step {
-            break End::Close(e);
+        if let Some(end) = Box::pin(step(&mut session, &mut socket, wake, &mut deadline)).await {
+            break end;
         }
     };
+    Box::pin(finish(&state, &mut socket, end)).await;
+}
 
+/// What woke the connection's loop.
+enum Wake {
+    Stop,
+    Frame(Option<Result<Message, axum::Error>>),
+    Mailbox,
+    Deadline,
+}
+
+/// Handles what woke the loop and sends the frames that produced; `Some` ends the connection.
+async fn step(
+    session: &mut Session,
+    socket: &mut WebSocket,
+    wake: Wake,
+    deadline: &mut Instant,
+) -> Option<End> {
+    let state = session.state().clone();
+    let limits = &state.config.limits;
+    let mut out = Vec::new();
+    let heard = matches!(wake, Wake::Frame(_));
+    let result = match wake {
+        Wake::Stop => Err(WsError::ShuttingDown),
+        Wake::Frame(None) => return Some(End::PeerGone),
+        Wake::Frame(Some(Ok(Message::Close(_)))) => return Some(End::PeerClosed),
+        Wake::Frame(Some(Ok(Message::Text(text)))) => session.on_text(text.as_str(), &mut out).await,
+        Wake::Frame(Some(Ok(Message::Binary(_)))) => Err(WsError::BinaryFrame),
+        Wake::Frame(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => session.count_frame(),
+        Wake::Frame(Some(Err(e))) => match classify(e, limits.max_frame_bytes) {
+            Some(err) => Err(err),
+            None => return Some(End::PeerGone),
+        },
+        Wake::Mailbox => session.on_mailbox(&mut out).await,
+        Wake::Deadline => Err(if session.greeted() {
+            WsError::IdleTimeout(limits.idle_timeout_secs)
+        } else {
+            WsError::HelloTimeout(limits.hello_timeout_secs)
+        }),
+    };
+    if heard && session.greeted() {
+        *deadline = Instant::now() + Duration::from_secs(limits.idle_timeout_secs);
+    }
+    if !out.is_empty() && !send_all(socket, out, send_timeout(limits)).await {
+        tracing::debug!("dropping a client that does not read");
+        return Some(End::PeerGone);
+    }
+    result.err().map(End::Close)
+}
+
+/// Ends the connection as `end` says.
+async fn finish(state: &AppState, socket: &mut WebSocket, end: End) {
+    let send_timeout = send_timeout(&state.config.limits);
     match end {
         // tungstenite queued the close reply when it read the peer's close; send it.
         End::PeerClosed => {
-            let _ = timeout(send_timeout, SinkExt::flush(&mut *socket)).await;
+            let _ = timeout(send_timeout, SinkExt::flush(socket)).await;
         }
         End::PeerGone => {}
-        End::Close(err) => {
-            let code = err.close_code();
-            state.metrics.count_close(code);
-            tracing::debug!(code, error = err.slug(), "closing socket");
-            let sent = timeout(send_timeout, async {
-                socket.send(Message::Text(err.frame().into())).await?;
-                socket
-                    .send(Message::Close(Some(CloseFrame {
-                        code,
-                        reason: err.slug().into(),
-                    })))
-                    .await
-            })
-            .await;
-            // Wait for the peer's close, discarding what it still sends: dropping a socket with
-            // unread input resets it, and the reset can destroy the error frame in flight.
-            if matches!(sent, Ok(Ok(()))) {
-                let _ = timeout(CLOSE_HANDSHAKE, async {
-                    while let Some(Ok(msg)) = socket.recv().await {
-                        if matches!(msg, Message::Close(_)) {
-                            break;
-                        }
-                    }
-                })
-                .await;
-            }
+        End::Close(err) => close(state, socket, err, send_timeout).await,
+    }
+}
+
+fn send_timeout(limits: &crate::config::Limits) -> Duration {
+    Duration::from_secs(limits.send_timeout_secs)
+}
+
+/// Sends `frames` in order; `false` if the client did not take one within `send_timeout`.
+/// Boxed by the caller, like everything the loop awaits only while busy (see [`serve`]).
+async fn send_all(socket: &mut WebSocket, frames: Vec<String>, send_timeout: Duration) -> bool {
+    for frame in frames {
+        let sent = timeout(send_timeout, socket.send(Message::Text(frame.into()))).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return false;
         }
+    }
+    true
+}
+
+/// Sends the error frame and the close frame for `err`, then waits briefly for the peer's close.
+async fn close(state: &AppState, socket: &mut WebSocket, err: WsError, send_timeout: Duration) {
+    let code = err.close_code();
+    state.metrics.count_close(code);
+    tracing::debug!(code, error = err.slug(), "closing socket");
+    let sent = timeout(send_timeout, async {
+        socket.send(Message::Text(err.frame().into())).await?;
+        socket
+            .send(Message::Close(Some(CloseFrame {
+                code,
+                reason: err.slug().into(),
+            })))
+            .await
+    })
+    .await;
+    // Wait for the peer's close, discarding what it still sends: dropping a socket with unread
+    // input resets it, and the reset can destroy the error frame in flight.
+    if matches!(sent, Ok(Ok(()))) {
+        let _ = timeout(CLOSE_HANDSHAKE, async {
+            while let Some(Ok(msg)) = socket.recv().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 
