@@ -1,5 +1,7 @@
 //! The `storm` scenario: N clients (one app each) connect and register, all disconnect, one event
-//! per client piles up, then all reconnect at once (`--connect-concurrency` at a time). Reports
+//! per client piles up, then app servers PUT flat out for `--duration` to the absent clients
+//! (durable PUT throughput without delivery, against the bare hyper ceiling), then all reconnect
+//! at once (`--connect-concurrency` at a time). Reports
 //! the time until every pending event is delivered and ACKed, where a reconnect spends its time
 //! (connect, hello, UPDATE; a reconnect holds its concurrency slot until its UPDATE is ACKed),
 //! and events lost.
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::client::{self, Shared};
 use crate::fleet::{self, Held};
 use crate::hist::Histogram;
-use crate::load::{self, Endpoint};
+use crate::load::{self, Endpoint, LoadSpec};
 use crate::report::{Goal, Report};
 use crate::target::Target;
 use crate::{BoxError, Settings};
@@ -50,13 +52,26 @@ pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Resu
             .collect(),
     );
     let sent = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
-    let piled = load::put_each_once(target.addr, endpoints, s.app_servers, sent.clone()).await?;
-    if piled.errors > 0 {
-        report.fail(format!(
-            "storm: {} PUTs failed ({})",
-            piled.errors,
-            piled.first_error.clone().unwrap_or_default()
-        ));
+    let piled = load::put_each_once(target.addr, endpoints.clone(), s.app_servers, sent.clone()).await?;
+    // Then flat out for --duration while nobody is connected: the durable PUT path alone (token,
+    // compare-and-set, group commit, 202), the same work the bare hyper ceiling is compared with
+    // minus delivery. Versions coalesce, so each client still has one event pending.
+    let cpu0 = target.cpu_seconds()?;
+    let spec = LoadSpec {
+        app_servers: s.app_servers,
+        rate: 0,
+        duration: s.duration,
+    };
+    let offline = load::run(&[target.addr], endpoints, &spec, sent.clone()).await?;
+    let offline_cpu = target.cpu_seconds()? - cpu0;
+    for (what, r) in [("PUTs", &piled), ("offline PUTs", &offline)] {
+        if r.errors > 0 {
+            report.fail(format!(
+                "storm: {} {what} failed ({})",
+                r.errors,
+                r.first_error.clone().unwrap_or_default()
+            ));
+        }
     }
 
     // All reconnect at once; each starts holding (and ACKing) as soon as its hello is answered.
@@ -126,6 +141,25 @@ pub async fn run(s: &Settings, target: &mut Target, report: &mut Report) -> Resu
         piled.accepted as f64 / piled.elapsed.as_secs_f64(),
         "/s",
     );
+    let row = report.add("storm", "offline_put_rate@max", offline.throughput(), "/s");
+    row.ceiling = Some("put_rate@max".into());
+    row.goal = Some(Goal::RatioAtLeast(0.6));
+    for (name, value) in [
+        ("offline_put_p50@max", offline.latency.p50),
+        ("offline_put_p99@max", offline.latency.p99),
+    ] {
+        let ceiling = name.trim_start_matches("offline_");
+        report.add("storm", name, value as f64 / 1000.0, "ms").ceiling = Some(ceiling.into());
+    }
+    report.add(
+        "storm",
+        "offline_server_cpu_per_put@max",
+        offline_cpu * 1e6 / offline.accepted.max(1) as f64,
+        "us",
+    );
+    report
+        .add("storm", "offline_errors@max", offline.errors as f64, "")
+        .goal = Some(Goal::Zero);
     report.add("storm", "all_delivered", delivered.as_secs_f64(), "s");
     let row = report.add("storm", "all_delivered_acked", served.as_secs_f64(), "s");
     row.ceiling = Some("storm_s".into());
