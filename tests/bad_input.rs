@@ -1065,14 +1065,7 @@ async fn put_beyond_the_rate_limit_is_429_and_stores_nothing() {
     assert_eq!(put_version(&http, &endpoint, rejected).await, 202);
     receive_until(&mut c, &uaid, &[(&appid, rejected)]).await;
 
-    let metrics = http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics(&http).await;
     assert!(
         metrics.contains("editiond_puts_total{status=\"429\"}"),
         "{metrics}"

@@ -263,14 +263,7 @@ async fn health_metrics_and_graceful_shutdown() {
     let endpoint = c.register(&creds[0].0, &new_appid()).await;
     assert_eq!(put_version(&http, &endpoint, 1).await, 202);
     c.expect("update").await;
-    let text = http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics(&http).await;
     for needle in [
         "editiond_connections 1",
         "editiond_puts_total{status=\"202\"} 1",
