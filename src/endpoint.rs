@@ -42,7 +42,7 @@ pub async fn put(
 }
 
 async fn put_version(
-    state: &AppState,
+    state: &Arc<AppState>,
     token: &str,
     headers: &HeaderMap,
     body: Body,
@@ -82,7 +82,9 @@ async fn put_version(
         .map_err(unavailable)?
     {
         PutOutcome::Raised(v) => {
+            let mut nudge = NudgeOnDrop(Some((state.clone(), uaid)));
             state.sync().await.map_err(unavailable)?;
+            nudge.0 = None;
             // v is committed now: the holder may send it without a sync of its own.
             let durable = epoch.map(|epoch| Durable {
                 appid,
@@ -100,6 +102,27 @@ async fn put_version(
         }
         PutOutcome::Gone => Err(HttpError::Gone),
         PutOutcome::Exhausted => Err(HttpError::VersionExhausted),
+    }
+}
+
+/// A raised version must reach the connection holding its UAID even when the request ends
+/// before its nudge: the app server hung up during the commit (the handler is dropped) or the
+/// commit failed (503). Dropped while set, this nudges with no durable fact, so the holder reads
+/// the store and syncs itself before it sends anything.
+struct NudgeOnDrop(Option<(Arc<AppState>, crate::ids::Uaid)>);
+
+impl Drop for NudgeOnDrop {
+    fn drop(&mut self) {
+        let Some((state, uaid)) = self.0.take() else {
+            return;
+        };
+        if state.registry.nudge_with(uaid, None) {
+            return;
+        }
+        // Another node may hold it (Redis): publish from a task, if the runtime still runs.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { state.nudge(uaid, None).await });
+        }
     }
 }
 

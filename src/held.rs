@@ -14,8 +14,6 @@ use crate::ids::{Appid, Uaid};
 pub struct Slot {
     /// The events of the UPDATE awaiting its ACK.
     pub in_flight: Option<Vec<(Appid, u64)>>,
-    /// New events were announced while that UPDATE was in flight: read the store after the ACK.
-    pub missed: bool,
 }
 
 /// UAID → [`Slot`], small for the common case.
@@ -113,11 +111,14 @@ mod tests {
         held.insert(a);
         held.insert(a);
         assert!(matches!(held, Held::One(..)) && held.len() == 1);
-        held.get_mut(&a).unwrap().missed = true;
+        held.get_mut(&a).unwrap().in_flight = Some(Vec::new());
         held.insert(b);
         held.insert(c);
         assert_eq!(held.len(), 3);
-        assert!(held.get(&a).unwrap().missed, "the first slot survives the switch");
+        assert!(
+            held.get(&a).unwrap().in_flight.is_some(),
+            "the first slot survives the switch"
+        );
         let mut all: Vec<_> = held.uaids().copied().collect();
         all.sort_by_key(|u| u.to_string());
         let mut want = vec![a, b, c];

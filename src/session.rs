@@ -72,26 +72,20 @@ impl Session {
         self.greeted
     }
 
-    /// Handles one text frame. An `Err` is a protocol violation: send its frame, then close.
-    pub async fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> Result<(), WsError> {
-        let handled = self.handle_text(text, out).await;
-        self.settle(handled.is_err() || !out.is_empty()).await?;
-        handled
-    }
-
-    /// Before any frame goes out after an ACK, the ACK's commit must have finished: a reply to a
-    /// later frame then proves the ACK survives a crash. An ACK that no frame follows waits for
-    /// nothing (its commit runs anyway, asked for by [`Self::ack`]).
-    async fn settle(&mut self, answering: bool) -> Result<(), WsError> {
-        if answering {
-            if let Some(ticket) = self.unsettled.take() {
-                self.state.store.committed(ticket).await?;
-            }
+    /// Waits for the commit of this connection's last ACK, if nothing has waited for it yet. The
+    /// socket loop calls it before any frame goes out (replies, UPDATEs, pongs, error and close
+    /// frames): a frame the client hears after its ACK then proves the ACK survives a crash. An
+    /// ACK that no frame follows waits for nothing (its commit runs anyway, asked for by
+    /// [`Self::ack`]).
+    pub async fn settle(&mut self) -> Result<(), WsError> {
+        if let Some(ticket) = self.unsettled.take() {
+            self.state.store.committed(ticket).await?;
         }
         Ok(())
     }
 
-    async fn handle_text(&mut self, text: &str, out: &mut Vec<String>) -> Result<(), WsError> {
+    /// Handles one text frame. An `Err` is a protocol violation: send its frame, then close.
+    pub async fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> Result<(), WsError> {
         self.count_frame()?;
         let limits = &self.state.config.limits;
         let msg = proto::parse_client(text)?;
@@ -149,8 +143,7 @@ impl Session {
             }
         }
         self.send_pending_after(&delivery.dirty, Some(&delivery), out)
-            .await?;
-        self.settle(!out.is_empty()).await
+            .await
     }
 
     async fn claim(
@@ -276,37 +269,45 @@ impl Session {
     }
 
     async fn ack(&mut self, uaids: Vec<String>, out: &mut Vec<String>) -> Result<(), WsError> {
-        // UAIDs with events announced while their UPDATE was in flight: read again below.
-        let mut reread = Vec::new();
+        let mut acked = Vec::with_capacity(uaids.len());
         let mut cleared = false;
-        for s in &uaids {
-            let uaid = Uaid::parse(s)
-                .map_err(|_| WsError::InvalidFrame("ack".into(), format!("{s:?} is not a UAID")))?;
-            // A UAID not held or with nothing in flight: a late or repeated ACK, harmless.
-            let Some(slot) = self.held.get_mut(&uaid) else {
-                continue;
-            };
-            let Some(events) = slot.in_flight.take() else {
-                continue;
-            };
-            // Nothing was announced meanwhile: nothing new to read for it.
-            if std::mem::take(&mut slot.missed) {
-                reread.push(uaid);
-            }
-            for (appid, version) in events {
-                if self.state.store.ack(uaid, appid, version).await? {
-                    self.state.metrics.acks.inc();
-                    cleared = true;
-                }
-            }
-        }
+        let applied = self.apply_acks(&uaids, &mut acked, &mut cleared).await;
         if cleared {
             // Committed in the background; `settle` waits for it before the next frame.
             self.unsettled = Some(self.state.store.request_commit());
         }
+        applied?;
         // What arrived while the UPDATE was in flight goes out now (after a sync: nothing read
-        // here is known to be durable).
-        self.send_pending_after(&reread, None, out).await
+        // here is known to be durable). Every ACKed UAID is read again, not only those whose
+        // events were announced meanwhile: a PUT whose request ended before its nudge (the app
+        // server hung up during the commit) is found here.
+        self.send_pending_after(&acked, None, out).await
+    }
+
+    /// Clears what each named UAID's UPDATE carried; `acked` gets the UAIDs that had one in
+    /// flight, `cleared` whether any event was cleared (even when a later one fails).
+    async fn apply_acks(
+        &mut self,
+        uaids: &[String],
+        acked: &mut Vec<Uaid>,
+        cleared: &mut bool,
+    ) -> Result<(), WsError> {
+        for s in uaids {
+            let uaid = Uaid::parse(s)
+                .map_err(|_| WsError::InvalidFrame("ack".into(), format!("{s:?} is not a UAID")))?;
+            // A UAID not held or with nothing in flight: a late or repeated ACK, harmless.
+            let Some(events) = self.held.get_mut(&uaid).and_then(|slot| slot.in_flight.take()) else {
+                continue;
+            };
+            acked.push(uaid);
+            for (appid, version) in events {
+                if self.state.store.ack(uaid, appid, version).await? {
+                    self.state.metrics.acks.inc();
+                    *cleared = true;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sends one UPDATE (split only to respect the frame limit) with the pending events of those
@@ -339,14 +340,10 @@ impl Session {
         let now = now_ms();
         let mut found = Vec::new();
         for uaid in uaids {
-            match self.held.get_mut(uaid) {
-                Some(slot) if slot.in_flight.is_none() => {}
-                // Read again after the ACK of the UPDATE in flight.
-                Some(slot) => {
-                    slot.missed = true;
-                    continue;
-                }
-                None => continue,
+            // Only held UAIDs with nothing in flight (what is in flight is read again after its
+            // ACK).
+            if self.held.get(uaid).is_none_or(|slot| slot.in_flight.is_some()) {
+                continue;
             }
             let events = self.state.store.pending(*uaid, now).await?;
             if !events.is_empty() {

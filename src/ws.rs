@@ -79,7 +79,7 @@ async fn serve(state: Arc<AppState>, mut socket: Box<WebSocket>) {
             break end;
         }
     };
-    Box::pin(finish(&state, &mut socket, end)).await;
+    Box::pin(finish(&mut session, &mut socket, end)).await;
 }
 
 /// What woke the connection's loop.
@@ -101,7 +101,9 @@ async fn step(
     let limits = &state.config.limits;
     let mut out = Vec::new();
     let heard = matches!(wake, Wake::Frame(_));
-    let result = match wake {
+    // tungstenite answers a ping on the socket's next read or write: that pong is a frame too.
+    let pinged = matches!(wake, Wake::Frame(Some(Ok(Message::Ping(_)))));
+    let mut result = match wake {
         Wake::Stop => Err(WsError::ShuttingDown),
         Wake::Frame(None) => return Some(End::PeerGone),
         Wake::Frame(Some(Ok(Message::Close(_)))) => return Some(End::PeerClosed),
@@ -122,6 +124,13 @@ async fn step(
     if heard && session.greeted() {
         *deadline = Instant::now() + Duration::from_secs(limits.idle_timeout_secs);
     }
+    if pinged || !out.is_empty() || result.is_err() {
+        if let Err(e) = session.settle().await {
+            // Nothing may follow an ACK whose commit failed, but the error that closes.
+            out.clear();
+            result = result.and(Err(e));
+        }
+    }
     if !out.is_empty() && !send_all(socket, out, send_timeout(limits)).await {
         tracing::debug!("dropping a client that does not read");
         return Some(End::PeerGone);
@@ -130,15 +139,26 @@ async fn step(
 }
 
 /// Ends the connection as `end` says.
-async fn finish(state: &AppState, socket: &mut WebSocket, end: End) {
+async fn finish(session: &mut Session, socket: &mut WebSocket, end: End) {
+    let state = session.state().clone();
     let send_timeout = send_timeout(&state.config.limits);
     match end {
-        // tungstenite queued the close reply when it read the peer's close; send it.
+        // tungstenite queued the close reply when it read the peer's close; send it, unless it
+        // would follow an ACK whose commit failed.
         End::PeerClosed => {
-            let _ = timeout(send_timeout, SinkExt::flush(socket)).await;
+            if session.settle().await.is_ok() {
+                let _ = timeout(send_timeout, SinkExt::flush(socket)).await;
+            }
         }
         End::PeerGone => {}
-        End::Close(err) => close(state, socket, err, send_timeout).await,
+        End::Close(err) => {
+            // `step` settled already when it produced this error; this covers the rest.
+            let err = match session.settle().await {
+                Ok(()) => err,
+                Err(e) => e,
+            };
+            close(&state, socket, err, send_timeout).await
+        }
     }
 }
 

@@ -16,6 +16,9 @@
 //! what it read (an UPDATE, a 200 "already known") syncs first, because the value may come from
 //! another caller's write that is not yet committed. sled's own periodic flush (every 500 ms,
 //! also with fsync) is left on as a second line only.
+//!
+//! A commit that fails (or panics) is final: tickets it or any later commit covers report the
+//! failure, `/health` turns 503, and the server must be restarted (see `Committed`).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -54,10 +57,33 @@ struct Inner {
 struct GroupCommit {
     /// Highest ticket handed out; a ticket is taken after the caller's writes.
     requested: AtomicU64,
-    /// Highest ticket covered by a finished flush, and whether that flush succeeded.
-    done: watch::Sender<(u64, bool)>,
+    /// Which tickets finished commits cover; see [`Committed`].
+    done: watch::Sender<Committed>,
     /// The flusher thread, unparked for each ticket (a no-op while it is busy committing).
     flusher: std::sync::OnceLock<std::thread::Thread>,
+}
+
+/// What the commits so far have made durable.
+#[derive(Clone, Copy, Default)]
+struct Committed {
+    /// Highest ticket covered by a finished commit.
+    covered: u64,
+    /// Set by the first commit that failed: tickets above this one are not known to be durable,
+    /// now or later. After a failed fsync the kernel may have dropped the dirty pages, so a
+    /// later fsync that succeeds proves nothing about them: like PostgreSQL, the store stops
+    /// promising durability until it is restarted (and `/health` says so).
+    failed_above: Option<u64>,
+}
+
+impl Committed {
+    /// `Some(durable?)` once `ticket` is decided.
+    fn outcome(&self, ticket: u64) -> Option<bool> {
+        match self.failed_above {
+            Some(above) if ticket > above => Some(false),
+            _ if ticket <= self.covered => Some(true),
+            _ => None,
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -102,7 +128,7 @@ impl SledStore {
             tokens,
             commit: GroupCommit {
                 requested: AtomicU64::new(0),
-                done: watch::Sender::new((0, true)),
+                done: watch::Sender::new(Committed::default()),
                 flusher: std::sync::OnceLock::new(),
             },
             pending: AtomicI64::new(pending),
@@ -169,20 +195,31 @@ fn flusher(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else { return };
         let commit = &inner.commit;
         let target = commit.requested.load(Ordering::SeqCst);
-        if target <= commit.done.borrow().0 {
+        let before = *commit.done.borrow();
+        if target <= before.covered {
             drop(inner);
             // A ticket taken after the load above unparked this thread, so park returns at once.
             std::thread::park();
             continue;
         }
-        let ok = match inner.commit() {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(error = %e, "store flush failed");
+        // A panic in sled must not end the thread (every ticket would then time out unanswered).
+        let ok = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.commit())) {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "store commit failed; durability is no longer promised until restart");
+                false
+            }
+            Err(_) => {
+                tracing::error!("store commit panicked; durability is no longer promised until restart");
                 false
             }
         };
-        commit.done.send_replace((target, ok));
+        commit.done.send_modify(|done| {
+            if !ok {
+                done.failed_above.get_or_insert(before.covered);
+            }
+            done.covered = target;
+        });
     }
 }
 
@@ -341,13 +378,14 @@ impl Store for SledStore {
     }
 
     async fn committed(&self, CommitTicket(ticket): CommitTicket) -> Result<()> {
-        let commit = &self.inner.commit;
-        let mut done = commit.done.subscribe();
-        let waited =
-            tokio::time::timeout(self.inner.write_timeout, done.wait_for(|(d, _)| *d >= ticket)).await;
-        match waited {
-            Ok(Ok(state)) if state.1 => Ok(()),
-            Ok(Ok(_)) => Err(StoreError::Io("flush failed".into())),
+        let mut done = self.inner.commit.done.subscribe();
+        let decided = async {
+            let d = done.wait_for(|d| d.outcome(ticket).is_some()).await;
+            d.map(|d| d.outcome(ticket))
+        };
+        match tokio::time::timeout(self.inner.write_timeout, decided).await {
+            Ok(Ok(Some(true))) => Ok(()),
+            Ok(Ok(_)) => Err(StoreError::Io("a commit failed; restart the server".into())),
             Ok(Err(_)) => Err(StoreError::Io("store closed".into())),
             Err(_) => Err(StoreError::Timeout),
         }
@@ -391,7 +429,31 @@ impl Store for SledStore {
     }
 
     async fn health(&self) -> Result<()> {
-        // Embedded: nothing to reach. A failing disk shows as 503s on writes.
-        Ok(())
+        // Embedded: nothing to reach, but a failed commit is for good (see `Committed`).
+        match self.inner.commit.done.borrow().failed_above {
+            None => Ok(()),
+            Some(_) => Err(StoreError::Io("a commit failed; restart the server".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Committed;
+
+    #[test]
+    fn a_failed_commit_fails_its_tickets_and_every_later_one_but_not_earlier_ones() {
+        let mut done = Committed::default();
+        assert_eq!(done.outcome(1), None);
+        done.covered = 5;
+        assert_eq!(done.outcome(5), Some(true));
+        assert_eq!(done.outcome(6), None);
+        // The commit covering 6..=8 fails, a later one covering 9..=12 succeeds.
+        done.failed_above = Some(5);
+        done.covered = 12;
+        assert_eq!(done.outcome(3), Some(true), "committed before the failure");
+        assert_eq!(done.outcome(7), Some(false));
+        assert_eq!(done.outcome(11), Some(false), "not proven by a later fsync");
+        assert_eq!(done.outcome(20), Some(false), "decided at once, no wait");
     }
 }
