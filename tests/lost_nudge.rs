@@ -47,13 +47,7 @@ async fn a_put_whose_nudge_was_lost_is_sent_after_the_ack() {
         assert_eq!(put_version(&http, &endpoint, 1).await, 202);
         assert_eq!(c.expect("update").await["updates"][&uaid][&appid], 1);
         // Version 2 while 1 is in flight, by a client that hangs up during the commit.
-        put_and_hang_up(
-            &server,
-            &endpoint,
-            2,
-            Duration::from_micros(50 * (round % 40) as u64),
-        )
-        .await;
+        put_and_hang_up(&server, &endpoint, 2, Duration::from_micros(50 * (round % 40))).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         // The app server retries: 200, version 2 already known (so the first PUT wrote it).
         let retry = put_version(&http, &endpoint, 2).await;
