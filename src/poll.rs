@@ -57,7 +57,7 @@ async fn authenticate(
     entries: &[Credential],
 ) -> Result<(Vec<UaidStatus>, Vec<Uaid>), HttpError> {
     let limit = state.config.limits.max_uaids_per_connection;
-    if entries.len() > limit {
+    if crate::proto::uaids_added(entries, |_| false) > limit {
         return Err(HttpError::TooManyUaids(limit));
     }
     let (statuses, uaids) = authenticate_all(state, entries)

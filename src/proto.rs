@@ -178,7 +178,8 @@ impl WsError {
     pub fn frame(&self) -> String {
         let mut message = self.to_string();
         if message.len() > MAX_ERROR_MESSAGE {
-            let mut cut = MAX_ERROR_MESSAGE;
+            // The ellipsis counts: the whole message stays within the limit.
+            let mut cut = MAX_ERROR_MESSAGE - '…'.len_utf8();
             while !message.is_char_boundary(cut) {
                 cut -= 1;
             }
@@ -187,6 +188,26 @@ impl WsError {
         }
         error_frame(self.status(), self.slug(), &message)
     }
+}
+
+/// How many UAIDs `entries` would add to those `held`: a UAID named twice, or held already,
+/// counts once or not at all; an entry without a UAID asks for a new one and counts.
+pub fn uaids_added(entries: &[Credential], held: impl Fn(&Uaid) -> bool) -> usize {
+    let mut named: Vec<&str> = Vec::with_capacity(entries.len());
+    let mut added = 0;
+    for entry in entries {
+        match entry.uaid.as_deref() {
+            None => added += 1,
+            Some(s) if named.contains(&s) => {}
+            Some(s) => {
+                if !Uaid::parse(s).is_ok_and(|u| held(&u)) {
+                    added += 1;
+                }
+                named.push(s);
+            }
+        }
+    }
+    added
 }
 
 /// Parses one text frame, telling malformed JSON, a missing or unknown type and bad fields apart.
@@ -452,6 +473,17 @@ impl UpdateBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_messages_stay_within_256_bytes_ellipsis_included() {
+        for quoted in ["z".repeat(2000), "é".repeat(1000), "z€".repeat(500)] {
+            let frame: serde_json::Value =
+                serde_json::from_str(&WsError::UnknownType(quoted).frame()).unwrap();
+            let message = frame["message"].as_str().unwrap();
+            assert!(message.len() <= MAX_ERROR_MESSAGE, "{} bytes", message.len());
+            assert!(message.ends_with('…'), "{message}");
+        }
+    }
 
     /// `{"type":"update","updates":{…}}` in one frame.
     pub fn update_frame(events: &[UaidEvents]) -> String {

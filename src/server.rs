@@ -322,25 +322,28 @@ pub async fn run(
         let _ = tcp.set_nodelay(true);
     });
     let signal_state = state.clone();
+    let grace = Duration::from_secs(state.config.server.shutdown_grace_secs);
+    // The listener stays open while sockets drain, so a load balancer's health check sees
+    // `/health` answer 503 `shutting_down` (and a late client is told to go) instead of a
+    // refused connection; it closes once every socket has gone or the grace period is over.
     axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: closing sockets");
             signal_state.shutdown.send_replace(true);
             signal_state.stop.notify_waiters();
+            let mut sockets = signal_state.sockets.subscribe();
+            if tokio::time::timeout(grace, sockets.wait_for(|n| *n == 0))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    open = *sockets.borrow(),
+                    "sockets still open after the grace period"
+                );
+            }
         })
         .await?;
-    let grace = Duration::from_secs(state.config.server.shutdown_grace_secs);
-    let mut sockets = state.sockets.subscribe();
-    if tokio::time::timeout(grace, sockets.wait_for(|n| *n == 0))
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = *sockets.borrow(),
-            "sockets still open after the grace period"
-        );
-    }
     sweeper.abort();
     if let Err(e) = state.store.flush_now() {
         tracing::error!(error = %e, "final store flush failed");

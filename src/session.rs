@@ -156,7 +156,8 @@ impl Session {
         if entries.len() > limits.max_uaids_per_frame {
             return Err(WsError::TooManyUaidsInFrame(limits.max_uaids_per_frame));
         }
-        if self.held.len() + entries.len() > limits.max_uaids_per_connection {
+        let adding = proto::uaids_added(&entries, |u| self.held.contains(u));
+        if self.held.len() + adding > limits.max_uaids_per_connection {
             return Err(WsError::TooManyUaids(limits.max_uaids_per_connection));
         }
         let (statuses, claimed) = authenticate_all(&self.state, &entries).await?;

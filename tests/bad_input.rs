@@ -607,8 +607,12 @@ async fn too_many_uaids_in_claim_closes_4413() {
 async fn too_many_uaids_per_connection_closes_4413() {
     let (_dir, mut server) = start(&[("EDITIOND_LIMITS__MAX_UAIDS_PER_CONNECTION", "3")]).await;
     let mut b = Bystander::join(&server).await;
-    let (mut c, _, _) = greeted(&server).await;
+    let (mut c, uaid, secret) = greeted(&server).await;
     c.send(json!({"type": "claim", "uaids": [{}, {}]})).await;
+    c.expect("claim").await;
+    // At the limit, naming a held UAID again (twice, even) adds nothing.
+    let held = json!({"uaid": uaid, "secret": secret});
+    c.send(json!({"type": "claim", "uaids": [held, held]})).await;
     c.expect("claim").await;
     c.send(json!({"type": "claim", "uaids": [{}]})).await;
     c.expect_error_close(413, "too_many_uaids", 4413).await;
@@ -1204,7 +1208,12 @@ async fn poll_and_ack_too_many_uaids_are_413() {
     let (_dir, mut server, mut b, (uaid, secret, _)) =
         poll_setup(&[("EDITIOND_LIMITS__MAX_UAIDS_PER_CONNECTION", "3")]).await;
     let entry = json!({"uaid": uaid, "secret": secret});
-    let four = json!([entry, entry, entry, entry]);
+    // A UAID named twice counts once: four copies of one entry are within the limit.
+    let same = json!([entry, entry, entry, entry]);
+    let r = post(&server, "/v1/poll", json!({"uaids": same}).to_string()).await;
+    assert!(r.status().is_success(), "{}", r.status());
+    let other = || json!({"uaid": new_appid(), "secret": "s"});
+    let four = json!([entry, other(), other(), other()]);
     let r = post(&server, "/v1/poll", json!({"uaids": four}).to_string()).await;
     assert_http_error(r, 413, "too_many_uaids").await;
     let r = post(

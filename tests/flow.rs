@@ -280,6 +280,36 @@ async fn health_metrics_and_graceful_shutdown() {
     c.expect_error_close(503, "shutting_down", 1001).await;
 }
 
+/// While sockets drain after SIGTERM the port stays open: `/health` answers 503 `shutting_down`
+/// (a load balancer stops sending) instead of refusing the connection.
+#[tokio::test]
+async fn health_says_shutting_down_while_sockets_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path()).await;
+    let http = reqwest::Client::new();
+    // A client that never reads holds its socket open through the close handshake (up to 2 s).
+    let mut c = Client::connect(&server).await;
+    c.hello_new(1).await;
+    server.send_term();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let health = loop {
+        let r = http.get(server.url("/health")).send().await;
+        match r {
+            Ok(r) if r.status() == 503 => break r,
+            Ok(r) => assert_eq!(r.status(), 200, "before the signal is handled"),
+            Err(e) => panic!("/health refused during the drain: {e}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "/health never said 503");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(health.headers().contains_key("retry-after"));
+    let body = health.json::<serde_json::Value>().await.unwrap();
+    assert_eq!(body["error"], "shutting_down", "{body}");
+    let status = server.wait_exit();
+    assert!(status.success(), "{status}");
+    drop(c);
+}
+
 #[tokio::test]
 async fn unknown_routes_and_methods_get_json_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -114,11 +114,22 @@ impl Server {
 
     /// SIGTERM and wait for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
+        self.send_term();
+        self.wait_exit()
+    }
+
+    /// SIGTERM, without waiting.
+    pub fn send_term(&self) {
+        let child = self.child.as_ref().expect("running");
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(child.id().to_string())
             .status();
+    }
+
+    /// Waits (at most 30 s) for the process to exit.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
