@@ -42,41 +42,48 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (HTTP and WebSocket on one port).
-    Serve {
-        /// Config file. Default: ./config.toml if it exists, else built-in defaults.
-        #[arg(long, env = "EDITIOND_CONFIG")]
-        config: Option<PathBuf>,
-        /// Address to listen on (server.listen), e.g. 127.0.0.1:8080.
-        #[arg(long)]
-        listen: Option<SocketAddr>,
-        /// Directory for the store and generated keys (server.data_dir).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Base URL endpoints are built from, as app servers reach this node (server.public_url).
-        #[arg(long)]
-        public_url: Option<String>,
-    },
+    Serve(Sources),
     /// Print the effective configuration (after file, environment and flags) as TOML and exit.
     /// Keys are never printed.
-    Config {
-        /// Config file. Default: ./config.toml if it exists, else built-in defaults.
-        #[arg(long, env = "EDITIOND_CONFIG")]
-        config: Option<PathBuf>,
-    },
+    Config(Sources),
 }
 
-fn load(file: Option<PathBuf>, flags: &Flags) -> Result<Config, String> {
-    let file = file.or_else(|| {
-        let default = PathBuf::from("config.toml");
-        default.exists().then_some(default)
-    });
-    Config::load(file.as_deref(), std::env::vars(), flags).map_err(|e| e.to_string())
+/// Where configuration comes from: the file, then the environment, then these flags.
+#[derive(clap::Args)]
+struct Sources {
+    /// Config file. Default: ./config.toml if it exists, else built-in defaults.
+    #[arg(long, env = "EDITIOND_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (server.listen), e.g. 127.0.0.1:8080.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory for the store and generated keys (server.data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Base URL endpoints are built from, as app servers reach this node (server.public_url).
+    #[arg(long)]
+    public_url: Option<String>,
+}
+
+impl Sources {
+    fn load(self) -> Result<Config, String> {
+        let flags = Flags {
+            listen: self.listen,
+            data_dir: self.data_dir,
+            public_url: self.public_url,
+        };
+        let file = self.config.or_else(|| {
+            let default = PathBuf::from("config.toml");
+            default.exists().then_some(default)
+        });
+        Config::load(file.as_deref(), std::env::vars(), &flags).map_err(|e| e.to_string())
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Config { config } => match load(config, &Flags::default()) {
+        Command::Config(sources) => match sources.load() {
             Ok(mut config) => {
                 config.redact_secrets();
                 match toml::to_string_pretty(&config) {
@@ -95,18 +102,8 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Serve {
-            config,
-            listen,
-            data_dir,
-            public_url,
-        } => {
-            let flags = Flags {
-                listen,
-                data_dir,
-                public_url,
-            };
-            let config = match load(config, &flags) {
+        Command::Serve(sources) => {
+            let config = match sources.load() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("editiond: config: {e}");

@@ -310,6 +310,34 @@ async fn health_says_shutting_down_while_sockets_drain() {
     drop(c);
 }
 
+/// `editiond config` prints what `serve` would run with: file, environment and flags, no keys.
+#[test]
+fn config_prints_the_effective_configuration_without_keys() {
+    let key = "q".repeat(43);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_editiond"))
+        .args([
+            "config",
+            "--listen",
+            "127.0.0.1:9999",
+            "--data-dir",
+            "/tmp/elsewhere",
+        ])
+        .env("EDITIOND_LIMITS__PUT_BURST", "7")
+        .env("EDITIOND_KEYS__ENDPOINT_KEY", &key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    for needle in [
+        "listen = \"127.0.0.1:9999\"",
+        "data_dir = \"/tmp/elsewhere\"",
+        "put_burst = 7",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+    assert!(!text.contains(&key), "a key was printed:\n{text}");
+}
+
 #[tokio::test]
 async fn unknown_routes_and_methods_get_json_errors() {
     let dir = tempfile::tempdir().unwrap();
