@@ -75,16 +75,21 @@ async fn put_version(
     let expires = now.saturating_add(ttl.as_millis() as u64);
     // Read before the write, for the durable fact the nudge carries (see `Registry::fact_epoch`).
     let epoch = state.registry.fact_epoch();
-    match state
+    // Armed from before the write until the nudge is done: whatever ends this request early (a
+    // store error or timeout after the write may have landed, the app server hanging up) still
+    // wakes the holder.
+    let mut nudge = NudgeOnDrop(Some((state.clone(), uaid)));
+    let outcome = state
         .store
         .put_version(uaid, appid, request, expires)
         .await
-        .map_err(unavailable)?
-    {
+        .map_err(unavailable)?;
+    if !matches!(outcome, PutOutcome::Raised(_)) {
+        nudge.0 = None;
+    }
+    match outcome {
         PutOutcome::Raised(v) => {
-            let mut nudge = NudgeOnDrop(Some((state.clone(), uaid)));
             state.sync().await.map_err(unavailable)?;
-            nudge.0 = None;
             // v is committed now: the holder may send it without a sync of its own.
             let durable = epoch.map(|epoch| Durable {
                 appid,
@@ -92,6 +97,7 @@ async fn put_version(
                 epoch,
             });
             state.nudge(uaid, durable).await;
+            nudge.0 = None;
             Ok((StatusCode::ACCEPTED, v))
         }
         PutOutcome::Superseded(current) => {
@@ -106,9 +112,10 @@ async fn put_version(
 }
 
 /// A raised version must reach the connection holding its UAID even when the request ends
-/// before its nudge: the app server hung up during the commit (the handler is dropped) or the
-/// commit failed (503). Dropped while set, this nudges with no durable fact, so the holder reads
-/// the store and syncs itself before it sends anything.
+/// before its nudge: the app server hung up during the commit or the nudge (the handler is
+/// dropped), or the store failed after the write may have landed (503). Dropped while set, this
+/// nudges with no durable fact, so the holder reads the store and syncs itself before it sends
+/// anything.
 struct NudgeOnDrop(Option<(Arc<AppState>, crate::ids::Uaid)>);
 
 impl Drop for NudgeOnDrop {

@@ -109,6 +109,10 @@ async fn poll_inner(
     let limits = &state.config.limits;
     let body = read_body(headers, body, limits.max_body_bytes).await?;
     let request: PollBody = parse_json(&body)?;
+    // A poll that starts while the server drains would end at once and be retried at once.
+    if state.is_stopping() {
+        return Err(HttpError::ShuttingDown);
+    }
     let (statuses, uaids) = authenticate(state, &request.uaids).await?;
     let wait = Duration::from_secs(query.wait.unwrap_or(0).min(limits.max_poll_wait_secs));
     // New secrets go back at once: the client must learn them even if nothing is pending.

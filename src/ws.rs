@@ -29,6 +29,10 @@ pub async fn upgrade(
         Ok(ws) => ws,
         Err(e) => return HttpError::InvalidUpgrade(e.body_text()).into_response(),
     };
+    // No new sockets while the old ones drain: each would hold the shutdown up.
+    if state.is_stopping() {
+        return HttpError::ShuttingDown.into_response();
+    }
     let limits = &state.config.limits;
     ws.read_buffer_size(limits.read_buffer_bytes)
         .write_buffer_size(0)
@@ -126,7 +130,11 @@ async fn step(
     }
     if pinged || !out.is_empty() || result.is_err() {
         if let Err(e) = session.settle().await {
-            // Nothing may follow an ACK whose commit failed, but the error that closes.
+            // Nothing may follow an ACK whose commit failed, but the error that closes; a pong
+            // tungstenite has queued would go out with that error, so then not even the error.
+            if pinged {
+                return Some(End::PeerGone);
+            }
             out.clear();
             result = result.and(Err(e));
         }

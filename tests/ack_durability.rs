@@ -166,3 +166,31 @@ async fn error_frame_after_ack_proves_it_durable() {
         "an error frame left after the ACK, yet the ACK was lost"
     );
 }
+
+/// An ACK whose commit times out, then a WebSocket ping: tungstenite queues the pong when it
+/// reads the ping, and would send it with whatever the server writes next, so the server drops
+/// the connection instead of closing it. No pong may prove an ACK that is not durable.
+#[tokio::test]
+async fn no_websocket_pong_after_an_ack_whose_commit_failed() {
+    let mut s = setup(&[("EDITIOND_STORE__WRITE_TIMEOUT_MS", "300")]).await;
+    s.c.ws.send(Message::Ping(b"x".to_vec().into())).await.unwrap();
+    let mut seen = Vec::new();
+    let mut got_pong = false;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), s.c.ws.next()).await {
+        if matches!(m, Message::Pong(_)) {
+            got_pong = true;
+            // Kill at once: the ACK's commit is still sleeping in the shim.
+            s.server.kill();
+        }
+        let closed = matches!(m, Message::Close(_));
+        seen.push(format!("{m:?}"));
+        if closed {
+            break;
+        }
+    }
+    let survived = ack_survived(&mut s).await;
+    assert!(
+        !got_pong || survived,
+        "a pong left after an ACK whose commit failed, and the ACK was lost: {seen:?}"
+    );
+}

@@ -305,6 +305,20 @@ async fn health_says_shutting_down_while_sockets_drain() {
     assert!(health.headers().contains_key("retry-after"));
     let body = health.json::<serde_json::Value>().await.unwrap();
     assert_eq!(body["error"], "shutting_down", "{body}");
+    // A long poll would end at once and be retried at once: it is told to come back later.
+    let poll = http
+        .post(server.url("/v1/poll?wait=30"))
+        .json(&serde_json::json!({"uaids": [{}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(poll.status(), 503);
+    assert!(poll.headers().contains_key("retry-after"));
+    // A new socket would hold the drain up: the upgrade is refused.
+    match tokio_tungstenite::connect_async(server.ws_url()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("a WebSocket upgrade during the drain: {other:?}"),
+    }
     let status = server.wait_exit();
     assert!(status.success(), "{status}");
     drop(c);
