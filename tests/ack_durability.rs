@@ -57,11 +57,13 @@ async fn setup(extra: &[(&str, &str)]) -> Setup {
     env.extend_from_slice(extra);
     let server = Server::start_with(dir.path(), &env).await;
     let http = reqwest::Client::new();
-    let mut c = Client::connect(&server).await;
-    let creds = c.hello_new(1).await;
-    let uaid = creds[0].0.clone();
-    let appid = new_appid();
-    let endpoint = c.register(&uaid, &appid).await;
+    let Enrolled {
+        mut c,
+        creds,
+        uaid,
+        appid,
+        endpoint,
+    } = enroll(&server).await;
     assert_eq!(put_version(&http, &endpoint, 1).await, 202);
     assert_eq!(c.expect("update").await["updates"][&uaid][&appid], 1);
     // Let sled's own periodic flush pass, then make writes slow and ACK.

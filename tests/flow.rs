@@ -82,11 +82,13 @@ async fn put_during_inflight_update_stays_pending_and_follows_the_ack() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path()).await;
     let http = reqwest::Client::new();
-    let mut c = Client::connect(&server).await;
-    let creds = c.hello_new(1).await;
-    let uaid = creds[0].0.clone();
-    let appid = new_appid();
-    let endpoint = c.register(&uaid, &appid).await;
+    let Enrolled {
+        mut c,
+        creds,
+        uaid,
+        appid,
+        endpoint,
+    } = enroll(&server).await;
 
     assert_eq!(put_version(&http, &endpoint, 1).await, 202);
     assert_eq!(c.expect("update").await["updates"][&uaid][&appid], 1);

@@ -39,11 +39,13 @@ async fn a_put_whose_nudge_was_lost_is_sent_after_the_ack() {
     let mut lost = 0;
     let mut cancelled = 0;
     for round in 0..ROUNDS {
-        let mut c = Client::connect(&server).await;
-        let creds = c.hello_new(1).await;
-        let uaid = creds[0].0.clone();
-        let appid = new_appid();
-        let endpoint = c.register(&uaid, &appid).await;
+        let Enrolled {
+            mut c,
+            creds,
+            uaid,
+            appid,
+            endpoint,
+        } = enroll(&server).await;
         assert_eq!(put_version(&http, &endpoint, 1).await, 202);
         assert_eq!(c.expect("update").await["updates"][&uaid][&appid], 1);
         // Version 2 while 1 is in flight, by a client that hangs up during the commit.
@@ -83,11 +85,13 @@ async fn a_put_whose_client_hung_up_still_reaches_an_idle_connection() {
     let http = reqwest::Client::new();
     let mut wrote = 0;
     for round in 0..ROUNDS {
-        let mut c = Client::connect(&server).await;
-        let creds = c.hello_new(1).await;
-        let uaid = creds[0].0.clone();
-        let appid = new_appid();
-        let endpoint = c.register(&uaid, &appid).await;
+        let Enrolled {
+            mut c,
+            uaid,
+            appid,
+            endpoint,
+            ..
+        } = enroll(&server).await;
         put_and_hang_up(&server, &endpoint, 1, Duration::from_micros(50 * (round % 40))).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         // Whether or not the hung-up PUT wrote, version 1 must come: from it, or from the retry.

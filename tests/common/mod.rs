@@ -303,6 +303,31 @@ pub fn new_appid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// A connected client with a new UAID and one registration.
+pub struct Enrolled {
+    pub c: Client,
+    pub creds: Vec<(String, String)>,
+    pub uaid: String,
+    pub appid: String,
+    pub endpoint: String,
+}
+
+/// Connects, says hello for a new UAID and registers one new APPID.
+pub async fn enroll(server: &Server) -> Enrolled {
+    let mut c = Client::connect(server).await;
+    let creds = c.hello_new(1).await;
+    let uaid = creds[0].0.clone();
+    let appid = new_appid();
+    let endpoint = c.register(&uaid, &appid).await;
+    Enrolled {
+        c,
+        creds,
+        uaid,
+        appid,
+        endpoint,
+    }
+}
+
 /// PUT a form body `version=N`; returns the status.
 pub async fn put_version(http: &reqwest::Client, endpoint: &str, version: u64) -> u16 {
     http.put(endpoint)
