@@ -87,6 +87,9 @@ pub struct Limits {
     pub max_poll_wait_secs: u64,
     /// Seconds an unregistered endpoint keeps answering 410 before it becomes unknown (404).
     pub gone_ttl_secs: u64,
+    /// Days a UAID may go unseen (no hello, claim or poll with its secret) before the sweep
+    /// deletes it with its registrations; 0 keeps every UAID for ever.
+    pub uaid_idle_days: u64,
     /// Seconds between sweeps that delete expired events and tombstones.
     pub sweep_interval_secs: u64,
 }
@@ -167,6 +170,7 @@ impl Default for Limits {
             max_ttl_secs: 30 * 24 * 3600,
             max_poll_wait_secs: 60,
             gone_ttl_secs: 30 * 24 * 3600,
+            uaid_idle_days: 90,
             sweep_interval_secs: 60,
         }
     }

@@ -190,6 +190,11 @@ impl Registry {
         }
     }
 
+    /// Whether a connection or poll on this node holds `uaid`.
+    pub fn is_held(&self, uaid: &Uaid) -> bool {
+        self.holders.contains_key(uaid)
+    }
+
     /// Whether `conn_id` is the current holder of `uaid`.
     pub fn is_held_by(&self, uaid: Uaid, conn_id: u64) -> bool {
         self.holders.get(&uaid).is_some_and(|h| h.conn_id == conn_id)

@@ -284,7 +284,10 @@ async fn sweep_loop(state: Arc<AppState>) {
     tokio::pin!(stopping);
     loop {
         tokio::select! {
-            _ = tick.tick() => sweep_store(&state).await,
+            _ = tick.tick() => {
+                sweep_store(&state).await;
+                expire_idle_uaids(&state).await;
+            }
             _ = prune.tick() => {
                 if let Some(buckets) = &state.put_limit {
                     buckets.prune(Instant::now());
@@ -292,6 +295,23 @@ async fn sweep_loop(state: Arc<AppState>) {
             }
             _ = &mut stopping => return,
         }
+    }
+}
+
+/// Deletes UAIDs unseen for `uaid_idle_days` (not those held here or, on Redis, anywhere).
+async fn expire_idle_uaids(state: &AppState) {
+    let limits = &state.config.limits;
+    if limits.uaid_idle_days == 0 {
+        return;
+    }
+    let now = now_ms();
+    let idle_before = now.saturating_sub(limits.uaid_idle_days.saturating_mul(24 * 3600 * 1000));
+    let gone_until = now.saturating_add(limits.gone_ttl_secs.saturating_mul(1000));
+    let held = |uaid: &Uaid| state.registry.is_held(uaid);
+    match state.store.expire_idle(idle_before, gone_until, &held).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(uaids = n, "expired idle UAIDs"),
+        Err(e) => tracing::warn!(error = %e, "expiring idle UAIDs failed"),
     }
 }
 

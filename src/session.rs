@@ -441,8 +441,9 @@ async fn authenticate(
                 }
                 None => failed(EntryError::SecretRequired),
                 Some(secret) if state.keys.check_secret(&uaid, secret) => {
-                    // Re-bind a UAID whose record was lost; the secret proves we issued it.
-                    *bound_any |= state.store.bind_uaid(uaid).await?;
+                    // Seen now (it does not expire as idle); re-bound if its record was lost or
+                    // expired: the secret proves we issued it.
+                    *bound_any |= state.store.touch_uaid(uaid, now_ms()).await?;
                     Ok(UaidStatus::ok(s.clone(), None))
                 }
                 Some(_) => failed(EntryError::BadSecret),

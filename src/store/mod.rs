@@ -29,6 +29,10 @@ pub use self::sled::SledStore;
 use crate::ids::{Appid, Uaid};
 use crate::keys::TokenId;
 
+/// How stale a UAID's "last seen" may get before a touch writes it again: one write a day per
+/// UAID at most, whatever the client's reconnect rate.
+pub const TOUCH_EVERY_MS: u64 = 24 * 3600 * 1000;
+
 /// Largest version the server picks from its clock: JavaScript reads integers exactly below 2^53.
 pub const MAX_SERVER_VERSION: u64 = (1 << 53) - 1;
 
@@ -107,6 +111,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the UAID has been bound.
     fn uaid_bound(&self, uaid: Uaid) -> impl Future<Output = Result<bool>> + Send;
+
+    /// A client proved the UAID is its own (its secret): binds it again if it is not bound (its
+    /// record expired or was lost) and records that it was seen at `now_ms`, writing at most
+    /// once per [`TOUCH_EVERY_MS`]. `true` if this call bound it.
+    fn touch_uaid(&self, uaid: Uaid, now_ms: u64) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Deletes the UAIDs last seen before `idle_before_ms` that `held` does not claim (nor, on
+    /// Redis, any node's route): each registration as by [`Store::unregister`] (its token
+    /// answers Gone until `gone_until_ms`), then the binding. A bound that no hello, claim or
+    /// poll renewed in that time is abandoned; without this the store would only grow.
+    /// Returns how many UAIDs went.
+    fn expire_idle(
+        &self,
+        idle_before_ms: u64,
+        gone_until_ms: u64,
+        held: &(dyn Fn(&Uaid) -> bool + Sync),
+    ) -> impl Future<Output = Result<u64>> + Send;
 
     /// Creates the registration with `candidate` as its token, or returns the existing token.
     fn register(
@@ -216,6 +237,19 @@ impl Store for AnyStore {
 
     async fn uaid_bound(&self, uaid: Uaid) -> Result<bool> {
         delegate!(self, s => s.uaid_bound(uaid).await)
+    }
+
+    async fn touch_uaid(&self, uaid: Uaid, now_ms: u64) -> Result<bool> {
+        delegate!(self, s => s.touch_uaid(uaid, now_ms).await)
+    }
+
+    async fn expire_idle(
+        &self,
+        idle_before_ms: u64,
+        gone_until_ms: u64,
+        held: &(dyn Fn(&Uaid) -> bool + Sync),
+    ) -> Result<u64> {
+        delegate!(self, s => s.expire_idle(idle_before_ms, gone_until_ms, held).await)
     }
 
     async fn register(

@@ -94,6 +94,17 @@ pub mod key {
             Some(k) => format!("ed:{{{}}}:exp", super::slot::tag(super::slot::of(k))),
         }
     }
+    /// The idle index (UAID → last seen) for the hash slot of `slot_key` (`None`: one index).
+    pub fn idle_index(slot_key: Option<&str>) -> String {
+        match slot_key {
+            None => "ed:idle".to_owned(),
+            Some(k) => format!("ed:{{{}}}:idle", super::slot::tag(super::slot::of(k))),
+        }
+    }
+    /// The idle index of one hash slot, for the sweep.
+    pub fn idle_index_of_slot(slot: u16) -> String {
+        format!("ed:{{{}}}:idle", super::slot::tag(slot))
+    }
     /// The expiry index of one hash slot, for the sweep.
     pub fn expiry_index_of_slot(slot: u16) -> String {
         format!("ed:{{{}}}:exp", super::slot::tag(slot))
@@ -317,6 +328,44 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return removed
 "#;
 
+/// KEYS: binding, idle index. ARGV: now, index member (the UAID). Binds the UAID if it is not,
+/// and indexes when it was seen. Returns 1 if it bound it.
+const LUA_BIND: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// KEYS: binding, idle index. ARGV: now, the touch interval, index member. Binds the UAID if it
+/// is not; otherwise records it seen now if it was last seen an interval ago or more. Returns 1
+/// if it bound it.
+const LUA_TOUCH: &str = r#"
+local seen = redis.call('GET', KEYS[1])
+if seen and tonumber(ARGV[1]) - tonumber(seen) < tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
+if seen then return 0 end
+return 1
+"#;
+
+/// KEYS: binding, idle index. ARGV: idle-before time, index member. Deletes the binding unless it
+/// was seen since (then the index gets its newer time). Returns 1 if it deleted it.
+const LUA_UNBIND_IDLE: &str = r#"
+local seen = redis.call('GET', KEYS[1])
+if seen and tonumber(seen) >= tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[2], seen, ARGV[2])
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+if seen then return 1 end
+return 0
+"#;
+
 /// Index entries read per expiry index and round of a sweep.
 const SWEEP_BATCH: usize = 512;
 /// Expiry indexes read concurrently by a sweep (pipelined on one connection).
@@ -431,6 +480,9 @@ struct Scripts {
     tombstone: Script,
     expire_event: Script,
     expire_tombstone: Script,
+    bind: Script,
+    touch: Script,
+    unbind_idle: Script,
 }
 
 /// The pending-event gauge: the shared counter as last read, plus this node's changes since.
@@ -457,6 +509,9 @@ impl RedisStore {
                 tombstone: Script::new(LUA_TOMBSTONE),
                 expire_event: Script::new(LUA_EXPIRE_EVENT),
                 expire_tombstone: Script::new(LUA_EXPIRE_TOMBSTONE),
+                bind: Script::new(LUA_BIND),
+                touch: Script::new(LUA_TOUCH),
+                unbind_idle: Script::new(LUA_UNBIND_IDLE),
             }),
             gauge: Arc::new(Gauge::default()),
         };
@@ -467,6 +522,64 @@ impl RedisStore {
     /// The expiry index that lives in the slot of `key`.
     fn index_for(&self, key: &str) -> String {
         key::expiry_index(self.cluster.then_some(key))
+    }
+
+    /// The idle index (UAID → last seen) that lives in the slot of `uaid`'s binding.
+    fn idle_index_for(&self, uaid: &Uaid) -> String {
+        key::idle_index(self.cluster.then_some(&key::bound(uaid)))
+    }
+
+    /// Expires one batch of one idle index; see [`Store::expire_idle`].
+    async fn expire_idle_index(
+        &self,
+        index: &str,
+        idle_before_ms: u64,
+        gone_until_ms: u64,
+        held: &(dyn Fn(&Uaid) -> bool + Sync),
+    ) -> Result<u64> {
+        let mut range = redis::cmd("ZRANGEBYSCORE");
+        range
+            .arg(index)
+            .arg("-inf")
+            .arg(format!("({idle_before_ms}"))
+            .arg("LIMIT")
+            .arg(0)
+            .arg(SWEEP_BATCH);
+        let members: Vec<String> = self.query(&range).await?;
+        let mut expired = 0;
+        for member in &members {
+            let uaid = Uaid::parse(member).map_err(|_| StoreError::Corrupt("idle index member"))?;
+            let mut exists = redis::cmd("EXISTS");
+            exists.arg(key::route(&uaid));
+            let routed: u64 = self.query(&exists).await?;
+            if held(&uaid) || routed > 0 {
+                continue;
+            }
+            let mut conn = self.conn.clone();
+            let unbound: u64 = bounded(
+                self.timeout,
+                self.scripts
+                    .unbind_idle
+                    .key(key::bound(&uaid))
+                    .key(index)
+                    .arg(idle_before_ms)
+                    .arg(member)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+            if unbound == 0 {
+                continue;
+            }
+            let mut apps = redis::cmd("HKEYS");
+            apps.arg(key::tokens(&uaid));
+            let appids: Vec<String> = self.query(&apps).await?;
+            for appid in appids {
+                let appid = Appid::parse(&appid).map_err(|_| StoreError::Corrupt("registration appid"))?;
+                self.unregister(uaid, appid, gone_until_ms).await?;
+            }
+            expired += 1;
+        }
+        Ok(expired)
     }
 
     fn count_pending(&self, delta: i64) {
@@ -606,10 +719,59 @@ fn reply_parts(value: Vec<String>) -> (String, Option<String>) {
 
 impl Store for RedisStore {
     async fn bind_uaid(&self, uaid: Uaid) -> Result<bool> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(key::bound(&uaid)).arg(super::now_ms()).arg("NX");
-        let set: Option<String> = self.query(&cmd).await?;
-        Ok(set.is_some())
+        let mut conn = self.conn.clone();
+        let bound: u64 = bounded(
+            self.timeout,
+            self.scripts
+                .bind
+                .key(key::bound(&uaid))
+                .key(self.idle_index_for(&uaid))
+                .arg(super::now_ms())
+                .arg(uaid.to_string())
+                .invoke_async(&mut conn),
+        )
+        .await?;
+        Ok(bound == 1)
+    }
+
+    async fn touch_uaid(&self, uaid: Uaid, now_ms: u64) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let bound: u64 = bounded(
+            self.timeout,
+            self.scripts
+                .touch
+                .key(key::bound(&uaid))
+                .key(self.idle_index_for(&uaid))
+                .arg(now_ms)
+                .arg(super::TOUCH_EVERY_MS)
+                .arg(uaid.to_string())
+                .invoke_async(&mut conn),
+        )
+        .await?;
+        Ok(bound == 1)
+    }
+
+    async fn expire_idle(
+        &self,
+        idle_before_ms: u64,
+        gone_until_ms: u64,
+        held: &(dyn Fn(&Uaid) -> bool + Sync),
+    ) -> Result<u64> {
+        let indexes: Vec<String> = if self.cluster {
+            (0..slot::SLOTS).map(key::idle_index_of_slot).collect()
+        } else {
+            vec![key::idle_index(None)]
+        };
+        let mut expired = 0;
+        for batch in indexes.chunks(SWEEP_PARALLEL) {
+            let runs = batch
+                .iter()
+                .map(|index| self.expire_idle_index(index, idle_before_ms, gone_until_ms, held));
+            for result in futures_util::future::join_all(runs).await {
+                expired += result?;
+            }
+        }
+        Ok(expired)
     }
 
     async fn uaid_bound(&self, uaid: Uaid) -> Result<bool> {

@@ -189,6 +189,11 @@ impl Inner {
     }
 }
 
+/// A binding's value: when the UAID was last seen (first bound, or touched), in ms.
+fn last_seen(value: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(value).map_or(0, u64::from_be_bytes)
+}
+
 /// Runs commits while tickets are waiting; ends when the store is dropped.
 fn flusher(inner: std::sync::Weak<Inner>) {
     loop {
@@ -235,6 +240,57 @@ impl Store for SledStore {
 
     async fn uaid_bound(&self, uaid: Uaid) -> Result<bool> {
         Ok(self.inner.uaids.contains_key(uaid.as_bytes())?)
+    }
+
+    async fn touch_uaid(&self, uaid: Uaid, now_ms: u64) -> Result<bool> {
+        let now = now_ms.to_be_bytes();
+        let uaids = &self.inner.uaids;
+        let current = match uaids.compare_and_swap(uaid.as_bytes(), None as Option<&[u8]>, Some(&now[..]))? {
+            Ok(()) => return Ok(true),
+            Err(e) => e.current,
+        };
+        if let Some(seen) = current.filter(|v| last_seen(v) + super::TOUCH_EVERY_MS <= now_ms) {
+            // Lost to a concurrent touch at worst, which wrote the same news.
+            let _ = uaids.compare_and_swap(uaid.as_bytes(), Some(seen), Some(&now[..]))?;
+        }
+        Ok(false)
+    }
+
+    async fn expire_idle(
+        &self,
+        idle_before_ms: u64,
+        gone_until_ms: u64,
+        held: &(dyn Fn(&Uaid) -> bool + Sync),
+    ) -> Result<u64> {
+        let mut expired = 0;
+        for item in self.inner.uaids.iter() {
+            let (key, seen) = item?;
+            let uaid = <[u8; 16]>::try_from(&key[..])
+                .map(Uaid)
+                .map_err(|_| StoreError::Corrupt("uaid key"))?;
+            if last_seen(&seen) >= idle_before_ms || held(&uaid) {
+                continue;
+            }
+            // The binding first, and only if no touch came since: a client that returns
+            // meanwhile keeps it (and at worst finds its endpoints Gone, and registers again).
+            let unbound = self
+                .inner
+                .uaids
+                .compare_and_swap(&key, Some(seen), None as Option<&[u8]>)?
+                .is_ok();
+            if !unbound {
+                continue;
+            }
+            let mut appids = Vec::new();
+            for reg in self.inner.regs.scan_prefix(uaid.as_bytes()) {
+                appids.push(appid_of_key(&reg?.0)?);
+            }
+            for appid in appids {
+                self.unregister(uaid, appid, gone_until_ms).await?;
+            }
+            expired += 1;
+        }
+        Ok(expired)
     }
 
     async fn register(

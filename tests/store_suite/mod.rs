@@ -62,6 +62,9 @@ macro_rules! store_suite {
                 bind_uaid_is_true_once,
                 concurrent_binds_have_one_winner,
                 uaid_bound_follows_bind,
+                touch_binds_once_and_reports_it,
+                idle_uaids_expire_with_their_registrations,
+                a_touch_keeps_a_uaid_for_another_idle_period,
                 register_is_idempotent_per_pair,
                 register_gives_distinct_pairs_distinct_tokens,
                 concurrent_registers_agree_on_one_token,
@@ -179,6 +182,72 @@ pub async fn uaid_bound_follows_bind<S: Store>(s: Arc<S>) {
     s.bind_uaid(uaid).await.unwrap();
     assert!(s.uaid_bound(uaid).await.unwrap());
     assert!(!s.uaid_bound(Uaid::random()).await.unwrap());
+}
+
+pub async fn touch_binds_once_and_reports_it<S: Store>(s: Arc<S>) {
+    let uaid = Uaid::random();
+    assert!(
+        s.touch_uaid(uaid, now_ms()).await.unwrap(),
+        "an unbound UAID is bound"
+    );
+    assert!(!s.touch_uaid(uaid, now_ms()).await.unwrap());
+    assert!(s.uaid_bound(uaid).await.unwrap());
+    assert!(!s.bind_uaid(uaid).await.unwrap());
+}
+
+const DAY_MS: u64 = 24 * HOUR_MS;
+
+pub async fn idle_uaids_expire_with_their_registrations<S: Store>(s: Arc<S>) {
+    let now = now_ms();
+    let (idle, idle_app, idle_token) = registration(&*s).await;
+    assert_eq!(put(&*s, idle, idle_app, 5).await, PutOutcome::Raised(5));
+    let (held, _, held_token) = registration(&*s).await;
+    let recent = Uaid::random();
+    s.touch_uaid(recent, now + 2 * HOUR_MS).await.unwrap();
+    let only_held = move |u: &Uaid| *u == held;
+
+    let gone_until = now + 3 * HOUR_MS;
+    let expired = s
+        .expire_idle(now + HOUR_MS, gone_until, &only_held)
+        .await
+        .unwrap();
+    assert_eq!(expired, 1, "only the idle, unheld UAID");
+    assert!(!s.uaid_bound(idle).await.unwrap());
+    assert_eq!(s.lookup_token(idle_token).await.unwrap(), TokenTarget::Gone);
+    assert_eq!(put(&*s, idle, idle_app, 6).await, PutOutcome::Gone);
+    assert!(pending(&*s, idle).await.is_empty());
+    assert!(s.uaid_bound(held).await.unwrap(), "held UAIDs stay");
+    assert!(matches!(
+        s.lookup_token(held_token).await.unwrap(),
+        TokenTarget::Active(..)
+    ));
+    assert!(s.uaid_bound(recent).await.unwrap(), "recently seen UAIDs stay");
+    assert_eq!(
+        s.expire_idle(now + HOUR_MS, gone_until, &only_held)
+            .await
+            .unwrap(),
+        0
+    );
+    // The owner may come back: its secret binds it again, with nothing registered.
+    assert!(s.touch_uaid(idle, now_ms()).await.unwrap());
+}
+
+pub async fn a_touch_keeps_a_uaid_for_another_idle_period<S: Store>(s: Arc<S>) {
+    let now = now_ms();
+    let uaid = Uaid::random();
+    assert!(s.bind_uaid(uaid).await.unwrap());
+    // Seen two days later: kept by an expiry of what was last seen before a day later.
+    assert!(!s.touch_uaid(uaid, now + 2 * DAY_MS).await.unwrap());
+    assert_eq!(
+        s.expire_idle(now + DAY_MS, now + DAY_MS, &|_| false)
+            .await
+            .unwrap(),
+        0
+    );
+    // A touch within a day of the last one writes nothing: the UAID still counts as seen then.
+    assert!(!s.touch_uaid(uaid, now + 2 * DAY_MS + HOUR_MS).await.unwrap());
+    let cutoff = now + 2 * DAY_MS + HOUR_MS / 2;
+    assert_eq!(s.expire_idle(cutoff, cutoff, &|_| false).await.unwrap(), 1);
 }
 
 pub async fn register_is_idempotent_per_pair<S: Store>(s: Arc<S>) {
