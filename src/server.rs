@@ -308,7 +308,7 @@ async fn expire_idle_uaids(state: &AppState) {
     let idle_before = now.saturating_sub(limits.uaid_idle_days.saturating_mul(24 * 3600 * 1000));
     let gone_until = now.saturating_add(limits.gone_ttl_secs.saturating_mul(1000));
     let held = |uaid: &Uaid| state.registry.is_held(uaid);
-    match state.store.expire_idle(idle_before, gone_until, &held).await {
+    match state.store.expire_idle(now, idle_before, gone_until, &held).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(uaids = n, "expired idle UAIDs"),
         Err(e) => tracing::warn!(error = %e, "expiring idle UAIDs failed"),

@@ -119,11 +119,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes the UAIDs last seen before `idle_before_ms` that `held` does not claim (nor, on
     /// Redis, any node's route): each registration as by [`Store::unregister`] (its token
-    /// answers Gone until `gone_until_ms`), then the binding. A bound that no hello, claim or
+    /// answers Gone until `gone_until_ms`), then the binding. A held one is touched at `now_ms`
+    /// instead, so a connection that stays up longer than the idle period leaves its UAID a
+    /// whole period. A bound that no hello, claim or
     /// poll renewed in that time is abandoned; without this the store would only grow.
     /// Returns how many UAIDs went.
     fn expire_idle(
         &self,
+        now_ms: u64,
         idle_before_ms: u64,
         gone_until_ms: u64,
         held: &(dyn Fn(&Uaid) -> bool + Sync),
@@ -245,11 +248,12 @@ impl Store for AnyStore {
 
     async fn expire_idle(
         &self,
+        now_ms: u64,
         idle_before_ms: u64,
         gone_until_ms: u64,
         held: &(dyn Fn(&Uaid) -> bool + Sync),
     ) -> Result<u64> {
-        delegate!(self, s => s.expire_idle(idle_before_ms, gone_until_ms, held).await)
+        delegate!(self, s => s.expire_idle(now_ms, idle_before_ms, gone_until_ms, held).await)
     }
 
     async fn register(

@@ -533,6 +533,7 @@ impl RedisStore {
     async fn expire_idle_index(
         &self,
         index: &str,
+        now_ms: u64,
         idle_before_ms: u64,
         gone_until_ms: u64,
         held: &(dyn Fn(&Uaid) -> bool + Sync),
@@ -553,6 +554,9 @@ impl RedisStore {
             exists.arg(key::route(&uaid));
             let routed: u64 = self.query(&exists).await?;
             if held(&uaid) || routed > 0 {
+                // In use all along: seen now, so it gets a whole idle period after it is let go
+                // (and leaves the stale end of the index, which a batch reads first).
+                self.touch_uaid(uaid, now_ms).await?;
                 continue;
             }
             let mut conn = self.conn.clone();
@@ -753,6 +757,7 @@ impl Store for RedisStore {
 
     async fn expire_idle(
         &self,
+        now_ms: u64,
         idle_before_ms: u64,
         gone_until_ms: u64,
         held: &(dyn Fn(&Uaid) -> bool + Sync),
@@ -766,7 +771,7 @@ impl Store for RedisStore {
         for batch in indexes.chunks(SWEEP_PARALLEL) {
             let runs = batch
                 .iter()
-                .map(|index| self.expire_idle_index(index, idle_before_ms, gone_until_ms, held));
+                .map(|index| self.expire_idle_index(index, now_ms, idle_before_ms, gone_until_ms, held));
             for result in futures_util::future::join_all(runs).await {
                 expired += result?;
             }

@@ -258,6 +258,7 @@ impl Store for SledStore {
 
     async fn expire_idle(
         &self,
+        now_ms: u64,
         idle_before_ms: u64,
         gone_until_ms: u64,
         held: &(dyn Fn(&Uaid) -> bool + Sync),
@@ -268,7 +269,12 @@ impl Store for SledStore {
             let uaid = <[u8; 16]>::try_from(&key[..])
                 .map(Uaid)
                 .map_err(|_| StoreError::Corrupt("uaid key"))?;
-            if last_seen(&seen) >= idle_before_ms || held(&uaid) {
+            if last_seen(&seen) >= idle_before_ms {
+                continue;
+            }
+            if held(&uaid) {
+                // In use all along: seen now, so it gets a whole idle period after it is let go.
+                self.touch_uaid(uaid, now_ms).await?;
                 continue;
             }
             // The binding first, and only if no touch came since: a client that returns

@@ -208,7 +208,7 @@ pub async fn idle_uaids_expire_with_their_registrations<S: Store>(s: Arc<S>) {
 
     let gone_until = now + 3 * HOUR_MS;
     let expired = s
-        .expire_idle(now + HOUR_MS, gone_until, &only_held)
+        .expire_idle(now + 2 * DAY_MS, now + HOUR_MS, gone_until, &only_held)
         .await
         .unwrap();
     assert_eq!(expired, 1, "only the idle, unheld UAID");
@@ -222,8 +222,16 @@ pub async fn idle_uaids_expire_with_their_registrations<S: Store>(s: Arc<S>) {
         TokenTarget::Active(..)
     ));
     assert!(s.uaid_bound(recent).await.unwrap(), "recently seen UAIDs stay");
+    // The held one was touched (at the sweep's "now", two days on): let go, it stays.
+    let idle_before = now + HOUR_MS;
     assert_eq!(
-        s.expire_idle(now + HOUR_MS, gone_until, &only_held)
+        s.expire_idle(now, idle_before, gone_until, &|_| false)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        s.expire_idle(now + 2 * DAY_MS, now + HOUR_MS, gone_until, &only_held)
             .await
             .unwrap(),
         0
@@ -239,7 +247,7 @@ pub async fn a_touch_keeps_a_uaid_for_another_idle_period<S: Store>(s: Arc<S>) {
     // Seen two days later: kept by an expiry of what was last seen before a day later.
     assert!(!s.touch_uaid(uaid, now + 2 * DAY_MS).await.unwrap());
     assert_eq!(
-        s.expire_idle(now + DAY_MS, now + DAY_MS, &|_| false)
+        s.expire_idle(now, now + DAY_MS, now + DAY_MS, &|_| false)
             .await
             .unwrap(),
         0
@@ -247,7 +255,7 @@ pub async fn a_touch_keeps_a_uaid_for_another_idle_period<S: Store>(s: Arc<S>) {
     // A touch within a day of the last one writes nothing: the UAID still counts as seen then.
     assert!(!s.touch_uaid(uaid, now + 2 * DAY_MS + HOUR_MS).await.unwrap());
     let cutoff = now + 2 * DAY_MS + HOUR_MS / 2;
-    assert_eq!(s.expire_idle(cutoff, cutoff, &|_| false).await.unwrap(), 1);
+    assert_eq!(s.expire_idle(now, cutoff, cutoff, &|_| false).await.unwrap(), 1);
 }
 
 pub async fn register_is_idempotent_per_pair<S: Store>(s: Arc<S>) {
