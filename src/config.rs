@@ -88,7 +88,7 @@ pub struct Limits {
     /// Seconds an unregistered endpoint keeps answering 410 before it becomes unknown (404).
     pub gone_ttl_secs: u64,
     /// Days a UAID may go unseen (no hello, claim or poll with its secret) before the sweep
-    /// deletes it with its registrations; 0 keeps every UAID for ever.
+    /// deletes its registrations (the binding stays); 0 keeps every registration for ever.
     pub uaid_idle_days: u64,
     /// Seconds between sweeps that delete expired events and tombstones.
     pub sweep_interval_secs: u64,

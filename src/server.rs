@@ -270,6 +270,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 /// that are full again once per refill time (at least a second, at most a sweep interval), so
 /// the buckets held are about the registrations PUT to within the last two refill times.
 async fn sweep_loop(state: Arc<AppState>) {
+    let started = Instant::now();
     let sweep_every = Duration::from_secs(state.config.limits.sweep_interval_secs);
     let mut tick = tokio::time::interval(sweep_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -286,7 +287,7 @@ async fn sweep_loop(state: Arc<AppState>) {
         tokio::select! {
             _ = tick.tick() => {
                 sweep_store(&state).await;
-                expire_idle_uaids(&state).await;
+                expire_idle_uaids(&state, started).await;
             }
             _ = prune.tick() => {
                 if let Some(buckets) = &state.put_limit {
@@ -298,10 +299,15 @@ async fn sweep_loop(state: Arc<AppState>) {
     }
 }
 
-/// Deletes UAIDs unseen for `uaid_idle_days` (not those held here or, on Redis, anywhere).
-async fn expire_idle_uaids(state: &AppState) {
+/// No idle expiry this long after start: clients that a restart (or an outage) cut off come
+/// back and are seen first, so a UAID held across the idle line is not taken for abandoned.
+const IDLE_EXPIRY_AFTER_START: Duration = Duration::from_secs(3600);
+
+/// Deletes the registrations of UAIDs unseen for `uaid_idle_days` (not those held here or, on
+/// Redis, anywhere).
+async fn expire_idle_uaids(state: &AppState, started: Instant) {
     let limits = &state.config.limits;
-    if limits.uaid_idle_days == 0 {
+    if limits.uaid_idle_days == 0 || started.elapsed() < IDLE_EXPIRY_AFTER_START {
         return;
     }
     let now = now_ms();

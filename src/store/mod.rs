@@ -117,13 +117,13 @@ pub trait Store: Send + Sync + 'static {
     /// once per [`TOUCH_EVERY_MS`]. `true` if this call bound it.
     fn touch_uaid(&self, uaid: Uaid, now_ms: u64) -> impl Future<Output = Result<bool>> + Send;
 
-    /// Deletes the UAIDs last seen before `idle_before_ms` that `held` does not claim (nor, on
-    /// Redis, any node's route): each registration as by [`Store::unregister`] (its token
-    /// answers Gone until `gone_until_ms`), then the binding. A held one is touched at `now_ms`
-    /// instead, so a connection that stays up longer than the idle period leaves its UAID a
-    /// whole period. A bound that no hello, claim or
-    /// poll renewed in that time is abandoned; without this the store would only grow.
-    /// Returns how many UAIDs went.
+    /// Deletes the registrations of the UAIDs last seen before `idle_before_ms` that `held`
+    /// does not claim (nor, on Redis, any node's route), each as by [`Store::unregister`] (its
+    /// token answers Gone until `gone_until_ms`). The binding stays, so the UAID and its secret
+    /// remain its owner's; a few bytes per abandoned UAID is what is kept. A held UAID is touched
+    /// at `now_ms` instead, so a connection that stays up longer than the idle period leaves it a
+    /// whole period. A UAID that no client named for that long is abandoned; without this the
+    /// store would only grow. Returns how many UAIDs lost registrations.
     fn expire_idle(
         &self,
         now_ms: u64,

@@ -352,18 +352,17 @@ if seen then return 0 end
 return 1
 "#;
 
-/// KEYS: binding, idle index. ARGV: idle-before time, index member. Deletes the binding unless it
-/// was seen since (then the index gets its newer time). Returns 1 if it deleted it.
-const LUA_UNBIND_IDLE: &str = r#"
+/// KEYS: binding, idle index. ARGV: idle-before time, index member. Drops the UAID from the idle
+/// index (its registrations are gone) unless it was seen since (then the index gets that time).
+/// Returns 1 if it dropped it.
+const LUA_UNINDEX_IDLE: &str = r#"
 local seen = redis.call('GET', KEYS[1])
 if seen and tonumber(seen) >= tonumber(ARGV[1]) then
   redis.call('ZADD', KEYS[2], seen, ARGV[2])
   return 0
 end
-redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[2])
-if seen then return 1 end
-return 0
+return 1
 "#;
 
 /// Index entries read per expiry index and round of a sweep.
@@ -482,7 +481,7 @@ struct Scripts {
     expire_tombstone: Script,
     bind: Script,
     touch: Script,
-    unbind_idle: Script,
+    unindex_idle: Script,
 }
 
 /// The pending-event gauge: the shared counter as last read, plus this node's changes since.
@@ -511,7 +510,7 @@ impl RedisStore {
                 expire_tombstone: Script::new(LUA_EXPIRE_TOMBSTONE),
                 bind: Script::new(LUA_BIND),
                 touch: Script::new(LUA_TOUCH),
-                unbind_idle: Script::new(LUA_UNBIND_IDLE),
+                unindex_idle: Script::new(LUA_UNINDEX_IDLE),
             }),
             gauge: Arc::new(Gauge::default()),
         };
@@ -559,11 +558,21 @@ impl RedisStore {
                 self.touch_uaid(uaid, now_ms).await?;
                 continue;
             }
+            // The binding stays (the UAID and its secret remain its owner's); its registrations
+            // go, then its index entry, unless a touch came meanwhile. A failure midway leaves
+            // the entry, so the next sweep goes on.
+            let mut apps = redis::cmd("HKEYS");
+            apps.arg(key::tokens(&uaid));
+            let appids: Vec<String> = self.query(&apps).await?;
+            for appid in &appids {
+                let appid = Appid::parse(appid).map_err(|_| StoreError::Corrupt("registration appid"))?;
+                self.unregister(uaid, appid, gone_until_ms).await?;
+            }
             let mut conn = self.conn.clone();
-            let unbound: u64 = bounded(
+            let _: u64 = bounded(
                 self.timeout,
                 self.scripts
-                    .unbind_idle
+                    .unindex_idle
                     .key(key::bound(&uaid))
                     .key(index)
                     .arg(idle_before_ms)
@@ -571,15 +580,8 @@ impl RedisStore {
                     .invoke_async(&mut conn),
             )
             .await?;
-            if unbound == 0 {
+            if appids.is_empty() {
                 continue;
-            }
-            let mut apps = redis::cmd("HKEYS");
-            apps.arg(key::tokens(&uaid));
-            let appids: Vec<String> = self.query(&apps).await?;
-            for appid in appids {
-                let appid = Appid::parse(&appid).map_err(|_| StoreError::Corrupt("registration appid"))?;
-                self.unregister(uaid, appid, gone_until_ms).await?;
             }
             expired += 1;
         }

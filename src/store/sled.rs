@@ -189,9 +189,23 @@ impl Inner {
     }
 }
 
-/// A binding's value: when the UAID was last seen (first bound, or touched), in ms.
-fn last_seen(value: &[u8]) -> u64 {
-    <[u8; 8]>::try_from(value).map_or(0, u64::from_be_bytes)
+/// A binding's value: `SEEN_TAG` and when the UAID was last seen (first bound, or touched), in
+/// ms, big-endian.
+fn seen_value(ms: u64) -> [u8; 9] {
+    let mut value = [SEEN_TAG; 9];
+    value[1..].copy_from_slice(&ms.to_be_bytes());
+    value
+}
+
+/// Tags a binding written since "last seen" was kept. Older bindings hold their bind time (8
+/// bytes), which says nothing about when the UAID was last seen: `None`.
+const SEEN_TAG: u8 = 1;
+
+fn last_seen(value: &[u8]) -> Option<u64> {
+    match value {
+        [SEEN_TAG, ms @ ..] => <[u8; 8]>::try_from(ms).ok().map(u64::from_be_bytes),
+        _ => None,
+    }
 }
 
 /// Runs commits while tickets are waiting; ends when the store is dropped.
@@ -230,7 +244,7 @@ fn flusher(inner: std::sync::Weak<Inner>) {
 
 impl Store for SledStore {
     async fn bind_uaid(&self, uaid: Uaid) -> Result<bool> {
-        let now = super::now_ms().to_be_bytes();
+        let now = seen_value(super::now_ms());
         let swapped =
             self.inner
                 .uaids
@@ -243,14 +257,16 @@ impl Store for SledStore {
     }
 
     async fn touch_uaid(&self, uaid: Uaid, now_ms: u64) -> Result<bool> {
-        let now = now_ms.to_be_bytes();
+        let now = seen_value(now_ms);
         let uaids = &self.inner.uaids;
         let current = match uaids.compare_and_swap(uaid.as_bytes(), None as Option<&[u8]>, Some(&now[..]))? {
             Ok(()) => return Ok(true),
             Err(e) => e.current,
         };
-        if let Some(seen) = current.filter(|v| last_seen(v) + super::TOUCH_EVERY_MS <= now_ms) {
-            // Lost to a concurrent touch at worst, which wrote the same news.
+        let stale = |v: &sled::IVec| last_seen(v).is_none_or(|seen| seen + super::TOUCH_EVERY_MS <= now_ms);
+        if let Some(seen) = current.filter(stale) {
+            // Lost to a concurrent touch at worst, which wrote the same news (bindings are
+            // never deleted).
             let _ = uaids.compare_and_swap(uaid.as_bytes(), Some(seen), Some(&now[..]))?;
         }
         Ok(false)
@@ -269,7 +285,15 @@ impl Store for SledStore {
             let uaid = <[u8; 16]>::try_from(&key[..])
                 .map(Uaid)
                 .map_err(|_| StoreError::Corrupt("uaid key"))?;
-            if last_seen(&seen) >= idle_before_ms {
+            let Some(last) = last_seen(&seen) else {
+                // A binding from before "last seen" was kept: count it seen now, once.
+                let _ = self
+                    .inner
+                    .uaids
+                    .compare_and_swap(&key, Some(seen), Some(&seen_value(now_ms)[..]))?;
+                continue;
+            };
+            if last >= idle_before_ms {
                 continue;
             }
             if held(&uaid) {
@@ -277,19 +301,14 @@ impl Store for SledStore {
                 self.touch_uaid(uaid, now_ms).await?;
                 continue;
             }
-            // The binding first, and only if no touch came since: a client that returns
-            // meanwhile keeps it (and at worst finds its endpoints Gone, and registers again).
-            let unbound = self
-                .inner
-                .uaids
-                .compare_and_swap(&key, Some(seen), None as Option<&[u8]>)?
-                .is_ok();
-            if !unbound {
-                continue;
-            }
+            // The binding stays (the UAID and its secret remain its owner's); its registrations
+            // go. A failure midway leaves the binding stale, so the next sweep goes on.
             let mut appids = Vec::new();
             for reg in self.inner.regs.scan_prefix(uaid.as_bytes()) {
                 appids.push(appid_of_key(&reg?.0)?);
+            }
+            if appids.is_empty() {
+                continue;
             }
             for appid in appids {
                 self.unregister(uaid, appid, gone_until_ms).await?;
@@ -501,7 +520,33 @@ impl Store for SledStore {
 
 #[cfg(test)]
 mod tests {
-    use super::Committed;
+    use super::*;
+
+    /// Bindings written before "last seen" was kept hold their bind time: the first idle sweep
+    /// counts them seen then, instead of taking a years-old bind time for abandonment.
+    #[tokio::test]
+    async fn old_bindings_count_as_seen_at_the_first_idle_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20, Duration::from_secs(30)).unwrap();
+        let old = Uaid::random();
+        store
+            .inner
+            .uaids
+            .insert(old.as_bytes(), &1u64.to_be_bytes()[..])
+            .unwrap();
+        store
+            .register(old, Appid::random(), TokenId::random(), b"", 10)
+            .await
+            .unwrap();
+        let now = super::super::now_ms();
+        assert_eq!(
+            store.expire_idle(now, now - 1000, now, &|_| false).await.unwrap(),
+            0
+        );
+        let value = store.inner.uaids.get(old.as_bytes()).unwrap().unwrap();
+        assert_eq!(last_seen(&value), Some(now));
+        assert_eq!(store.expire_idle(now, now + 1, now, &|_| false).await.unwrap(), 1);
+    }
 
     #[test]
     fn a_failed_commit_fails_its_tickets_and_every_later_one_but_not_earlier_ones() {

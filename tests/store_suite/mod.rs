@@ -63,7 +63,7 @@ macro_rules! store_suite {
                 concurrent_binds_have_one_winner,
                 uaid_bound_follows_bind,
                 touch_binds_once_and_reports_it,
-                idle_uaids_expire_with_their_registrations,
+                idle_uaids_lose_their_registrations_but_keep_their_binding,
                 a_touch_keeps_a_uaid_for_another_idle_period,
                 register_is_idempotent_per_pair,
                 register_gives_distinct_pairs_distinct_tokens,
@@ -197,7 +197,7 @@ pub async fn touch_binds_once_and_reports_it<S: Store>(s: Arc<S>) {
 
 const DAY_MS: u64 = 24 * HOUR_MS;
 
-pub async fn idle_uaids_expire_with_their_registrations<S: Store>(s: Arc<S>) {
+pub async fn idle_uaids_lose_their_registrations_but_keep_their_binding<S: Store>(s: Arc<S>) {
     let now = now_ms();
     let (idle, idle_app, idle_token) = registration(&*s).await;
     assert_eq!(put(&*s, idle, idle_app, 5).await, PutOutcome::Raised(5));
@@ -212,7 +212,9 @@ pub async fn idle_uaids_expire_with_their_registrations<S: Store>(s: Arc<S>) {
         .await
         .unwrap();
     assert_eq!(expired, 1, "only the idle, unheld UAID");
-    assert!(!s.uaid_bound(idle).await.unwrap());
+    // Still bound: its secret stays its owner's (nobody can bind it anew without it).
+    assert!(s.uaid_bound(idle).await.unwrap());
+    assert!(!s.bind_uaid(idle).await.unwrap());
     assert_eq!(s.lookup_token(idle_token).await.unwrap(), TokenTarget::Gone);
     assert_eq!(put(&*s, idle, idle_app, 6).await, PutOutcome::Gone);
     assert!(pending(&*s, idle).await.is_empty());
@@ -236,22 +238,22 @@ pub async fn idle_uaids_expire_with_their_registrations<S: Store>(s: Arc<S>) {
             .unwrap(),
         0
     );
-    // The owner may come back: its secret binds it again, with nothing registered.
-    assert!(s.touch_uaid(idle, now_ms()).await.unwrap());
+    // The owner may come back, with nothing registered; registering starts afresh.
+    assert!(!s.touch_uaid(idle, now_ms()).await.unwrap());
+    let fresh = TokenId::random();
+    register(&*s, idle, idle_app, fresh).await;
+    assert_eq!(put(&*s, idle, idle_app, 1).await, PutOutcome::Raised(1));
 }
 
 pub async fn a_touch_keeps_a_uaid_for_another_idle_period<S: Store>(s: Arc<S>) {
     let now = now_ms();
     let uaid = Uaid::random();
     assert!(s.bind_uaid(uaid).await.unwrap());
+    register(&*s, uaid, Appid::random(), TokenId::random()).await;
     // Seen two days later: kept by an expiry of what was last seen before a day later.
     assert!(!s.touch_uaid(uaid, now + 2 * DAY_MS).await.unwrap());
-    assert_eq!(
-        s.expire_idle(now, now + DAY_MS, now + DAY_MS, &|_| false)
-            .await
-            .unwrap(),
-        0
-    );
+    let kept = s.expire_idle(now, now + DAY_MS, now + DAY_MS, &|_| false).await;
+    assert_eq!(kept.unwrap(), 0);
     // A touch within a day of the last one writes nothing: the UAID still counts as seen then.
     assert!(!s.touch_uaid(uaid, now + 2 * DAY_MS + HOUR_MS).await.unwrap());
     let cutoff = now + 2 * DAY_MS + HOUR_MS / 2;
