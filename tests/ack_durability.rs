@@ -57,15 +57,15 @@ async fn setup(extra: &[(&str, &str)]) -> Setup {
     env.extend_from_slice(extra);
     let server = Server::start_with(dir.path(), &env).await;
     let http = reqwest::Client::new();
+    let mut enrolled = enroll(&server).await;
+    enrolled.put_and_receive(&http, 1).await;
     let Enrolled {
         mut c,
         creds,
         uaid,
         appid,
-        endpoint,
-    } = enroll(&server).await;
-    assert_eq!(put_version(&http, &endpoint, 1).await, 202);
-    assert_eq!(c.expect("update").await["updates"][&uaid][&appid], 1);
+        ..
+    } = enrolled;
     // Let sled's own periodic flush pass, then make writes slow and ACK.
     tokio::time::sleep(Duration::from_millis(700)).await;
     std::fs::write(&flag, b"").unwrap();

@@ -82,16 +82,15 @@ async fn put_during_inflight_update_stays_pending_and_follows_the_ack() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path()).await;
     let http = reqwest::Client::new();
+    let mut enrolled = enroll(&server).await;
+    enrolled.put_and_receive(&http, 1).await;
     let Enrolled {
         mut c,
         creds,
         uaid,
         appid,
         endpoint,
-    } = enroll(&server).await;
-
-    assert_eq!(put_version(&http, &endpoint, 1).await, 202);
-    assert_eq!(c.expect("update").await["updates"][&uaid][&appid], 1);
+    } = enrolled;
     // Version 2 lands while version 1 is in flight: no second UPDATE before the ACK.
     assert_eq!(put_version(&http, &endpoint, 2).await, 202);
     c.expect_silence(Duration::from_millis(300)).await;

@@ -39,15 +39,15 @@ async fn a_put_whose_nudge_was_lost_is_sent_after_the_ack() {
     let mut lost = 0;
     let mut cancelled = 0;
     for round in 0..ROUNDS {
+        let mut enrolled = enroll(&server).await;
+        enrolled.put_and_receive(&http, 1).await;
         let Enrolled {
             mut c,
             creds,
             uaid,
             appid,
             endpoint,
-        } = enroll(&server).await;
-        assert_eq!(put_version(&http, &endpoint, 1).await, 202);
-        assert_eq!(c.expect("update").await["updates"][&uaid][&appid], 1);
+        } = enrolled;
         // Version 2 while 1 is in flight, by a client that hangs up during the commit.
         put_and_hang_up(&server, &endpoint, 2, Duration::from_micros(50 * (round % 40))).await;
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -312,6 +312,15 @@ pub struct Enrolled {
     pub endpoint: String,
 }
 
+impl Enrolled {
+    /// PUTs `version` (expecting 202) and reads the UPDATE that carries it.
+    pub async fn put_and_receive(&mut self, http: &reqwest::Client, version: u64) {
+        assert_eq!(put_version(http, &self.endpoint, version).await, 202);
+        let update = self.c.expect("update").await;
+        assert_eq!(update["updates"][&self.uaid][&self.appid], version, "{update}");
+    }
+}
+
 /// Connects, says hello for a new UAID and registers one new APPID.
 pub async fn enroll(server: &Server) -> Enrolled {
     let mut c = Client::connect(server).await;
