@@ -60,22 +60,22 @@ impl Held {
 
     /// Holds `uaid` with nothing in flight, unless it is held already.
     pub fn insert(&mut self, uaid: Uaid) {
-        match self {
-            Held::Empty => *self = Held::One(uaid, Slot::default()),
-            Held::One(u, _) if *u == uaid => {}
-            Held::One(..) => {
-                let Held::One(first, slot) = std::mem::take(self) else {
-                    unreachable!("matched One above")
-                };
+        if self.contains(&uaid) {
+            return;
+        }
+        *self = match std::mem::take(self) {
+            Held::Empty => Held::One(uaid, Slot::default()),
+            Held::One(first, slot) => {
                 let mut map = HashMap::with_capacity(2);
                 map.insert(first, slot);
                 map.insert(uaid, Slot::default());
-                *self = Held::Many(map);
+                Held::Many(map)
             }
-            Held::Many(map) => {
-                map.entry(uaid).or_default();
+            Held::Many(mut map) => {
+                map.insert(uaid, Slot::default());
+                Held::Many(map)
             }
-        }
+        };
     }
 
     pub fn remove(&mut self, uaid: &Uaid) -> Option<Slot> {
