@@ -94,11 +94,32 @@ pub struct Limits {
     pub sweep_interval_secs: u64,
 }
 
+/// Where durable state lives (`store.backend`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Embedded, one node, in `server.data_dir`.
+    #[default]
+    Sled,
+    /// Several nodes sharing one Redis or Redis Cluster.
+    Redis,
+}
+
+impl Backend {
+    /// The name, as in `store.backend`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sled => "sled",
+            Backend::Redis => "redis",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `sled` (embedded, one node) or `redis` (several nodes sharing one Redis or Redis Cluster).
-    pub backend: String,
+    pub backend: Backend,
     /// Redis server URL (`redis://host:port/db`, `rediss://` for TLS is not built in), used when
     /// `cluster_urls` is empty.
     pub url: String,
@@ -179,7 +200,7 @@ impl Default for Limits {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
-            backend: "sled".into(),
+            backend: Backend::Sled,
             url: "redis://127.0.0.1:6379".into(),
             cluster_urls: Vec::new(),
             redis_timeout_ms: 2000,
@@ -227,29 +248,19 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        let file_origin = file.map_or("defaults".into(), |p| p.display().to_string());
+        // The file alone first, so that its errors name it and an env error names its variable.
+        doc.clone()
+            .try_into::<Config>()
+            .map_err(|e| invalid(&file_origin, e))?;
         let defaults = toml::Table::try_from(Config::default()).map_err(|e| invalid("defaults", e))?;
         for (name, value) in vars {
-            let Some(rest) = name.strip_prefix("EDITIOND_") else {
-                continue;
-            };
-            if rest == "CONFIG" {
+            if !apply_env(&mut doc, &defaults, &name, &value)? {
                 continue;
             }
-            let Some((section, key)) = rest.split_once("__") else {
-                return Err(invalid(&name, "expected EDITIOND_<SECTION>__<KEY>"));
-            };
-            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
-            let template = defaults.get(&section).and_then(|s| s.get(&key));
-            let parsed = env_value(template, &value).map_err(|m| invalid(&name, m))?;
-            doc.entry(section)
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-                .as_table_mut()
-                .ok_or_else(|| invalid(&name, "section is not a table"))?
-                .insert(key, parsed);
+            doc.clone().try_into::<Config>().map_err(|e| invalid(&name, e))?;
         }
-        let mut config: Config = doc
-            .try_into()
-            .map_err(|e| invalid(&file.map_or("environment".into(), |p| p.display().to_string()), e))?;
+        let mut config: Config = doc.try_into().map_err(|e| invalid("environment", e))?;
         if let Some(listen) = flags.listen {
             config.server.listen = listen;
         }
@@ -291,11 +302,7 @@ impl Config {
         )?;
         let st = &self.store;
         check(
-            matches!(st.backend.as_str(), "sled" | "redis"),
-            "store.backend must be \"sled\" or \"redis\"",
-        )?;
-        check(
-            st.backend != "redis" || !st.url.is_empty() || !st.cluster_urls.is_empty(),
+            st.backend != Backend::Redis || !st.url.is_empty() || !st.cluster_urls.is_empty(),
             "store.backend = \"redis\" needs store.url or store.cluster_urls",
         )?;
         check(
@@ -365,6 +372,45 @@ fn redact_url(url: &str) -> String {
     } else {
         format!("{scheme}://***@{host}")
     }
+}
+
+/// Applies one `EDITIOND_…` variable to `doc`; `false` if the name is not an override. Every
+/// `__` descends one table: `EDITIOND_KICK__WEBHOOK__SECRET` is `[kick.webhook] secret`. The
+/// value takes the type of the default at that path (`defaults`).
+fn apply_env(
+    doc: &mut toml::Table,
+    defaults: &toml::Table,
+    name: &str,
+    value: &str,
+) -> Result<bool, ConfigError> {
+    let Some(rest) = name.strip_prefix("EDITIOND_") else {
+        return Ok(false);
+    };
+    if rest == "CONFIG" {
+        return Ok(false);
+    }
+    let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+    let Some((key, tables)) = path.split_last() else {
+        return Err(invalid(name, "expected EDITIOND_<SECTION>__<KEY>"));
+    };
+    if tables.is_empty() || path.iter().any(String::is_empty) {
+        return Err(invalid(name, "expected EDITIOND_<SECTION>__<KEY>"));
+    }
+    let template = tables
+        .iter()
+        .try_fold(defaults, |table, part| table.get(part)?.as_table())
+        .and_then(|table| table.get(key));
+    let parsed = env_value(template, value).map_err(|m| invalid(name, m))?;
+    let mut table = doc;
+    for part in tables {
+        table = table
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| invalid(name, format!("{part} is not a table")))?;
+    }
+    table.insert(key.clone(), parsed);
+    Ok(true)
 }
 
 fn invalid(origin: &str, message: impl std::fmt::Display) -> ConfigError {
@@ -440,7 +486,7 @@ mod tests {
             ),
         ];
         let mut config = Config::load(None, vars, &Flags::default()).unwrap();
-        assert_eq!(config.store.backend, "redis");
+        assert_eq!(config.store.backend, Backend::Redis);
         assert_eq!(config.store.cluster_urls.len(), 2);
         config.redact_secrets();
         assert_eq!(config.store.url, "redis://app:***@10.0.0.5:6379");
@@ -478,6 +524,36 @@ mod tests {
             var("EDITIOND_LIMITS__PUT_BURST", "0"),
         ];
         assert!(Config::load(None, off_no_burst, &Flags::default()).is_ok());
+    }
+
+    #[test]
+    fn env_overrides_reach_nested_tables_and_errors_name_the_variable() {
+        let var = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let defaults: toml::Table = "[kick]\nmin_interval_secs = 30\n[kick.webhook]\nsecret = \"\"\n"
+            .parse()
+            .unwrap();
+        let mut doc = toml::Table::new();
+        assert!(apply_env(&mut doc, &defaults, "EDITIOND_KICK__WEBHOOK__SECRET", "whsec_x").unwrap());
+        assert!(apply_env(&mut doc, &defaults, "EDITIOND_KICK__MIN_INTERVAL_SECS", "5").unwrap());
+        assert!(!apply_env(&mut doc, &defaults, "HOME", "/root").unwrap());
+        let expected: toml::Table = "[kick]\nmin_interval_secs = 5\n[kick.webhook]\nsecret = \"whsec_x\"\n"
+            .parse()
+            .unwrap();
+        assert_eq!(doc, expected);
+        let err = Config::load(None, [var("EDITIOND_STORE__BACKEND", "mongo")], &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("EDITIOND_STORE__BACKEND: "), "{err}");
+        let err = Config::load(None, [var("EDITIOND_STORE__NOPE__DEEP", "1")], &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("EDITIOND_STORE__NOPE__DEEP: "), "{err}");
+        for bad in ["EDITIOND_STORE", "EDITIOND___URL", "EDITIOND_STORE__"] {
+            assert!(
+                Config::load(None, [var(bad, "1")], &Flags::default()).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

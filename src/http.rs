@@ -9,7 +9,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
-use crate::proto::EntryError;
+use crate::push::proto::EntryError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {

@@ -7,6 +7,20 @@ use std::fmt;
 
 use uuid::Uuid;
 
+/// The store's key for one endpoint token: random, never shown (the endpoint URL carries it
+/// sealed, see [`crate::keys::Keys::seal_token`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct TokenId(pub [u8; 16]);
+
+impl TokenId {
+    pub fn random() -> TokenId {
+        let mut id = [0u8; 16];
+        // The OS generator failing means the machine cannot do cryptography at all.
+        getrandom::fill(&mut id).expect("operating system random number generator failed");
+        TokenId(id)
+    }
+}
+
 /// Why a string is not an acceptable identifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {

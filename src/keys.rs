@@ -20,21 +20,9 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::config::KeysConfig;
-use crate::ids::Uaid;
+use crate::ids::{TokenId, Uaid};
 
 type HmacSha256 = Hmac<Sha256>;
-
-/// The store's key for one endpoint token.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct TokenId(pub [u8; 16]);
-
-impl TokenId {
-    pub fn random() -> TokenId {
-        let mut id = [0u8; 16];
-        fill_random(&mut id);
-        TokenId(id)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use editiond::config::{Config, Flags};
-use editiond::server::{self, AppState};
+use editiond::server::{self, Node};
 
 /// jemalloc instead of glibc malloc: 14% less CPU per event and less memory per idle socket, both
 /// measured in bench/RESULTS.md.
@@ -147,9 +147,9 @@ async fn serve(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let state = AppState::open(config).await.map_err(|e| e.to_string())?;
-    tracing::info!(%addr, public_url = %state.public_url, "editiond listening");
-    server::run(listener, state, shutdown_signal())
+    let node = Node::open(config).await.map_err(|e| e.to_string())?;
+    tracing::info!(%addr, public_url = %node.state.public_url, "editiond listening");
+    server::run(listener, node, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
 }

@@ -1,7 +1,8 @@
-//! Wiring: shared state, the router, the sweeper, and graceful shutdown.
+//! Wiring only: opens the store and keys into an [`AppState`], mounts the routes, runs the
+//! background tasks, and shuts down gracefully. Nothing imports this module back.
 //!
-//! [`run`] takes an already-bound listener and a shutdown future, so tests bind `127.0.0.1:0` and
-//! start a real server in one line, and `main` only parses flags and waits for a signal.
+//! [`run`] takes an already-bound listener and a shutdown future, so `main` only parses flags
+//! and waits for a signal (and an in-process test could bind `127.0.0.1:0` the same way).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,42 +15,16 @@ use axum::routing::{get, post, put};
 use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
-use tokio::sync::futures::Notified;
-use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::http::HttpError;
 use crate::ids::Uaid;
-use crate::keys::{KeyError, Keys, TokenId};
-use crate::metrics::Metrics;
-use crate::ratelimit::{Buckets, Rate};
-use crate::registry::{Durable, Mailbox, Registry};
+use crate::keys::{KeyError, Keys};
+use crate::push::route::{NodeRoutes, RoutesInbox};
+use crate::ratelimit::Buckets;
+use crate::state::AppState;
 use crate::store::{now_ms, AnyStore, RedisStore, RedisTarget, SledStore, Store, StoreError};
-
-/// Everything handlers share, passed explicitly as axum state.
-pub struct AppState {
-    pub config: Config,
-    /// `config.public_url()`, computed once: it prefixes every endpoint.
-    pub public_url: String,
-    pub keys: Keys,
-    pub store: AnyStore,
-    /// Which connection on this node holds which UAID.
-    pub registry: Registry,
-    /// Which node holds which UAID, with the Redis store; `None` on sled (one node).
-    pub route: Option<Arc<crate::route::Router>>,
-    pub metrics: Metrics,
-    /// PUT rate limit per registration, keyed by endpoint token, on this node only (nodes do not
-    /// share it: a registration PUT to through N nodes may get up to N times the rate). `None`
-    /// when `put_rate_per_sec` is 0. Pruned by the sweeper, so it holds only recent PUTs.
-    pub put_limit: Option<Buckets<TokenId>>,
-    /// Flips to `true` once to tell every socket and poll to finish.
-    shutdown: watch::Sender<bool>,
-    /// Wakes every WebSocket when `shutdown` flips: a socket waits on this (a future kept
-    /// inline in its task) rather than on [`AppState::stopping`] (a boxed future per socket).
-    stop: Notify,
-    /// Open sockets; shutdown waits for it to reach zero.
-    sockets: watch::Sender<usize>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -63,169 +38,93 @@ pub enum StartError {
     Redis(StoreError),
 }
 
-impl AppState {
-    /// Opens keys and store for `config` (and, on Redis, starts routing). Must run inside the
-    /// Tokio runtime.
-    pub async fn open(config: Config) -> Result<Arc<AppState>, StartError> {
-        let (keys, store, route) = if config.store.backend == "redis" {
-            let target = RedisTarget {
-                url: config.store.url.clone(),
-                cluster_urls: config.store.cluster_urls.clone(),
-                timeout: Duration::from_millis(config.store.redis_timeout_ms),
-            };
-            let store = RedisStore::open(&target).await.map_err(StartError::Redis)?;
-            // Nodes sharing a Redis are one service: they share keys, never per data dir.
-            let keys = match Keys::from_config(&config.keys)? {
-                Some(keys) => keys,
-                None => {
-                    let text = store
-                        .load_or_create_keys(&Keys::generate_text())
-                        .await
-                        .map_err(StartError::Redis)?;
-                    Keys::from_text(&text, "redis key ed:server-keys")?
+/// An opened node, not yet serving: its state and, on Redis, the inbox its routing listens to.
+pub struct Node {
+    pub state: Arc<AppState>,
+    inbox: Option<RoutesInbox>,
+}
+
+impl Node {
+    /// Opens keys and store for `config` (and, on Redis, subscribes for routing). Must run
+    /// inside the Tokio runtime.
+    pub async fn open(config: Config) -> Result<Node, StartError> {
+        let (keys, store, routes) = match config.store.backend {
+            Backend::Redis => {
+                let target = RedisTarget {
+                    url: config.store.url.clone(),
+                    cluster_urls: config.store.cluster_urls.clone(),
+                    timeout: Duration::from_millis(config.store.redis_timeout_ms),
+                };
+                let store = RedisStore::open(&target).await.map_err(StartError::Redis)?;
+                // Nodes sharing a Redis are one service: they share keys, never per data dir.
+                let keys = match Keys::from_config(&config.keys)? {
+                    Some(keys) => keys,
+                    None => {
+                        let text = store
+                            .load_or_create_keys(&Keys::generate_text())
+                            .await
+                            .map_err(StartError::Redis)?;
+                        Keys::from_text(&text, "redis key ed:server-keys")?
+                    }
+                };
+                let routes = NodeRoutes::start(&store, &target, &config.store)
+                    .await
+                    .map_err(StartError::Redis)?;
+                (keys, AnyStore::Redis(store), Some(routes))
+            }
+            Backend::Sled => {
+                let dir = config.server.data_dir.clone();
+                let keys = {
+                    let dir = dir.clone();
+                    let keys_config = config.keys.clone();
+                    blocking(move || -> Result<Keys, StartError> {
+                        std::fs::create_dir_all(&dir).map_err(|source| StartError::DataDir {
+                            path: dir.display().to_string(),
+                            source,
+                        })?;
+                        Ok(Keys::load(&keys_config, &dir)?)
+                    })
+                    .await?
+                };
+                let store_dir = dir.join("sled");
+                let cache_bytes = config.store.cache_bytes;
+                let write_timeout = Duration::from_millis(config.store.write_timeout_ms);
+                // Opening recovers the log and counts pending events: a whole-tree scan.
+                let store = {
+                    let store_dir = store_dir.clone();
+                    blocking(move || SledStore::open(&store_dir, cache_bytes, write_timeout)).await
                 }
-            };
-            let route = crate::route::Router::start(&store, &target, &config.store)
-                .await
-                .map_err(StartError::Redis)?;
-            (keys, AnyStore::Redis(store), Some(route))
-        } else {
-            let dir = &config.server.data_dir;
-            std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
-                path: dir.display().to_string(),
-                source,
-            })?;
-            let keys = Keys::load(&config.keys, dir)?;
-            let store_dir = dir.join("sled");
-            let store = SledStore::open(
-                &store_dir,
-                config.store.cache_bytes,
-                Duration::from_millis(config.store.write_timeout_ms),
-            )
-            .map_err(|source| StartError::Store {
-                path: store_dir.display().to_string(),
-                source,
-            })?;
-            (keys, AnyStore::Sled(store), None)
+                .map_err(|source| StartError::Store {
+                    path: store_dir.display().to_string(),
+                    source,
+                })?;
+                (keys, AnyStore::Sled(store), None)
+            }
         };
-        let (router, inbox) = match route {
-            Some((router, inbox)) => (Some(router), Some(inbox)),
+        let (routes, inbox) = match routes {
+            Some((routes, inbox)) => (Some(routes), Some(inbox)),
             None => (None, None),
         };
-        let limits = &config.limits;
-        let put_limit = (limits.put_rate_per_sec > 0)
-            .then(|| Buckets::new(Rate::new(limits.put_rate_per_sec, limits.put_burst)));
-        let state = Arc::new(AppState {
-            public_url: config.public_url(),
-            put_limit,
-            config,
-            keys,
-            store,
-            registry: Registry::default(),
-            route: router.clone(),
-            metrics: Metrics::default(),
-            shutdown: watch::Sender::new(false),
-            stop: Notify::new(),
-            sockets: watch::Sender::new(0),
-        });
-        if let (Some(router), Some(inbox)) = (router, inbox) {
-            tokio::spawn(crate::route::listen(state.clone(), router.clone(), inbox));
-            tokio::spawn(crate::route::recheck_loop(state.clone(), router));
-        }
-        Ok(state)
-    }
-
-    /// Makes connection `conn_id` the holder of `uaids`, on this node and (with Redis) for every
-    /// node, so PUTs anywhere reach it. Route claims run concurrently (a relay claims hundreds).
-    pub async fn hold(&self, uaids: &[Uaid], conn_id: u64, mailbox: &Arc<Mailbox>) -> Result<(), StoreError> {
-        for uaid in uaids {
-            self.registry.claim(*uaid, conn_id, mailbox);
-        }
-        if let Some(route) = &self.route {
-            let claims = uaids.iter().map(|uaid| route.claim(*uaid, conn_id));
-            for claimed in futures_util::future::join_all(claims).await {
-                claimed?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Stops `conn_id` holding `uaid` if it still does; never waits.
-    pub fn unhold(&self, uaid: Uaid, conn_id: u64) {
-        self.registry.release(uaid, conn_id);
-        if let Some(route) = &self.route {
-            route.release(uaid, conn_id);
-        }
-    }
-
-    /// Tells the connection holding `uaid`, on this node or another, that events may be
-    /// pending. Best effort: the event is already stored, and a lost nudge only delays it.
-    /// `durable` is what the caller saw committed (a PUT after its sync); it reaches a holder on
-    /// this node only, so that one can skip its own sync (see `Session::send_pending_after`).
-    pub async fn nudge(&self, uaid: Uaid, durable: Option<Durable>) {
-        if self.registry.nudge_with(uaid, durable) {
-            return;
-        }
-        if let Some(route) = &self.route {
-            if let Err(e) = route.nudge_remote(uaid).await {
-                tracing::debug!(error = %e, "cross-node nudge not sent");
-            }
-        }
-    }
-
-    /// The store's durability barrier, timed for `/metrics`.
-    pub async fn sync(&self) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let result = self.store.sync().await;
-        self.metrics
-            .store_sync_seconds
-            .observe(started.elapsed().as_secs_f64());
-        result
-    }
-
-    /// Whether shutdown has begun.
-    pub fn is_stopping(&self) -> bool {
-        *self.shutdown.borrow()
-    }
-
-    /// Completes when shutdown begins, if `enable`d (or first polled) before it began; check
-    /// [`AppState::is_stopping`] after enabling it. For the WebSocket loop; see `stop`.
-    pub fn stop_notified(&self) -> Notified<'_> {
-        self.stop.notified()
-    }
-
-    /// Completes once shutdown has begun (at once if it already has).
-    pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut rx = self.shutdown.subscribe();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    }
-
-    /// Counts a socket as open until the guard drops.
-    pub fn open_socket(self: &Arc<Self>) -> SocketGuard {
-        self.sockets.send_modify(|n| *n += 1);
-        self.metrics.connections.inc();
-        SocketGuard(self.clone())
+        let state = Arc::new(AppState::new(config, keys, store, routes));
+        Ok(Node { state, inbox })
     }
 }
 
-pub struct SocketGuard(Arc<AppState>);
-
-impl Drop for SocketGuard {
-    fn drop(&mut self) {
-        self.0.sockets.send_modify(|n| *n -= 1);
-        self.0.metrics.connections.dec();
+/// Runs `f` on the blocking pool (start-up file and tree work off the async workers).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 
 /// All routes. Unknown paths and methods get JSON errors like everything else.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/v1/ws", get(crate::ws::upgrade))
-        .route("/v1/e/{token}", put(crate::endpoint::put))
-        .route("/v1/poll", post(crate::poll::poll))
-        .route("/v1/ack", post(crate::poll::ack))
+        .route("/v1/ws", get(crate::push::ws::upgrade))
+        .route("/v1/e/{token}", put(crate::push::endpoint::put))
+        .route("/v1/poll", post(crate::push::poll::poll))
+        .route("/v1/ack", post(crate::push::poll::ack))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { HttpError::NotFound })
@@ -236,7 +135,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// 200 while the store answers (a bounded PING on Redis), so a load balancer stops sending to a
 /// node that cannot serve; 503 with `Retry-After` when it does not, or once shutdown began.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if *state.shutdown.borrow() {
+    if state.is_stopping() {
         return HttpError::ShuttingDown.into_response();
     }
     if let Err(e) = state.store.health().await {
@@ -249,7 +148,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     let body = serde_json::json!({
         "status": "ok",
         "store": state.store.backend(),
-        "connections": *state.sockets.borrow(),
+        "connections": *state.sockets().borrow(),
     });
     crate::http::json(StatusCode::OK, body.to_string())
 }
@@ -336,13 +235,27 @@ async fn sweep_store(state: &AppState) {
 }
 
 /// Serves until `shutdown` completes, then stops accepting, closes every socket with 1001
-/// (going away), waits up to the grace period for them, and flushes the store.
+/// (going away), waits up to the grace period for them, waits for the background tasks, and
+/// flushes the store.
 pub async fn run(
     listener: TcpListener,
-    state: Arc<AppState>,
+    node: Node,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let sweeper = tokio::spawn(sweep_loop(state.clone()));
+    let Node { state, inbox } = node;
+    // Each ends when shutdown begins; kept so the final flush runs after their last write.
+    let mut tasks: Vec<JoinHandle<()>> = vec![tokio::spawn(sweep_loop(state.clone()))];
+    if let (Some(routes), Some(inbox)) = (state.routes.clone(), inbox) {
+        tasks.push(tokio::spawn(crate::push::route::listen(
+            state.clone(),
+            routes.clone(),
+            inbox,
+        )));
+        tasks.push(tokio::spawn(crate::push::route::recheck_loop(
+            state.clone(),
+            routes,
+        )));
+    }
     let listener = listener.tap_io(|tcp| {
         // Updates are small and latency matters more than packet count.
         let _ = tcp.set_nodelay(true);
@@ -356,9 +269,8 @@ pub async fn run(
         .with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: closing sockets");
-            signal_state.shutdown.send_replace(true);
-            signal_state.stop.notify_waiters();
-            let mut sockets = signal_state.sockets.subscribe();
+            signal_state.begin_shutdown();
+            let mut sockets = signal_state.sockets();
             if tokio::time::timeout(grace, sockets.wait_for(|n| *n == 0))
                 .await
                 .is_err()
@@ -370,9 +282,18 @@ pub async fn run(
             }
         })
         .await?;
-    sweeper.abort();
-    if let Err(e) = state.store.flush_now() {
-        tracing::error!(error = %e, "final store flush failed");
+    // Normally ended already; after an accept error, serve returns before shutdown began.
+    state.begin_shutdown();
+    for task in tasks {
+        if let Err(e) = task.await {
+            tracing::warn!(error = %e, "background task failed");
+        }
+    }
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || store.flush_now()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "final store flush failed"),
+        Err(e) => tracing::error!(error = %e, "final store flush failed"),
     }
     tracing::info!("stopped");
     Ok(())

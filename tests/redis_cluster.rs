@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use common::redis_harness::{raw_command, redis_available, RedisCluster};
 use common::*;
+use editiond::ids::TokenId;
 use editiond::ids::{Appid, Uaid};
-use editiond::keys::TokenId;
 use editiond::store::{
-    now_ms, PutOutcome, RedisStore, RedisTarget, Registered, Store, TokenTarget, VersionReq,
+    now_ms, KickChange, PutOutcome, RedisStore, RedisTarget, Registered, Store, TokenTarget, VersionReq,
 };
 use serde_json::json;
 
@@ -41,7 +41,10 @@ async fn store_scripts_run_on_every_shard() {
         assert!(store.bind_uaid(uaid).await.unwrap());
         assert!(store.uaid_bound(uaid).await.unwrap());
         assert_eq!(
-            store.register(uaid, appid, token, b"{}", 5).await.unwrap(),
+            store
+                .register(uaid, appid, token, KickChange::Set(b"{}"), 5)
+                .await
+                .unwrap(),
             Registered::Token(token)
         );
         assert_eq!(
@@ -77,7 +80,7 @@ async fn store_scripts_run_on_every_shard() {
         );
         let app2 = Appid::random();
         store
-            .register(uaid, app2, TokenId::random(), b"", 5)
+            .register(uaid, app2, TokenId::random(), KickChange::Keep, 5)
             .await
             .unwrap();
         assert!(store.unregister(uaid, app2, now_ms() + 60_000).await.unwrap());

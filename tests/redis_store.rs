@@ -6,11 +6,11 @@ mod common;
 use std::time::Duration;
 
 use common::redis_harness::{redis_available, RedisServer};
+use editiond::ids::TokenId;
 use editiond::ids::{Appid, Uaid};
-use editiond::keys::TokenId;
 use editiond::store::{
-    now_ms, PutOutcome, RedisStore, RedisTarget, Registered, Store, StoreError, TokenTarget, VersionReq,
-    MAX_SERVER_VERSION,
+    now_ms, KickChange, PutOutcome, RedisStore, RedisTarget, Registered, Store, StoreError, TokenTarget,
+    VersionReq, MAX_SERVER_VERSION,
 };
 
 async fn open(redis: &RedisServer) -> RedisStore {
@@ -29,7 +29,7 @@ async fn registered(store: &RedisStore) -> (Uaid, Appid, TokenId) {
     let (uaid, appid) = (Uaid::random(), Appid::random());
     assert!(store.bind_uaid(uaid).await.unwrap());
     let token = match store
-        .register(uaid, appid, TokenId::random(), b"", 10)
+        .register(uaid, appid, TokenId::random(), KickChange::Keep, 10)
         .await
         .unwrap()
     {
@@ -56,13 +56,19 @@ async fn binding_and_registration() {
     let first = TokenId::random();
     let kick = br#"{"webhook":"x"}"#;
     assert_eq!(
-        store.register(uaid, appid, first, kick, 2).await.unwrap(),
+        store
+            .register(uaid, appid, first, KickChange::Set(kick), 2)
+            .await
+            .unwrap(),
         Registered::Token(first)
     );
     // Idempotent: the same pair keeps its token, and the unused candidate leads nowhere.
     let second = TokenId::random();
     assert_eq!(
-        store.register(uaid, appid, second, b"", 2).await.unwrap(),
+        store
+            .register(uaid, appid, second, KickChange::Keep, 2)
+            .await
+            .unwrap(),
         Registered::Token(first)
     );
     assert_eq!(store.lookup_token(second).await.unwrap(), TokenTarget::Unknown);
@@ -73,7 +79,7 @@ async fn binding_and_registration() {
     let other = Appid::random();
     assert!(matches!(
         store
-            .register(uaid, other, TokenId::random(), b"", 2)
+            .register(uaid, other, TokenId::random(), KickChange::Keep, 2)
             .await
             .unwrap(),
         Registered::Token(_)
@@ -81,7 +87,7 @@ async fn binding_and_registration() {
     let extra = TokenId::random();
     assert_eq!(
         store
-            .register(uaid, Appid::random(), extra, b"", 2)
+            .register(uaid, Appid::random(), extra, KickChange::Keep, 2)
             .await
             .unwrap(),
         Registered::TooMany
@@ -138,7 +144,10 @@ async fn put_is_compare_and_set_and_ack_is_compare_and_delete() {
     let mut appids = vec![a1];
     for _ in 0..4 {
         let a = Appid::random();
-        store.register(uaid, a, TokenId::random(), b"", 10).await.unwrap();
+        store
+            .register(uaid, a, TokenId::random(), KickChange::Keep, 10)
+            .await
+            .unwrap();
         appids.push(a);
     }
     for (i, a) in appids.iter().enumerate() {
@@ -318,7 +327,10 @@ async fn measure(label: &str, redis: &RedisServer) {
             async move {
                 let (uaid, appid, token) = (Uaid::random(), Appid::random(), TokenId::random());
                 store.bind_uaid(uaid).await.unwrap();
-                store.register(uaid, appid, token, b"", 10).await.unwrap();
+                store
+                    .register(uaid, appid, token, KickChange::Keep, 10)
+                    .await
+                    .unwrap();
                 (uaid, appid, token)
             }
         });

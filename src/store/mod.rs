@@ -26,8 +26,8 @@ use std::future::Future;
 pub use self::record::Registration;
 pub use self::redis::{RedisStore, RedisTarget};
 pub use self::sled::SledStore;
+use crate::ids::TokenId;
 use crate::ids::{Appid, Uaid};
-use crate::keys::TokenId;
 
 /// How stale a UAID's "last seen" may get before a touch writes it again: one write a day per
 /// UAID at most, whatever the client's reconnect rate.
@@ -75,6 +75,17 @@ pub enum PutOutcome {
     Gone,
     /// A server-picked version would leave the range JavaScript reads exactly.
     Exhausted,
+}
+
+/// What a register does to the registration's stored KICK settings (DESIGN.md "KICK drivers").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickChange<'a> {
+    /// Neither the register nor hello named one: keep what is stored.
+    Keep,
+    /// The register carried one, or inherited hello's: replace what is stored.
+    Set(&'a [u8]),
+    /// The register said `"kick":null`: remove what is stored.
+    Clear,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,15 +143,19 @@ pub trait Store: Send + Sync + 'static {
         held: &(dyn Fn(&Uaid) -> bool + Sync),
     ) -> impl Future<Output = Result<u64>> + Send;
 
-    /// Creates the registration with `candidate` as its token, or returns the existing token.
+    /// Creates the registration with `candidate` as its token, or returns the existing token;
+    /// either way applies `kick` to its stored KICK settings.
     fn register(
         &self,
         uaid: Uaid,
         appid: Appid,
         candidate: TokenId,
-        kick: &[u8],
+        kick: KickChange<'_>,
         max_per_uaid: usize,
     ) -> impl Future<Output = Result<Registered>> + Send;
+
+    /// The registration's stored KICK settings (JSON), `None` when it has none or does not exist.
+    fn kick(&self, uaid: Uaid, appid: Appid) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
 
     /// Deletes the registration and its pending event; its token answers Gone until
     /// `gone_until_ms`. `false` if there was no such registration.
@@ -261,10 +276,14 @@ impl Store for AnyStore {
         uaid: Uaid,
         appid: Appid,
         candidate: TokenId,
-        kick: &[u8],
+        kick: KickChange<'_>,
         max_per_uaid: usize,
     ) -> Result<Registered> {
         delegate!(self, s => s.register(uaid, appid, candidate, kick, max_per_uaid).await)
+    }
+
+    async fn kick(&self, uaid: Uaid, appid: Appid) -> Result<Option<Vec<u8>>> {
+        delegate!(self, s => s.kick(uaid, appid).await)
     }
 
     async fn unregister(&self, uaid: Uaid, appid: Appid, gone_until_ms: u64) -> Result<bool> {

@@ -4,8 +4,8 @@
 //! this one. Hand-written: the record is tiny and read on every PUT and ACK.
 
 use super::StoreError;
+use crate::ids::TokenId;
 use crate::ids::{Appid, Uaid};
-use crate::keys::TokenId;
 
 const LAYOUT_V1: u8 = 1;
 const HAS_LAST: u8 = 1;

@@ -56,15 +56,16 @@ use redis::{Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, RedisFuture, Scr
 
 use super::MAX_SERVER_VERSION;
 use super::{
-    CommitTicket, PutOutcome, Registered, Result, Store, StoreError, SweepStats, TokenTarget, VersionReq,
+    CommitTicket, KickChange, PutOutcome, Registered, Result, Store, StoreError, SweepStats, TokenTarget,
+    VersionReq,
 };
+use crate::ids::TokenId;
 use crate::ids::{Appid, Uaid};
-use crate::keys::TokenId;
 
 /// Key and channel names: one function per shape, nothing else formats a key.
 pub mod key {
+    use crate::ids::TokenId;
     use crate::ids::Uaid;
-    use crate::keys::TokenId;
 
     pub fn bound(u: &Uaid) -> String {
         format!("ed:{{{u}}}:bound")
@@ -270,13 +271,20 @@ end
 return 0
 "#;
 
-/// KEYS: tok, kick. ARGV: appid, candidate token, max per UAID, kick.
+/// KEYS: tok, kick. ARGV: appid, candidate token, max per UAID, kick, kick change (`set`,
+/// `clear` or `keep`; see [`KickChange`]).
 const LUA_REGISTER: &str = r#"
 local t = redis.call('HGET', KEYS[1], ARGV[1])
+if not t then
+  if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return {'toomany'} end
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+if ARGV[5] == 'set' then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+elseif ARGV[5] == 'clear' then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
 if t then return {'existing', t} end
-if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return {'toomany'} end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[4]) end
 return {'created', ARGV[2]}
 "#;
 
@@ -793,9 +801,14 @@ impl Store for RedisStore {
         uaid: Uaid,
         appid: Appid,
         candidate: TokenId,
-        kick: &[u8],
+        kick: KickChange<'_>,
         max_per_uaid: usize,
     ) -> Result<Registered> {
+        let (kick, change): (&[u8], &str) = match kick {
+            KickChange::Set(bytes) => (bytes, "set"),
+            KickChange::Clear => (&[], "clear"),
+            KickChange::Keep => (&[], "keep"),
+        };
         // The token index first: if we stop before the registration exists, it names a token
         // that nobody was given.
         let mut set = redis::cmd("SET");
@@ -818,6 +831,7 @@ impl Store for RedisStore {
                 .arg(token_hex(&candidate))
                 .arg(max_per_uaid)
                 .arg(kick)
+                .arg(change)
                 .invoke_async(&mut conn),
         )
         .await?;
@@ -832,6 +846,12 @@ impl Store for RedisStore {
         del.arg(key::token(&candidate));
         let _: u64 = self.query(&del).await?;
         Ok(outcome)
+    }
+
+    async fn kick(&self, uaid: Uaid, appid: Appid) -> Result<Option<Vec<u8>>> {
+        let mut hget = redis::cmd("HGET");
+        hget.arg(key::kick(&uaid)).arg(appid.to_string());
+        self.query(&hget).await
     }
 
     async fn unregister(&self, uaid: Uaid, appid: Appid, gone_until_ms: u64) -> Result<bool> {

@@ -29,10 +29,11 @@ use tokio::sync::watch;
 use super::record::{appid_of_key, registration_key, Registration, TokenEntry};
 use super::MAX_SERVER_VERSION;
 use super::{
-    CommitTicket, PutOutcome, Registered, Result, Store, StoreError, SweepStats, TokenTarget, VersionReq,
+    CommitTicket, KickChange, PutOutcome, Registered, Result, Store, StoreError, SweepStats, TokenTarget,
+    VersionReq,
 };
+use crate::ids::TokenId;
 use crate::ids::{Appid, Uaid};
-use crate::keys::TokenId;
 
 /// The sled-backed store. Clones share one database.
 #[derive(Clone)]
@@ -168,6 +169,26 @@ impl SledStore {
                 Err(_) => continue,
             }
         }
+    }
+
+    /// Applies a register's `kick` to an existing registration; its token, or `None` if the
+    /// registration does not exist (any more).
+    fn apply_kick(&self, key: &[u8], kick: KickChange<'_>) -> Result<Option<TokenId>> {
+        self.update_reg(key, |old| {
+            let Some(mut reg) = old else {
+                return Ok((None, None));
+            };
+            let token = reg.token;
+            let new = match kick {
+                KickChange::Keep => return Ok((None, Some(token))),
+                KickChange::Set(bytes) if reg.kick == bytes => return Ok((None, Some(token))),
+                KickChange::Clear if reg.kick.is_empty() => return Ok((None, Some(token))),
+                KickChange::Set(bytes) => bytes.to_vec(),
+                KickChange::Clear => Vec::new(),
+            };
+            reg.kick = new;
+            Ok((Some(Some(reg)), Some(token)))
+        })
     }
 
     fn count_pending(&self, before: bool, after: bool) {
@@ -323,12 +344,14 @@ impl Store for SledStore {
         uaid: Uaid,
         appid: Appid,
         candidate: TokenId,
-        kick: &[u8],
+        kick: KickChange<'_>,
         max_per_uaid: usize,
     ) -> Result<Registered> {
         let key = registration_key(&uaid, &appid);
-        if let Some(existing) = self.inner.regs.get(key)? {
-            return Ok(Registered::Token(Registration::decode(&existing)?.token));
+        if self.inner.regs.get(key)?.is_some() {
+            if let Some(token) = self.apply_kick(&key, kick)? {
+                return Ok(Registered::Token(token));
+            }
         }
         // One connection holds a UAID at a time and handles its frames in order, so this count
         // is not raced by another register for the same UAID.
@@ -338,19 +361,34 @@ impl Store for SledStore {
         self.inner
             .tokens
             .insert(candidate.0, TokenEntry::Active(uaid, appid).encode())?;
-        let record = Registration::new(candidate, kick).encode();
+        let stored = match kick {
+            KickChange::Set(bytes) => bytes,
+            KickChange::Keep | KickChange::Clear => &[],
+        };
+        let record = Registration::new(candidate, stored).encode();
         match self
             .inner
             .regs
             .compare_and_swap(key, None as Option<&[u8]>, Some(record))?
         {
             Ok(()) => Ok(Registered::Token(candidate)),
-            Err(current) => {
+            Err(_) => {
                 self.inner.tokens.remove(candidate.0)?;
-                let current = current.current.ok_or(StoreError::Corrupt("registration"))?;
-                Ok(Registered::Token(Registration::decode(&current)?.token))
+                let token = self.apply_kick(&key, kick)?;
+                Ok(Registered::Token(
+                    token.ok_or(StoreError::Corrupt("registration"))?,
+                ))
             }
         }
+    }
+
+    async fn kick(&self, uaid: Uaid, appid: Appid) -> Result<Option<Vec<u8>>> {
+        let key = registration_key(&uaid, &appid);
+        let Some(bytes) = self.inner.regs.get(key)? else {
+            return Ok(None);
+        };
+        let reg = Registration::decode(&bytes)?;
+        Ok((!reg.kick.is_empty()).then_some(reg.kick))
     }
 
     async fn unregister(&self, uaid: Uaid, appid: Appid, gone_until_ms: u64) -> Result<bool> {
@@ -535,7 +573,13 @@ mod tests {
             .insert(old.as_bytes(), &1u64.to_be_bytes()[..])
             .unwrap();
         store
-            .register(old, Appid::random(), TokenId::random(), b"", 10)
+            .register(
+                old,
+                Appid::random(),
+                TokenId::random(),
+                super::KickChange::Keep,
+                10,
+            )
             .await
             .unwrap();
         let now = super::super::now_ms();

@@ -26,9 +26,11 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use editiond::ids::TokenId;
 use editiond::ids::{Appid, Uaid};
-use editiond::keys::TokenId;
-use editiond::store::{now_ms, PutOutcome, Registered, Store, TokenTarget, VersionReq, MAX_SERVER_VERSION};
+use editiond::store::{
+    now_ms, KickChange, PutOutcome, Registered, Store, TokenTarget, VersionReq, MAX_SERVER_VERSION,
+};
 
 /// A fresh store, with whatever must live as long as it (a temporary directory, a key prefix to
 /// delete, a container handle).
@@ -66,6 +68,7 @@ macro_rules! store_suite {
                 idle_uaids_lose_their_registrations_but_keep_their_binding,
                 a_touch_keeps_a_uaid_for_another_idle_period,
                 register_is_idempotent_per_pair,
+                register_sets_replaces_keeps_and_clears_the_kick,
                 register_gives_distinct_pairs_distinct_tokens,
                 concurrent_registers_agree_on_one_token,
                 register_stops_at_the_limit,
@@ -117,6 +120,53 @@ fn in_an_hour() -> u64 {
     now_ms() + HOUR_MS
 }
 
+/// DESIGN.md "KICK drivers": a register that carries a kick replaces the stored one, `null`
+/// removes it, neither keeps it; the token never changes.
+pub async fn register_sets_replaces_keeps_and_clears_the_kick<S: Store>(s: Arc<S>) {
+    let (uaid, appid, token) = (Uaid::random(), Appid::random(), TokenId::random());
+    assert!(s.bind_uaid(uaid).await.unwrap());
+    let first = br#"{"driver":"webhook","url":"http://a/"}"#;
+    let second = br#"{"driver":"udp","host":"b","port":1}"#;
+    let again = |kick| s.register(uaid, appid, TokenId::random(), kick, NO_LIMIT);
+    assert_eq!(
+        s.register(uaid, appid, token, KickChange::Set(first), NO_LIMIT)
+            .await
+            .unwrap(),
+        Registered::Token(token)
+    );
+    assert_eq!(s.kick(uaid, appid).await.unwrap().as_deref(), Some(&first[..]));
+    assert_eq!(again(KickChange::Keep).await.unwrap(), Registered::Token(token));
+    assert_eq!(s.kick(uaid, appid).await.unwrap().as_deref(), Some(&first[..]));
+    assert_eq!(
+        again(KickChange::Set(second)).await.unwrap(),
+        Registered::Token(token)
+    );
+    assert_eq!(s.kick(uaid, appid).await.unwrap().as_deref(), Some(&second[..]));
+    assert_eq!(again(KickChange::Clear).await.unwrap(), Registered::Token(token));
+    assert_eq!(s.kick(uaid, appid).await.unwrap(), None);
+    // Another pair, and a pair never registered, have none.
+    let other = Appid::random();
+    let registered = s.register(uaid, other, TokenId::random(), KickChange::Keep, NO_LIMIT);
+    assert!(matches!(registered.await.unwrap(), Registered::Token(_)));
+    assert_eq!(s.kick(uaid, other).await.unwrap(), None);
+    assert_eq!(s.kick(Uaid::random(), appid).await.unwrap(), None);
+    // Unregistering drops it: registering the pair again starts without one.
+    assert_eq!(
+        again(KickChange::Set(first)).await.unwrap(),
+        Registered::Token(token)
+    );
+    assert!(s.unregister(uaid, appid, in_an_hour()).await.unwrap());
+    assert_eq!(s.kick(uaid, appid).await.unwrap(), None);
+    let fresh = TokenId::random();
+    assert_eq!(
+        s.register(uaid, appid, fresh, KickChange::Keep, NO_LIMIT)
+            .await
+            .unwrap(),
+        Registered::Token(fresh)
+    );
+    assert_eq!(s.kick(uaid, appid).await.unwrap(), None);
+}
+
 /// A bound UAID with one registration: (uaid, appid, token).
 async fn registration<S: Store>(s: &S) -> (Uaid, Appid, TokenId) {
     let (uaid, appid, token) = (Uaid::random(), Appid::random(), TokenId::random());
@@ -127,7 +177,9 @@ async fn registration<S: Store>(s: &S) -> (Uaid, Appid, TokenId) {
 
 async fn register<S: Store>(s: &S, uaid: Uaid, appid: Appid, token: TokenId) {
     assert_eq!(
-        s.register(uaid, appid, token, b"", NO_LIMIT).await.unwrap(),
+        s.register(uaid, appid, token, KickChange::Keep, NO_LIMIT)
+            .await
+            .unwrap(),
         Registered::Token(token)
     );
 }
@@ -264,7 +316,7 @@ pub async fn register_is_idempotent_per_pair<S: Store>(s: Arc<S>) {
     let (uaid, appid, token) = registration(&*s).await;
     for _ in 0..3 {
         let again = s
-            .register(uaid, appid, TokenId::random(), b"", NO_LIMIT)
+            .register(uaid, appid, TokenId::random(), KickChange::Keep, NO_LIMIT)
             .await
             .unwrap();
         assert_eq!(again, Registered::Token(token), "the same pair keeps its token");
@@ -303,7 +355,11 @@ pub async fn concurrent_registers_agree_on_one_token<S: Store>(s: Arc<S>) {
         .iter()
         .map(|&candidate| {
             let s = s.clone();
-            tokio::spawn(async move { s.register(uaid, appid, candidate, b"", NO_LIMIT).await.unwrap() })
+            tokio::spawn(async move {
+                s.register(uaid, appid, candidate, KickChange::Keep, NO_LIMIT)
+                    .await
+                    .unwrap()
+            })
         })
         .collect();
     let mut tokens = HashSet::new();
@@ -336,14 +392,16 @@ pub async fn register_stops_at_the_limit<S: Store>(s: Arc<S>) {
     for _ in 0..3 {
         let (appid, token) = (Appid::random(), TokenId::random());
         assert_eq!(
-            s.register(uaid, appid, token, b"", 3).await.unwrap(),
+            s.register(uaid, appid, token, KickChange::Keep, 3).await.unwrap(),
             Registered::Token(token)
         );
         held.push((appid, token));
     }
     let (extra, extra_token) = (Appid::random(), TokenId::random());
     assert_eq!(
-        s.register(uaid, extra, extra_token, b"", 3).await.unwrap(),
+        s.register(uaid, extra, extra_token, KickChange::Keep, 3)
+            .await
+            .unwrap(),
         Registered::TooMany
     );
     assert_eq!(s.lookup_token(extra_token).await.unwrap(), TokenTarget::Unknown);
@@ -354,7 +412,7 @@ pub async fn register_stops_at_the_limit<S: Store>(s: Arc<S>) {
     );
     // At the limit, an existing pair still gets its token.
     assert_eq!(
-        s.register(uaid, held[0].0, TokenId::random(), b"", 3)
+        s.register(uaid, held[0].0, TokenId::random(), KickChange::Keep, 3)
             .await
             .unwrap(),
         Registered::Token(held[0].1)
@@ -364,13 +422,17 @@ pub async fn register_stops_at_the_limit<S: Store>(s: Arc<S>) {
     s.bind_uaid(other).await.unwrap();
     let token = TokenId::random();
     assert_eq!(
-        s.register(other, Appid::random(), token, b"", 3).await.unwrap(),
+        s.register(other, Appid::random(), token, KickChange::Keep, 3)
+            .await
+            .unwrap(),
         Registered::Token(token)
     );
     // Unregistering frees a place.
     assert!(s.unregister(uaid, held[1].0, in_an_hour()).await.unwrap());
     assert_eq!(
-        s.register(uaid, extra, extra_token, b"", 3).await.unwrap(),
+        s.register(uaid, extra, extra_token, KickChange::Keep, 3)
+            .await
+            .unwrap(),
         Registered::Token(extra_token)
     );
 }

@@ -16,10 +16,10 @@ use serde::Deserialize;
 
 use crate::http::{json, read_body, HttpError};
 use crate::ids::{Appid, Uaid};
-use crate::proto::{self, Credential, EntryError, UaidStatus};
-use crate::registry::Mailbox;
-use crate::server::AppState;
-use crate::session::authenticate_all;
+use crate::push::proto::{self, Credential, EntryError, UaidStatus};
+use crate::push::registry::Mailbox;
+use crate::push::session::authenticate_all;
+use crate::state::AppState;
 use crate::store::{now_ms, Store, StoreError};
 
 #[derive(Deserialize)]
@@ -57,7 +57,7 @@ async fn authenticate(
     entries: &[Credential],
 ) -> Result<(Vec<UaidStatus>, Vec<Uaid>), HttpError> {
     let limit = state.config.limits.max_uaids_per_connection;
-    if crate::proto::uaids_added(entries, |_| false) > limit {
+    if crate::push::proto::uaids_added(entries, |_| false) > limit {
         return Err(HttpError::TooManyUaids(limit));
     }
     let (statuses, uaids) = authenticate_all(state, entries)

@@ -15,9 +15,9 @@ use futures_util::SinkExt;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::http::HttpError;
-use crate::proto::WsError;
-use crate::server::AppState;
-use crate::session::Session;
+use crate::push::proto::WsError;
+use crate::push::session::Session;
+use crate::state::AppState;
 
 /// `GET /v1/ws`: upgrades with the configured limits; a request that is no WebSocket handshake
 /// gets a JSON error like every other HTTP error.

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::config::StoreConfig;
 use crate::ids::Uaid;
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::store::redis::{bounded, key, RedisConn, RedisStore, RedisTarget};
 use crate::store::{Result, StoreError};
 
@@ -103,6 +103,17 @@ impl Note {
     }
 }
 
+/// What a UAID's route entry said when a nudge looked it up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteEntry {
+    /// Another node holds it; the nudge was published to that node.
+    OtherNode,
+    /// This node's entry (a connection here that closed a moment ago, or is claiming).
+    ThisNode,
+    /// No node holds it.
+    None,
+}
+
 /// This node's holding of a UAID.
 #[derive(Debug, Clone, Copy)]
 struct Held {
@@ -111,7 +122,7 @@ struct Held {
 }
 
 /// The routing half of the Redis backend; one per node.
-pub struct Router {
+pub struct NodeRoutes {
     /// Random per process start: a restarted node is a new node, its old routes stale.
     node: String,
     cluster: bool,
@@ -137,14 +148,14 @@ struct Inbox {
     recheck_now: Arc<Notify>,
 }
 
-impl Router {
+impl NodeRoutes {
     /// Subscribes to this node's channel and returns the router and the receiving end of its
     /// inbox, to hand to [`listen`].
     pub async fn start(
         store: &RedisStore,
         target: &RedisTarget,
         config: &StoreConfig,
-    ) -> Result<(Arc<Router>, RouterInbox)> {
+    ) -> Result<(Arc<NodeRoutes>, RoutesInbox)> {
         let node = uuid::Uuid::new_v4().simple().to_string();
         let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
         let recheck_now = Arc::new(Notify::new());
@@ -163,7 +174,7 @@ impl Router {
             RedisConn::Cluster(c) => bounded(target.timeout, c.ssubscribe(&channel)).await,
         };
         subscribed?;
-        let router = Arc::new(Router {
+        let router = Arc::new(NodeRoutes {
             node,
             cluster: target.is_cluster(),
             conn: store.conn(),
@@ -178,7 +189,7 @@ impl Router {
             subscriber,
         });
         tracing::info!(node = %router.node, "routing over Redis pub/sub");
-        Ok((router, RouterInbox { rx }))
+        Ok((router, RoutesInbox { rx }))
     }
 
     /// Records that connection `conn_id` on this node holds `uaid`; tells a previous holder on
@@ -244,14 +255,18 @@ impl Router {
     }
 
     /// Tells the node holding `uaid`, if another node holds it, that new events may be pending.
-    pub async fn nudge_remote(&self, uaid: Uaid) -> Result<()> {
+    pub async fn nudge_remote(&self, uaid: Uaid) -> Result<RouteEntry> {
         let mut hget = redis::cmd("HGET");
         hget.arg(key::route(&uaid)).arg("node");
         let mut conn = self.conn.clone();
         let holder: Option<String> = bounded(self.timeout, hget.query_async(&mut conn)).await?;
         match holder {
-            Some(node) if node != self.node => self.publish(&node, Note::Nudge(uaid)).await,
-            _ => Ok(()),
+            Some(node) if node != self.node => {
+                self.publish(&node, Note::Nudge(uaid)).await?;
+                Ok(RouteEntry::OtherNode)
+            }
+            Some(_) => Ok(RouteEntry::ThisNode),
+            None => Ok(RouteEntry::None),
         }
     }
 
@@ -369,12 +384,12 @@ impl Inbox {
 }
 
 /// The receiving end of a router's pub/sub inbox.
-pub struct RouterInbox {
+pub struct RoutesInbox {
     rx: mpsc::Receiver<Note>,
 }
 
 /// Applies pub/sub notes to the local registry until shutdown.
-pub async fn listen(state: Arc<AppState>, router: Arc<Router>, mut inbox: RouterInbox) {
+pub async fn listen(state: Arc<AppState>, router: Arc<NodeRoutes>, mut inbox: RoutesInbox) {
     let stopping = state.stopping();
     tokio::pin!(stopping);
     loop {
@@ -389,7 +404,7 @@ pub async fn listen(state: Arc<AppState>, router: Arc<Router>, mut inbox: Router
 
 /// Re-checks held UAIDs every `recheck_interval_secs`, or at once when woken; retries every
 /// second while Redis is unreachable.
-pub async fn recheck_loop(state: Arc<AppState>, router: Arc<Router>) {
+pub async fn recheck_loop(state: Arc<AppState>, router: Arc<NodeRoutes>) {
     let stopping = state.stopping();
     tokio::pin!(stopping);
     loop {

@@ -10,14 +10,14 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use crate::held::Held;
+use crate::ids::TokenId;
 use crate::ids::{Appid, Uaid};
-use crate::keys::TokenId;
-use crate::proto::{self, ClientMessage, Credential, EntryError, UaidStatus, WsError};
+use crate::push::held::Held;
+use crate::push::proto::{self, ClientMessage, Credential, EntryError, UaidStatus, WsError};
+use crate::push::registry::{Delivery, Mailbox};
 use crate::ratelimit::{Bucket, Rate};
-use crate::registry::{Delivery, Mailbox};
-use crate::server::AppState;
-use crate::store::{now_ms, CommitTicket, Registered, Store, StoreError};
+use crate::state::AppState;
+use crate::store::{now_ms, CommitTicket, KickChange, Registered, Store, StoreError};
 
 impl From<StoreError> for WsError {
     fn from(e: StoreError) -> Self {
@@ -207,6 +207,7 @@ impl Session {
         let state = self.state.clone();
         let limits = &state.config.limits;
         let reply = |result| proto::registration_reply("register", uaid_s, appid_s, result);
+        let kick_field = kick;
         let checked = self.held_uaid(uaid_s).and_then(|u| {
             let a = Appid::parse(appid_s).map_err(|_| EntryError::InvalidAppid)?;
             let k = validate_kick(kick, limits.max_kick_bytes).map_err(|e| match e {
@@ -222,10 +223,16 @@ impl Session {
                 return Ok(());
             }
         };
-        let kick = if kick.is_empty() { self.kick.clone() } else { kick };
+        // DESIGN.md "KICK drivers": carried or inherited replaces, null removes, neither keeps.
+        let change = match kick_field {
+            Some(Value::Null) => KickChange::Clear,
+            _ if !kick.is_empty() => KickChange::Set(&kick),
+            _ if !self.kick.is_empty() => KickChange::Set(&self.kick),
+            _ => KickChange::Keep,
+        };
         let registered = state
             .store
-            .register(uaid, appid, TokenId::random(), &kick, limits.max_appids_per_uaid)
+            .register(uaid, appid, TokenId::random(), change, limits.max_appids_per_uaid)
             .await?;
         match registered {
             Registered::Token(id) => {
@@ -327,7 +334,7 @@ impl Session {
     /// That sync is skipped when `known` (the mailbox delivery that woke
     /// this call) covers every event read: each (APPID, version) was raised by a PUT on this
     /// node that saw its own sync return before it nudged, and no unregister has run since (see
-    /// [`crate::registry::Registry::fact_epoch`]). Versions of a registration only grow, so the
+    /// [`crate::push::registry::Registry::fact_epoch`]). Versions of a registration only grow, so the
     /// same (APPID, version) read again is that committed write, and a crash cannot take it back;
     /// anything else read (a newer version, another APPID, a nudge from another node or the
     /// re-check) syncs as before. On Redis `sync` waits for nothing, so skipping it changes

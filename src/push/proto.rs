@@ -38,7 +38,8 @@ pub enum ClientMessage {
     Register {
         uaid: String,
         appid: String,
-        #[serde(default)]
+        /// `Some(Value::Null)` for `"kick":null` (removes the stored kick), unlike other fields.
+        #[serde(default, deserialize_with = "present")]
         kick: Option<Value>,
     },
     Unregister {
@@ -49,6 +50,11 @@ pub enum ClientMessage {
         uaids: Vec<String>,
     },
     Ping {},
+}
+
+/// A field that is present, `null` included (absent is the `default`, `None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 const KNOWN_TYPES: &[&str] = &[

@@ -2,10 +2,9 @@
 //!
 //! Order matters: parse everything and verify the token's tag, take a token from the
 //! registration's rate-limit bucket (so a forged token costs no bucket and a limited PUT no
-//! store call), resolve the token, compare-and-set in the store, wait for the group commit, and
-//! only then answer and nudge the connection holding the UAID. Both successes wait for the
-//! commit: a 202 for the version it raised, a 200 for the newer version it reports, which
-//! another request may have raised a moment ago and not yet made durable.
+//! store call), resolve the token, then [`events::raise`] (compare-and-set, group commit, nudge).
+//! Both successes wait for the commit: a 202 for the version it raised, a 200 for the newer
+//! version it reports.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,10 +16,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use crate::http::{json, read_body, HttpError};
+use crate::push::events::{self, Outcome};
 use crate::ratelimit::retry_after_secs;
-use crate::registry::Durable;
-use crate::server::AppState;
-use crate::store::{now_ms, PutOutcome, Store, TokenTarget, VersionReq};
+use crate::state::AppState;
+use crate::store::{now_ms, Store, TokenTarget, VersionReq};
 
 /// The handler: counts every answer by status, then returns it.
 pub async fn put(
@@ -73,63 +72,14 @@ async fn put_version(
     let now = now_ms();
     let request = version.map_or(VersionReq::Clock(now), VersionReq::Exact);
     let expires = now.saturating_add(ttl.as_millis() as u64);
-    // Read before the write, for the durable fact the nudge carries (see `Registry::fact_epoch`).
-    let epoch = state.registry.fact_epoch();
-    // Armed from before the write until the nudge is done: whatever ends this request early (a
-    // store error or timeout after the write may have landed, the app server hanging up) still
-    // wakes the holder.
-    let mut nudge = NudgeOnDrop(Some((state.clone(), uaid)));
-    let outcome = state
-        .store
-        .put_version(uaid, appid, request, expires)
+    match events::raise(state, uaid, appid, request, expires)
         .await
-        .map_err(unavailable)?;
-    if !matches!(outcome, PutOutcome::Raised(_)) {
-        nudge.0 = None;
-    }
-    match outcome {
-        PutOutcome::Raised(v) => {
-            state.sync().await.map_err(unavailable)?;
-            // v is committed now: the holder may send it without a sync of its own.
-            let durable = epoch.map(|epoch| Durable {
-                appid,
-                version: v,
-                epoch,
-            });
-            state.nudge(uaid, durable).await;
-            nudge.0 = None;
-            Ok((StatusCode::ACCEPTED, v))
-        }
-        PutOutcome::Superseded(current) => {
-            // The version that supersedes this one may have been raised by a request whose
-            // flush is still running: a 200 promises it as much as a 202 does.
-            state.sync().await.map_err(unavailable)?;
-            Ok((StatusCode::OK, current))
-        }
-        PutOutcome::Gone => Err(HttpError::Gone),
-        PutOutcome::Exhausted => Err(HttpError::VersionExhausted),
-    }
-}
-
-/// A raised version must reach the connection holding its UAID even when the request ends
-/// before its nudge: the app server hung up during the commit or the nudge (the handler is
-/// dropped), or the store failed after the write may have landed (503). Dropped while set, this
-/// nudges with no durable fact, so the holder reads the store and syncs itself before it sends
-/// anything.
-struct NudgeOnDrop(Option<(Arc<AppState>, crate::ids::Uaid)>);
-
-impl Drop for NudgeOnDrop {
-    fn drop(&mut self) {
-        let Some((state, uaid)) = self.0.take() else {
-            return;
-        };
-        if state.registry.nudge_with(uaid, None) {
-            return;
-        }
-        // Another node may hold it (Redis): publish from a task, if the runtime still runs.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { state.nudge(uaid, None).await });
-        }
+        .map_err(unavailable)?
+    {
+        Outcome::Raised(raised) => Ok((StatusCode::ACCEPTED, raised.version)),
+        Outcome::Superseded(current) => Ok((StatusCode::OK, current)),
+        Outcome::Gone => Err(HttpError::Gone),
+        Outcome::Exhausted => Err(HttpError::VersionExhausted),
     }
 }
 

@@ -1,0 +1,15 @@
+//! Push: the edition protocol. App servers PUT a new version to an endpoint ([`endpoint`]); the
+//! event is stored and raised ([`events`]); the connection holding its UAID ([`registry`] on
+//! this node, [`route`] across nodes on Redis) gets an UPDATE over a WebSocket ([`ws`]) or a
+//! long poll ([`poll`]), both driving the protocol rules of [`session`] over the messages of
+//! [`proto`]; [`held`] is what one connection holds.
+
+pub(crate) mod endpoint;
+pub mod events;
+pub(crate) mod held;
+pub(crate) mod poll;
+pub mod proto;
+pub mod registry;
+pub mod route;
+pub(crate) mod session;
+pub(crate) mod ws;
