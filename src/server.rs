@@ -24,7 +24,7 @@ use crate::keys::{KeyError, Keys};
 use crate::push::route::{NodeRoutes, RoutesInbox};
 use crate::ratelimit::Buckets;
 use crate::state::AppState;
-use crate::store::{now_ms, AnyStore, RedisStore, RedisTarget, SledStore, Store, StoreError};
+use crate::store::{now_ms, AnyStore, RedisStore, RedisTarget, SledDb, SledStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -89,10 +89,12 @@ impl Node {
                 let store_dir = dir.join("sled");
                 let cache_bytes = config.store.cache_bytes;
                 let write_timeout = Duration::from_millis(config.store.write_timeout_ms);
-                // Opening recovers the log and counts pending events: a whole-tree scan.
+                // Opening recovers the log and counts pending events (a whole-tree scan). The
+                // database is shared: another state family opens its trees on `store.db()`.
                 let store = {
                     let store_dir = store_dir.clone();
-                    blocking(move || SledStore::open(&store_dir, cache_bytes, write_timeout)).await
+                    blocking(move || SledStore::on(SledDb::open(&store_dir, cache_bytes, write_timeout)?))
+                        .await
                 }
                 .map_err(|source| StartError::Store {
                     path: store_dir.display().to_string(),

@@ -20,12 +20,14 @@
 mod record;
 pub mod redis;
 mod sled;
+pub mod sled_db;
 
 use std::future::Future;
 
 pub use self::record::Registration;
 pub use self::redis::{RedisStore, RedisTarget};
 pub use self::sled::SledStore;
+pub use self::sled_db::SledDb;
 use crate::ids::TokenId;
 use crate::ids::{Appid, Uaid};
 

@@ -4,29 +4,20 @@
 //! (token id → UAID‖APPID, or a tombstone). Every read-modify-write is a sled compare-and-swap
 //! loop on one key, so concurrent PUTs and ACKs on a registration never lose an update.
 //!
-//! Durability (fsync policy): [`Store::sync`] waits for a commit that *started after* the
-//! caller's writes. A commit is `Db::flush` (which writes sled's log buffers to `<dir>/db`)
-//! followed by `fsync` (`File::sync_all`) of that file. The fsync is ours because on Linux
-//! sled's flush ends with `sync_file_range`, which neither flushes the drive's write cache nor
-//! the file's metadata: enough to survive a killed process, not a power cut. One flusher thread
-//! runs commits back to back; every caller that arrives while one runs shares the next, so N
-//! concurrent PUTs cost about two fsyncs, not N. The thread is a plain OS thread, not a task
-//! plus `spawn_blocking` per commit: a commit then costs one wake-up of the thread and one
-//! broadcast to its waiters, and no hop through the runtime's blocking pool. Reads take no part: a caller that answers with
-//! what it read (an UPDATE, a 200 "already known") syncs first, because the value may come from
-//! another caller's write that is not yet committed. sled's own periodic flush (every 500 ms,
-//! also with fsync) is left on as a second line only.
+//! Durability comes from the shared [`SledDb`] these trees live in: [`Store::sync`] is its group
+//! commit. Reads take no part: a caller that answers with what it read (an UPDATE, a 200
+//! "already known") syncs first, because the value may come from another caller's write that
+//! is not yet committed.
 //!
-//! A commit that fails (or panics) is final: tickets it or any later commit covers report the
-//! failure, `/health` turns 503, and the server must be restarted (see `Committed`).
+//! Whole-tree scans (the pending count at open, the sweep, idle expiry) run on the blocking
+//! pool in batches of [`SCAN_BATCH`] keys, so a large tree never holds an async worker.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use super::record::{appid_of_key, registration_key, Registration, TokenEntry};
+use super::sled_db::SledDb;
 use super::MAX_SERVER_VERSION;
 use super::{
     CommitTicket, KickChange, PutOutcome, Registered, Result, Store, StoreError, SweepStats, TokenTarget,
@@ -42,78 +33,65 @@ pub struct SledStore {
 }
 
 struct Inner {
-    db: sled::Db,
-    /// sled's log file (`<dir>/db`), opened once so every commit can fsync it.
-    log: std::fs::File,
+    db: SledDb,
     uaids: sled::Tree,
     regs: sled::Tree,
     tokens: sled::Tree,
-    commit: GroupCommit,
     /// Pending events, kept in memory for `/metrics` (counted once at open).
     pending: AtomicI64,
-    write_timeout: Duration,
 }
 
-/// Tickets and the flush that covers them. See the module documentation.
-struct GroupCommit {
-    /// Highest ticket handed out; a ticket is taken after the caller's writes.
-    requested: AtomicU64,
-    /// Which tickets finished commits cover; see [`Committed`].
-    done: watch::Sender<Committed>,
-    /// The flusher thread, unparked for each ticket (a no-op while it is busy committing).
-    flusher: std::sync::OnceLock<std::thread::Thread>,
-}
+/// Keys one blocking-pool job of a whole-tree scan visits before the scan yields.
+pub const SCAN_BATCH: usize = 1024;
 
-/// What the commits so far have made durable.
-#[derive(Clone, Copy, Default)]
-struct Committed {
-    /// Highest ticket covered by a finished commit.
-    covered: u64,
-    /// Set by the first commit that failed: tickets above this one are not known to be durable,
-    /// now or later. After a failed fsync the kernel may have dropped the dirty pages, so a
-    /// later fsync that succeeds proves nothing about them: like PostgreSQL, the store stops
-    /// promising durability until it is restarted (and `/health` says so).
-    failed_above: Option<u64>,
-}
-
-impl Committed {
-    /// `Some(durable?)` once `ticket` is decided.
-    fn outcome(&self, ticket: u64) -> Option<bool> {
-        match self.failed_above {
-            Some(above) if ticket > above => Some(false),
-            _ if ticket <= self.covered => Some(true),
-            _ => None,
+/// Visits up to [`SCAN_BATCH`] entries of `tree` after the key `after` (from the start if
+/// `None`) on the blocking pool; returns what `visit` kept and the key to continue after, or
+/// `None` when the tree is done.
+async fn scan_batch<T: Send + 'static>(
+    tree: &sled::Tree,
+    after: Option<sled::IVec>,
+    mut visit: impl FnMut(&sled::IVec, sled::IVec) -> Result<Option<T>> + Send + 'static,
+) -> Result<(Vec<T>, Option<sled::IVec>)> {
+    let tree = tree.clone();
+    let job = move || -> Result<(Vec<T>, Option<sled::IVec>)> {
+        let range = match after {
+            Some(key) => {
+                tree.range::<&[u8], _>((std::ops::Bound::Excluded(&key[..]), std::ops::Bound::Unbounded))
+            }
+            None => tree.iter(),
+        };
+        let mut kept = Vec::new();
+        let mut last = None;
+        for (visited, item) in range.enumerate() {
+            if visited == SCAN_BATCH {
+                return Ok((kept, last));
+            }
+            let (key, value) = item?;
+            if let Some(t) = visit(&key, value)? {
+                kept.push(t);
+            }
+            last = Some(key);
         }
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // The flusher holds only a weak reference: wake it to see the store is gone and exit.
-        if let Some(thread) = self.commit.flusher.get() {
-            thread.unpark();
-        }
+        Ok((kept, None))
+    };
+    match tokio::task::spawn_blocking(job).await {
+        Ok(result) => result,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `dir` and starts its flusher task.
+    /// Opens (or creates) a database in `dir` with only this store in it. Blocking.
     pub fn open(dir: &std::path::Path, cache_bytes: u64, write_timeout: Duration) -> Result<SledStore> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
-        let uaids = db.open_tree("uaids")?;
-        let regs = db.open_tree("regs")?;
-        let tokens = db.open_tree("tokens")?;
-        let io = |what: &str, e: std::io::Error| StoreError::Io(format!("{what} {}: {e}", dir.display()));
-        let log = std::fs::File::open(dir.join("db")).map_err(|e| io("open log file in", e))?;
-        // The log file's directory entry must be durable too (it is new on first start).
-        #[cfg(unix)]
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("fsync directory", e))?;
+        SledStore::on(SledDb::open(dir, cache_bytes, write_timeout)?)
+    }
+
+    /// The edition store's trees on a shared database. Blocking: counts pending events with a
+    /// scan of every registration.
+    pub fn on(db: SledDb) -> Result<SledStore> {
+        let uaids = db.tree("uaids")?;
+        let regs = db.tree("regs")?;
+        let tokens = db.tree("tokens")?;
         let mut pending = 0i64;
         for item in regs.iter() {
             let (_, v) = item?;
@@ -121,32 +99,25 @@ impl SledStore {
                 pending += 1;
             }
         }
-        let inner = Arc::new(Inner {
-            db,
-            log,
-            uaids,
-            regs,
-            tokens,
-            commit: GroupCommit {
-                requested: AtomicU64::new(0),
-                done: watch::Sender::new(Committed::default()),
-                flusher: std::sync::OnceLock::new(),
-            },
-            pending: AtomicI64::new(pending),
-            write_timeout,
-        });
-        let weak = Arc::downgrade(&inner);
-        let thread = std::thread::Builder::new()
-            .name("store-commit".into())
-            .spawn(move || flusher(weak))
-            .map_err(|e| StoreError::Io(format!("start the commit thread: {e}")))?;
-        let _ = inner.commit.flusher.set(thread.thread().clone());
-        Ok(SledStore { inner })
+        Ok(SledStore {
+            inner: Arc::new(Inner {
+                db,
+                uaids,
+                regs,
+                tokens,
+                pending: AtomicI64::new(pending),
+            }),
+        })
     }
 
-    /// Commits synchronously; used at shutdown.
+    /// The database these trees live in, to share with another state family.
+    pub fn db(&self) -> &SledDb {
+        &self.inner.db
+    }
+
+    /// Commits synchronously (blocking); used at shutdown.
     pub fn flush_now(&self) -> Result<()> {
-        self.inner.commit()
+        self.inner.db.flush_now()
     }
 
     /// Compare-and-swap loop over one registration. `f` returns the new record (or `None` to
@@ -200,16 +171,6 @@ impl SledStore {
     }
 }
 
-impl Inner {
-    /// One commit (blocking): sled's flush, then fsync of its log file. See the module doc.
-    fn commit(&self) -> Result<()> {
-        self.db.flush()?;
-        self.log
-            .sync_all()
-            .map_err(|e| StoreError::Io(format!("fsync: {e}")))
-    }
-}
-
 /// A binding's value: `SEEN_TAG` and when the UAID was last seen (first bound, or touched), in
 /// ms, big-endian.
 fn seen_value(ms: u64) -> [u8; 9] {
@@ -226,40 +187,6 @@ fn last_seen(value: &[u8]) -> Option<u64> {
     match value {
         [SEEN_TAG, ms @ ..] => <[u8; 8]>::try_from(ms).ok().map(u64::from_be_bytes),
         _ => None,
-    }
-}
-
-/// Runs commits while tickets are waiting; ends when the store is dropped.
-fn flusher(inner: std::sync::Weak<Inner>) {
-    loop {
-        let Some(inner) = inner.upgrade() else { return };
-        let commit = &inner.commit;
-        let target = commit.requested.load(Ordering::SeqCst);
-        let before = *commit.done.borrow();
-        if target <= before.covered {
-            drop(inner);
-            // A ticket taken after the load above unparked this thread, so park returns at once.
-            std::thread::park();
-            continue;
-        }
-        // A panic in sled must not end the thread (every ticket would then time out unanswered).
-        let ok = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.commit())) {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "store commit failed; durability is no longer promised until restart");
-                false
-            }
-            Err(_) => {
-                tracing::error!("store commit panicked; durability is no longer promised until restart");
-                false
-            }
-        };
-        commit.done.send_modify(|done| {
-            if !ok {
-                done.failed_above.get_or_insert(before.covered);
-            }
-            done.covered = target;
-        });
     }
 }
 
@@ -301,42 +228,50 @@ impl Store for SledStore {
         held: &(dyn Fn(&Uaid) -> bool + Sync),
     ) -> Result<u64> {
         let mut expired = 0;
-        for item in self.inner.uaids.iter() {
-            let (key, seen) = item?;
-            let uaid = <[u8; 16]>::try_from(&key[..])
-                .map(Uaid)
-                .map_err(|_| StoreError::Corrupt("uaid key"))?;
-            let Some(last) = last_seen(&seen) else {
-                // A binding from before "last seen" was kept: count it seen now, once.
-                let _ = self
-                    .inner
-                    .uaids
-                    .compare_and_swap(&key, Some(seen), Some(&seen_value(now_ms)[..]))?;
-                continue;
-            };
-            if last >= idle_before_ms {
-                continue;
+        let mut after = None;
+        loop {
+            let inner = self.inner.clone();
+            // Idle candidates only; bindings from before "last seen" was kept are counted seen
+            // now, once, in the same pass.
+            let (candidates, next) = scan_batch(&self.inner.uaids, after, move |key, seen| {
+                let uaid = <[u8; 16]>::try_from(&key[..])
+                    .map(Uaid)
+                    .map_err(|_| StoreError::Corrupt("uaid key"))?;
+                let Some(last) = last_seen(&seen) else {
+                    let _ = inner
+                        .uaids
+                        .compare_and_swap(key, Some(seen), Some(&seen_value(now_ms)[..]))?;
+                    return Ok(None);
+                };
+                Ok((last < idle_before_ms).then_some(uaid))
+            })
+            .await?;
+            for uaid in candidates {
+                if held(&uaid) {
+                    // In use all along: seen now, so it gets a whole idle period after it is let go.
+                    self.touch_uaid(uaid, now_ms).await?;
+                    continue;
+                }
+                // The binding stays (the UAID and its secret remain its owner's); its
+                // registrations go. A failure midway leaves the binding stale, so the next sweep
+                // goes on.
+                let mut appids = Vec::new();
+                for reg in self.inner.regs.scan_prefix(uaid.as_bytes()) {
+                    appids.push(appid_of_key(&reg?.0)?);
+                }
+                if appids.is_empty() {
+                    continue;
+                }
+                for appid in appids {
+                    self.unregister(uaid, appid, gone_until_ms).await?;
+                }
+                expired += 1;
             }
-            if held(&uaid) {
-                // In use all along: seen now, so it gets a whole idle period after it is let go.
-                self.touch_uaid(uaid, now_ms).await?;
-                continue;
+            match next {
+                Some(key) => after = Some(key),
+                None => return Ok(expired),
             }
-            // The binding stays (the UAID and its secret remain its owner's); its registrations
-            // go. A failure midway leaves the binding stale, so the next sweep goes on.
-            let mut appids = Vec::new();
-            for reg in self.inner.regs.scan_prefix(uaid.as_bytes()) {
-                appids.push(appid_of_key(&reg?.0)?);
-            }
-            if appids.is_empty() {
-                continue;
-            }
-            for appid in appids {
-                self.unregister(uaid, appid, gone_until_ms).await?;
-            }
-            expired += 1;
         }
-        Ok(expired)
     }
 
     async fn register(
@@ -488,59 +423,57 @@ impl Store for SledStore {
     }
 
     fn request_commit(&self) -> CommitTicket {
-        let commit = &self.inner.commit;
-        let ticket = commit.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some(thread) = commit.flusher.get() {
-            thread.unpark();
-        }
-        CommitTicket(ticket)
+        self.inner.db.request_commit()
     }
 
-    async fn committed(&self, CommitTicket(ticket): CommitTicket) -> Result<()> {
-        let mut done = self.inner.commit.done.subscribe();
-        let decided = async {
-            let d = done.wait_for(|d| d.outcome(ticket).is_some()).await;
-            d.map(|d| d.outcome(ticket))
-        };
-        match tokio::time::timeout(self.inner.write_timeout, decided).await {
-            Ok(Ok(Some(true))) => Ok(()),
-            Ok(Ok(_)) => Err(StoreError::Io("a commit failed; restart the server".into())),
-            Ok(Err(_)) => Err(StoreError::Io("store closed".into())),
-            Err(_) => Err(StoreError::Timeout),
-        }
+    async fn committed(&self, ticket: CommitTicket) -> Result<()> {
+        self.inner.db.committed(ticket).await
     }
 
     async fn sweep(&self, now_ms: u64) -> Result<SweepStats> {
         let mut stats = SweepStats::default();
-        for item in self.inner.regs.iter() {
-            let (key, _) = item?;
-            let cleared = self.update_reg(&key, |old| match old {
-                Some(mut reg) if reg.pending.is_some_and(|(_, exp)| exp <= now_ms) => {
-                    reg.pending = None;
-                    Ok((Some(Some(reg)), true))
+        let mut after = None;
+        loop {
+            let store = self.clone();
+            let (cleared, next) = scan_batch(&self.inner.regs, after, move |key, _| {
+                let cleared = store.update_reg(key, |old| match old {
+                    Some(mut reg) if reg.pending.is_some_and(|(_, exp)| exp <= now_ms) => {
+                        reg.pending = None;
+                        Ok((Some(Some(reg)), true))
+                    }
+                    _ => Ok((None, false)),
+                })?;
+                if cleared {
+                    store.count_pending(true, false);
                 }
-                _ => Ok((None, false)),
-            })?;
-            if cleared {
-                self.count_pending(true, false);
-                stats.expired_events += 1;
+                Ok(cleared.then_some(()))
+            })
+            .await?;
+            stats.expired_events += cleared.len() as u64;
+            after = next;
+            if after.is_none() {
+                break;
             }
         }
-        for item in self.inner.tokens.iter() {
-            let (key, value) = item?;
-            if let TokenEntry::Gone { until_ms } = TokenEntry::decode(&value)? {
-                if until_ms <= now_ms
-                    && self
-                        .inner
-                        .tokens
-                        .compare_and_swap(&key, Some(value), None as Option<&[u8]>)?
-                        .is_ok()
-                {
-                    stats.expired_tombstones += 1;
-                }
+        loop {
+            let tokens = self.inner.tokens.clone();
+            let (removed, next) = scan_batch(&self.inner.tokens, after, move |key, value| {
+                let TokenEntry::Gone { until_ms } = TokenEntry::decode(&value)? else {
+                    return Ok(None);
+                };
+                let removed = until_ms <= now_ms
+                    && tokens
+                        .compare_and_swap(key, Some(value), None as Option<&[u8]>)?
+                        .is_ok();
+                Ok(removed.then_some(()))
+            })
+            .await?;
+            stats.expired_tombstones += removed.len() as u64;
+            after = next;
+            if after.is_none() {
+                return Ok(stats);
             }
         }
-        Ok(stats)
     }
 
     fn pending_count(&self) -> u64 {
@@ -548,17 +481,43 @@ impl Store for SledStore {
     }
 
     async fn health(&self) -> Result<()> {
-        // Embedded: nothing to reach, but a failed commit is for good (see `Committed`).
-        match self.inner.commit.done.borrow().failed_above {
-            None => Ok(()),
-            Some(_) => Err(StoreError::Io("a commit failed; restart the server".into())),
-        }
+        self.inner.db.health()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Scans run in batches on the blocking pool: a tree larger than a batch is visited whole,
+    /// each entry once.
+    #[tokio::test]
+    async fn sweeps_and_idle_expiry_cross_batch_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20, Duration::from_secs(30)).unwrap();
+        let n = SCAN_BATCH * 2 + 7;
+        let now = super::super::now_ms();
+        for _ in 0..n {
+            let (uaid, appid) = (Uaid::random(), Appid::random());
+            assert!(store.bind_uaid(uaid).await.unwrap());
+            store
+                .register(uaid, appid, TokenId::random(), KickChange::Keep, 10)
+                .await
+                .unwrap();
+            let put = store.put_version(uaid, appid, VersionReq::Exact(1), now - 1);
+            assert_eq!(put.await.unwrap(), PutOutcome::Raised(1));
+        }
+        assert_eq!(store.pending_count(), n as u64);
+        let stats = store.sweep(now).await.unwrap();
+        assert_eq!(stats.expired_events, n as u64);
+        assert_eq!(store.pending_count(), 0);
+        // Every binding was seen at or before `later`.
+        let later = super::super::now_ms() + 1;
+        let expired = store.expire_idle(later, later, later + 1000, &|_| false);
+        assert_eq!(expired.await.unwrap(), n as u64);
+        let stats = store.sweep(later + 2000).await.unwrap();
+        assert_eq!(stats.expired_tombstones, n as u64);
+    }
 
     /// Bindings written before "last seen" was kept hold their bind time: the first idle sweep
     /// counts them seen then, instead of taking a years-old bind time for abandonment.
@@ -590,21 +549,5 @@ mod tests {
         let value = store.inner.uaids.get(old.as_bytes()).unwrap().unwrap();
         assert_eq!(last_seen(&value), Some(now));
         assert_eq!(store.expire_idle(now, now + 1, now, &|_| false).await.unwrap(), 1);
-    }
-
-    #[test]
-    fn a_failed_commit_fails_its_tickets_and_every_later_one_but_not_earlier_ones() {
-        let mut done = Committed::default();
-        assert_eq!(done.outcome(1), None);
-        done.covered = 5;
-        assert_eq!(done.outcome(5), Some(true));
-        assert_eq!(done.outcome(6), None);
-        // The commit covering 6..=8 fails, a later one covering 9..=12 succeeds.
-        done.failed_above = Some(5);
-        done.covered = 12;
-        assert_eq!(done.outcome(3), Some(true), "committed before the failure");
-        assert_eq!(done.outcome(7), Some(false));
-        assert_eq!(done.outcome(11), Some(false), "not proven by a later fsync");
-        assert_eq!(done.outcome(20), Some(false), "decided at once, no wait");
     }
 }
