@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 
 use serde::Deserialize;
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 use crate::ids::{Appid, Uaid};
 
@@ -476,6 +477,157 @@ impl UpdateBuilder {
     }
 }
 
+/// A frame from the server, typed: what a relay (or any Rust client) parses, and what
+/// [`ServerMessage::frame`] writes back as the same JSON the server sent.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerMessage {
+    Hello(UaidsReply),
+    Claim(UaidsReply),
+    Release(UaidsReply),
+    Register(RegistrationReply),
+    Unregister(RegistrationReply),
+    /// These UAIDs were claimed by a newer connection.
+    Released {
+        uaids: Vec<String>,
+    },
+    /// UAID → APPID → version; the client ACKs each UAID.
+    Update {
+        updates: BTreeMap<String, BTreeMap<String, u64>>,
+    },
+    Pong,
+    /// A protocol violation; the server closes the socket after it.
+    Error {
+        status: u16,
+        error: String,
+        message: String,
+    },
+}
+
+/// The reply to hello, claim or release.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct UaidsReply {
+    pub status: u16,
+    pub uaids: Vec<StatusEntry>,
+}
+
+/// One entry of a hello, claim, release or poll reply, as on the wire.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct StatusEntry {
+    pub uaid: Option<String>,
+    pub status: u16,
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// The reply to register or unregister.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RegistrationReply {
+    pub uaid: String,
+    pub appid: String,
+    pub status: u16,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+impl ServerMessage {
+    /// Parses one server frame.
+    pub fn parse(text: &str) -> Result<ServerMessage, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// The frame's text, as the server writes it.
+    pub fn frame(&self) -> String {
+        match self {
+            ServerMessage::Hello(r) => typed_uaids_reply("hello", r),
+            ServerMessage::Claim(r) => typed_uaids_reply("claim", r),
+            ServerMessage::Release(r) => typed_uaids_reply("release", r),
+            ServerMessage::Register(r) => typed_registration_reply("register", r),
+            ServerMessage::Unregister(r) => typed_registration_reply("unregister", r),
+            ServerMessage::Released { uaids } => {
+                serde_json::json!({"type": "released", "uaids": uaids}).to_string()
+            }
+            ServerMessage::Update { updates } => {
+                let mut out = String::from(UPDATE_PREFIX);
+                for (i, (uaid, apps)) in updates.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    let _ = write!(out, "{}:{{", Value::from(uaid.as_str()));
+                    for (j, (appid, version)) in apps.iter().enumerate() {
+                        if j > 0 {
+                            out.push(',');
+                        }
+                        let _ = write!(out, "{}:{version}", Value::from(appid.as_str()));
+                    }
+                    out.push('}');
+                }
+                out.push_str("}}");
+                out
+            }
+            ServerMessage::Pong => pong_frame(),
+            ServerMessage::Error {
+                status,
+                error,
+                message,
+            } => error_frame(*status, error, message),
+        }
+    }
+}
+
+/// Adds `status` and, on failure, `error` and `message` to a reply object.
+fn typed_status(
+    m: &mut serde_json::Map<String, Value>,
+    status: u16,
+    error: &Option<String>,
+    message: &Option<String>,
+) {
+    m.insert("status".into(), status.into());
+    if let Some(error) = error {
+        m.insert("error".into(), error.clone().into());
+    }
+    if let Some(message) = message {
+        m.insert("message".into(), message.clone().into());
+    }
+}
+
+fn typed_uaids_reply(kind: &str, r: &UaidsReply) -> String {
+    let entries: Vec<Value> = r
+        .uaids
+        .iter()
+        .map(|e| {
+            let mut m = serde_json::Map::new();
+            m.insert("uaid".into(), e.uaid.clone().map_or(Value::Null, Value::String));
+            typed_status(&mut m, e.status, &e.error, &e.message);
+            if let Some(secret) = &e.secret {
+                m.insert("secret".into(), secret.clone().into());
+            }
+            Value::Object(m)
+        })
+        .collect();
+    serde_json::json!({"type": kind, "status": r.status, "uaids": entries}).to_string()
+}
+
+fn typed_registration_reply(kind: &str, r: &RegistrationReply) -> String {
+    let mut m = serde_json::Map::new();
+    m.insert("type".into(), kind.into());
+    m.insert("uaid".into(), r.uaid.clone().into());
+    m.insert("appid".into(), r.appid.clone().into());
+    typed_status(&mut m, r.status, &r.error, &r.message);
+    if let Some(endpoint) = &r.endpoint {
+        m.insert("endpoint".into(), endpoint.clone().into());
+    }
+    Value::Object(m).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,5 +721,47 @@ mod tests {
         assert_eq!(WsError::FrameTooLarge(1).close_code(), 1009);
         assert_eq!(WsError::HelloRequired.close_code(), 4401);
         assert_eq!(WsError::UnknownType(String::new()).close_code(), 4400);
+    }
+
+    /// Every frame the server writes parses as a [`ServerMessage`] whose frame is the same text.
+    #[test]
+    fn server_frames_parse_back_and_write_the_same_text() {
+        let (u, a) = (Uaid::random(), Appid::random());
+        let (us, as_) = (u.to_string(), a.to_string());
+        let frames = vec![
+            uaids_reply(
+                "hello",
+                &[
+                    UaidStatus::ok(us.clone(), Some("s3cret".into())),
+                    UaidStatus::failed(None, EntryError::InvalidUaid),
+                    UaidStatus::failed(Some("x".into()), EntryError::BadSecret),
+                ],
+            ),
+            uaids_reply("claim", &[UaidStatus::ok(us.clone(), None)]),
+            uaids_reply(
+                "release",
+                &[UaidStatus::failed(Some(us.clone()), EntryError::UaidNotHeld)],
+            ),
+            registration_reply("register", &us, &as_, Ok(Some("http://h/v1/e/t"))),
+            registration_reply("register", &us, &as_, Err(EntryError::TooManyRegistrations)),
+            registration_reply("unregister", &us, &as_, Ok(None)),
+            released_frame(&[u, Uaid::random()]),
+            tests::update_frame(&[
+                (u, vec![(a, 7), (Appid::random(), u64::MAX)]),
+                (Uaid::random(), vec![(a, 1)]),
+            ]),
+            pong_frame(),
+            WsError::HelloRequired.frame(),
+        ];
+        for frame in frames {
+            let parsed = ServerMessage::parse(&frame).unwrap_or_else(|e| panic!("{frame}: {e}"));
+            let again: Value = serde_json::from_str(&parsed.frame()).unwrap();
+            assert_eq!(again, serde_json::from_str::<Value>(&frame).unwrap(), "{frame}");
+            assert_eq!(ServerMessage::parse(&parsed.frame()).unwrap(), parsed);
+        }
+        assert!(matches!(
+            ServerMessage::parse(&released_frame(&[u])).unwrap(),
+            ServerMessage::Released { uaids } if uaids == [us]
+        ));
     }
 }
