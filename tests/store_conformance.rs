@@ -11,7 +11,7 @@ mod store_suite;
 use std::time::Duration;
 
 use common::redis_harness::{redis_available, RedisServer};
-use editiond::store::{RedisStore, RedisTarget, SledStore};
+use editiond::store::{MemoryStore, RedisStore, RedisTarget, SledStore};
 use store_suite::Fixture;
 
 /// A sled store in its own temporary directory, removed when the test ends.
@@ -22,6 +22,13 @@ async fn sled_store() -> Fixture<SledStore> {
 }
 
 store_suite!(sled, sled_store);
+
+/// A fresh in-memory store (what the session's unit tests run on).
+async fn memory_store() -> Fixture<MemoryStore> {
+    Fixture::new(MemoryStore::new(), ())
+}
+
+store_suite!(memory, memory_store);
 
 /// A Redis store on its own in-memory redis-server, killed when the test ends.
 async fn redis_store() -> Fixture<RedisStore> {

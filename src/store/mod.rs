@@ -17,6 +17,7 @@
 //! * `ack` clears a pending event only if its version is exactly the acknowledged one: an ACK
 //!   names what the client received, never more.
 
+mod memory;
 mod record;
 pub mod redis;
 mod sled;
@@ -24,6 +25,7 @@ pub mod sled_db;
 
 use std::future::Future;
 
+pub use self::memory::MemoryStore;
 pub use self::record::Registration;
 pub use self::redis::{RedisStore, RedisTarget};
 pub use self::sled::SledStore;
@@ -219,6 +221,8 @@ pub trait Store: Send + Sync + 'static {
 pub enum AnyStore {
     Sled(SledStore),
     Redis(RedisStore),
+    /// Not selectable by config: for tests of the protocol core without a disk.
+    Memory(MemoryStore),
 }
 
 /// Forwards one call to whichever store is in use.
@@ -227,6 +231,7 @@ macro_rules! delegate {
         match $self {
             AnyStore::Sled($s) => $call,
             AnyStore::Redis($s) => $call,
+            AnyStore::Memory($s) => $call,
         }
     };
 }
@@ -237,6 +242,7 @@ impl AnyStore {
         match self {
             AnyStore::Sled(_) => "sled",
             AnyStore::Redis(_) => "redis",
+            AnyStore::Memory(_) => "memory",
         }
     }
 
@@ -246,6 +252,7 @@ impl AnyStore {
             AnyStore::Sled(s) => s.flush_now(),
             // Every Redis write was acknowledged by the primary when it returned.
             AnyStore::Redis(_) => Ok(()),
+            AnyStore::Memory(_) => Ok(()),
         }
     }
 }
