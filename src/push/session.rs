@@ -475,3 +475,152 @@ fn validate_kick(kick: Option<&Value>, max_bytes: usize) -> Result<Vec<u8>, WsEr
         Some(_) => Err(WsError::InvalidKick),
     }
 }
+
+/// The protocol rules, run on an in-memory store without sockets: frames in, frames out.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::keys::Keys;
+    use crate::push::events::{self, Outcome, Reached};
+    use crate::push::proto::ServerMessage;
+    use crate::store::{AnyStore, MemoryStore, VersionReq};
+
+    fn state() -> Arc<AppState> {
+        let keys = Keys::from_text(&Keys::generate_text(), "test").unwrap();
+        let store = AnyStore::Memory(MemoryStore::new());
+        Arc::new(AppState::new(Config::default(), keys, store, None))
+    }
+
+    /// Sends one frame; returns the parsed frames the session answered with.
+    async fn send(session: &mut Session, frame: serde_json::Value) -> Result<Vec<ServerMessage>, WsError> {
+        let mut out = Vec::new();
+        session.on_text(&frame.to_string(), &mut out).await?;
+        Ok(out.iter().map(|f| ServerMessage::parse(f).unwrap()).collect())
+    }
+
+    /// A greeted session holding one new UAID: (session, uaid).
+    async fn greeted(state: &Arc<AppState>, kick: serde_json::Value) -> (Session, String) {
+        let mut session = Session::new(state.clone());
+        let hello = serde_json::json!({"type": "hello", "uaids": [{}], "kick": kick});
+        let out = send(&mut session, hello).await.unwrap();
+        let [ServerMessage::Hello(reply)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert!(reply.uaids[0].secret.is_some(), "a new UAID gets its secret");
+        (session, reply.uaids[0].uaid.clone().unwrap())
+    }
+
+    async fn register(
+        session: &mut Session,
+        uaid: &str,
+        appid: &str,
+        kick: Option<serde_json::Value>,
+    ) -> String {
+        let mut frame = serde_json::json!({"type": "register", "uaid": uaid, "appid": appid});
+        if let Some(kick) = kick {
+            frame["kick"] = kick;
+        }
+        let out = send(session, frame).await.unwrap();
+        let [ServerMessage::Register(reply)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(reply.status, 200, "{reply:?}");
+        reply.endpoint.clone().unwrap()
+    }
+
+    #[tokio::test]
+    async fn hello_comes_first_and_once() {
+        let state = state();
+        let mut session = Session::new(state.clone());
+        let ping = serde_json::json!({"type": "ping"});
+        assert_eq!(
+            send(&mut session, ping.clone()).await,
+            Err(WsError::HelloRequired)
+        );
+        let (mut session, _) = greeted(&state, serde_json::Value::Null).await;
+        let hello = serde_json::json!({"type": "hello", "uaids": []});
+        assert_eq!(send(&mut session, hello).await, Err(WsError::DuplicateHello));
+        assert_eq!(send(&mut session, ping).await, Ok(vec![ServerMessage::Pong]));
+    }
+
+    /// DESIGN.md "KICK drivers": a register that carries a kick or inherits hello's replaces the
+    /// stored one, `"kick":null` removes it, neither keeps it; a raise nobody hears returns it.
+    #[tokio::test]
+    async fn registers_set_keep_and_clear_the_kick_that_an_unheard_raise_returns() {
+        let state = state();
+        let hook = serde_json::json!({"driver": "webhook", "url": "http://h/"});
+        let (mut session, uaid_s) = greeted(&state, hook.clone()).await;
+        let (uaid, appid) = (Uaid::parse(&uaid_s).unwrap(), Appid::random());
+        let appid_s = appid.to_string();
+        let stored = || state.store.kick(uaid, appid);
+        register(&mut session, &uaid_s, &appid_s, None).await;
+        assert_eq!(
+            stored().await.unwrap(),
+            Some(hook.to_string().into_bytes()),
+            "hello's"
+        );
+        let udp = serde_json::json!({"driver": "udp", "host": "h", "port": 1});
+        register(&mut session, &uaid_s, &appid_s, Some(udp.clone())).await;
+        assert_eq!(stored().await.unwrap(), Some(udp.to_string().into_bytes()));
+        register(&mut session, &uaid_s, &appid_s, Some(serde_json::Value::Null)).await;
+        assert_eq!(stored().await.unwrap(), None);
+        register(&mut session, &uaid_s, &appid_s, Some(udp.clone())).await;
+
+        // Held here: reached locally, no kick.
+        let raised = events::raise(&state, uaid, appid, VersionReq::Exact(1), u64::MAX)
+            .await
+            .unwrap();
+        let Outcome::Raised(raised) = raised else {
+            panic!("{raised:?}")
+        };
+        assert_eq!((raised.reached, raised.kick), (Reached::Local, None));
+        // Nobody holds it once the session is gone: the kick comes back.
+        drop(session);
+        let raised = events::raise(&state, uaid, appid, VersionReq::Exact(2), u64::MAX)
+            .await
+            .unwrap();
+        let Outcome::Raised(raised) = raised else {
+            panic!("{raised:?}")
+        };
+        assert_eq!(raised.reached, Reached::Nobody);
+        assert_eq!(raised.kick, Some(udp.to_string().into_bytes()));
+        let superseded = events::raise(&state, uaid, appid, VersionReq::Exact(2), u64::MAX).await;
+        assert_eq!(superseded.unwrap(), Outcome::Superseded(2));
+    }
+
+    /// At most one UPDATE in flight per UAID: what is raised meanwhile goes out after the ACK.
+    #[tokio::test]
+    async fn one_update_in_flight_until_its_ack() {
+        let state = state();
+        let (mut session, uaid_s) = greeted(&state, serde_json::Value::Null).await;
+        let (uaid, appid) = (Uaid::parse(&uaid_s).unwrap(), Appid::random());
+        register(&mut session, &uaid_s, &appid.to_string(), None).await;
+        let update = |out: &[String]| -> Option<u64> {
+            let [frame] = out else { return None };
+            match ServerMessage::parse(frame).unwrap() {
+                ServerMessage::Update { updates } => Some(updates[&uaid_s][&appid.to_string()]),
+                other => panic!("{other:?}"),
+            }
+        };
+        for version in [5, 6] {
+            events::raise(&state, uaid, appid, VersionReq::Exact(version), u64::MAX)
+                .await
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        session.on_mailbox(&mut out).await.unwrap();
+        assert_eq!(update(&out), Some(6));
+        events::raise(&state, uaid, appid, VersionReq::Exact(7), u64::MAX)
+            .await
+            .unwrap();
+        out.clear();
+        session.on_mailbox(&mut out).await.unwrap();
+        assert_eq!(update(&out), None, "6 is still in flight");
+        out.clear();
+        let ack = serde_json::json!({"type": "ack", "uaids": [uaid_s]});
+        session.on_text(&ack.to_string(), &mut out).await.unwrap();
+        assert_eq!(update(&out), Some(7), "sent after the ACK of 6");
+        assert_eq!(state.store.pending(uaid, 0).await.unwrap(), vec![(appid, 7)]);
+    }
+}
