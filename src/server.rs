@@ -141,11 +141,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         return HttpError::ShuttingDown.into_response();
     }
     if let Err(e) = state.store.health().await {
-        tracing::warn!(error = %e, "health: the store does not answer");
-        return HttpError::StoreUnavailable {
-            retry_after_secs: state.config.store.retry_after_secs,
-        }
-        .into_response();
+        return state.unavailable(e).into_response();
     }
     let body = serde_json::json!({
         "status": "ok",

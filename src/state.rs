@@ -12,6 +12,7 @@ use tokio::sync::futures::Notified;
 use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
+use crate::http::HttpError;
 use crate::ids::{TokenId, Uaid};
 use crate::keys::Keys;
 use crate::metrics::Metrics;
@@ -111,6 +112,15 @@ impl AppState {
                 tracing::debug!(error = %e, "cross-node nudge not sent");
                 Reached::Remote
             }
+        }
+    }
+
+    /// The one mapping of a store failure to an HTTP answer: logged, then 503 with Retry-After.
+    /// (On a socket, the same failure is `WsError::StoreUnavailable`, see `session`.)
+    pub fn unavailable(&self, e: StoreError) -> HttpError {
+        tracing::warn!(error = %e, "the store cannot take the request");
+        HttpError::StoreUnavailable {
+            retry_after_secs: self.config.store.retry_after_secs,
         }
     }
 

@@ -58,12 +58,7 @@ async fn put_version(
                 retry_after_secs: retry_after_secs(wait),
             })?;
     }
-    let unavailable = |e: crate::store::StoreError| {
-        tracing::warn!(error = %e, "store error on PUT");
-        HttpError::StoreUnavailable {
-            retry_after_secs: state.config.store.retry_after_secs,
-        }
-    };
+    let unavailable = |e| state.unavailable(e);
     let (uaid, appid) = match state.store.lookup_token(id).await.map_err(unavailable)? {
         TokenTarget::Active(uaid, appid) => (uaid, appid),
         TokenTarget::Gone => return Err(HttpError::Gone),

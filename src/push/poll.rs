@@ -39,12 +39,7 @@ struct AckBody {
 }
 
 fn unavailable(state: &AppState) -> impl Fn(StoreError) -> HttpError + '_ {
-    move |e| {
-        tracing::warn!(error = %e, "store error on poll/ack");
-        HttpError::StoreUnavailable {
-            retry_after_secs: state.config.store.retry_after_secs,
-        }
-    }
+    move |e| state.unavailable(e)
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HttpError> {
