@@ -1,11 +1,9 @@
 //! The Redis store against a real redis-server: the semantics of `Store` (compare-and-set PUT,
 //! compare-and-delete ACK, registrations, tombstones, expiry) and its behaviour in an outage.
 
-mod common;
-
 use std::time::Duration;
 
-use common::redis_harness::{redis_available, RedisServer};
+use crate::common::redis_harness::{redis_available, RedisServer};
 use editiond::ids::TokenId;
 use editiond::ids::{Appid, Uaid};
 use editiond::store::{

@@ -5,14 +5,11 @@
 //! instantiation starts a redis-server per case and skips only where none is installed and CI
 //! is unset.
 
-mod common;
-mod store_suite;
-
 use std::time::Duration;
 
-use common::redis_harness::{redis_available, RedisServer};
+use crate::common::redis_harness::{redis_available, RedisServer};
+use crate::store_suite::Fixture;
 use editiond::store::{MemoryStore, RedisStore, RedisTarget, SledStore};
-use store_suite::Fixture;
 
 /// A sled store in its own temporary directory, removed when the test ends.
 async fn sled_store() -> Fixture<SledStore> {

@@ -2,12 +2,10 @@
 //! hash slot (no CROSSSLOT), sharded pub/sub carries nudges between nodes, and the full flow
 //! works for UAIDs spread over every shard.
 
-mod common;
-
 use std::time::Duration;
 
-use common::redis_harness::{raw_command, redis_available, RedisCluster};
-use common::*;
+use crate::common::redis_harness::{raw_command, redis_available, RedisCluster};
+use crate::common::*;
 use editiond::ids::TokenId;
 use editiond::ids::{Appid, Uaid};
 use editiond::store::{

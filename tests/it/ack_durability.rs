@@ -4,13 +4,12 @@
 //! the server (SIGKILL) as soon as a frame that followed the ACK arrives, restarts it and checks
 //! that the ACKed version does not come back. (Found by review: a WebSocket pong, `released`,
 //! and error frames used to leave before the ACK's commit.)
-mod common;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;

@@ -2,11 +2,10 @@
 //! its version: the connection holding the UAID must get it, whether an UPDATE is in flight (it
 //! goes out after the ACK) or not (it goes out at once). Found by review: the nudge used to be
 //! lost with the request, and the retry's 200 ("superseded") nudges nobody.
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::AsyncWriteExt;
 
 /// Rounds per test; the hang-up lands at a different moment each time.

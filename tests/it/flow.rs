@@ -1,10 +1,8 @@
 //! The seed flow end to end: hello, register, PUT, UPDATE, ACK, reconnect, takeover, REST poll.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test]

@@ -1,13 +1,11 @@
 //! Replays every conversation in `proto/examples/` against the real server, so the documented
 //! protocol and the code cannot drift apart. The format is described in `proto/README.md`.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Map, Value};
 
 /// Variables bound so far (`$NAME` → value).

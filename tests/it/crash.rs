@@ -12,14 +12,12 @@
 //! one UPDATE per UAID is checked against that record. Nothing here waits for a time to pass: the
 //! kill happens after a random delay, but every check is an ordering proven by a reply.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;

@@ -7,14 +7,12 @@
 //! acknowledged write, as a production Redis configured that way does. A SIGSTOP freeze (a Redis
 //! that hangs without closing sockets) is checked too, for the bounded-timeout path.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::redis_harness::{redis_available, RedisServer};
-use common::*;
+use crate::common::redis_harness::{redis_available, RedisServer};
+use crate::common::*;
 use serde_json::Value;
 
 /// The same endpoint, addressed to another node.
@@ -349,7 +347,7 @@ async fn measure_memory_per_connected_client() {
         line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
     };
     let redis_mem = || {
-        let info = common::redis_harness::raw_command(redis.port, "INFO memory").unwrap();
+        let info = crate::common::redis_harness::raw_command(redis.port, "INFO memory").unwrap();
         info.lines()
             .find_map(|l| l.strip_prefix("used_memory:"))
             .unwrap()

@@ -1,0 +1,18 @@
+//! The integration tests, one binary (the crate links once, not once per file): each module is
+//! a former `tests/*.rs` file and starts the real server on 127.0.0.1 (see `common`). Run one
+//! with `cargo test --test it flow::` and so on.
+
+mod common;
+#[macro_use]
+mod store_suite;
+
+mod ack_durability;
+mod bad_input;
+mod crash;
+mod flow;
+mod lost_nudge;
+mod multinode;
+mod proto_examples;
+mod redis_cluster;
+mod redis_store;
+mod store_conformance;
