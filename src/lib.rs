@@ -12,10 +12,10 @@
 pub mod config;
 pub(crate) mod http;
 pub mod ids;
-pub mod keys;
+pub(crate) mod keys;
 pub(crate) mod metrics;
 pub mod push;
 pub(crate) mod ratelimit;
 pub mod server;
-pub mod state;
+pub(crate) mod state;
 pub mod store;

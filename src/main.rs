@@ -148,7 +148,7 @@ async fn serve(config: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let node = Node::open(config).await.map_err(|e| e.to_string())?;
-    tracing::info!(%addr, public_url = %node.state.public_url, "editiond listening");
+    tracing::info!(%addr, public_url = %node.public_url(), "editiond listening");
     server::run(listener, node, shutdown_signal())
         .await
         .map_err(|e| e.to_string())

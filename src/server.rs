@@ -40,11 +40,16 @@ pub enum StartError {
 
 /// An opened node, not yet serving: its state and, on Redis, the inbox its routing listens to.
 pub struct Node {
-    pub state: Arc<AppState>,
+    state: Arc<AppState>,
     inbox: Option<RoutesInbox>,
 }
 
 impl Node {
+    /// The base URL endpoints are built from.
+    pub fn public_url(&self) -> &str {
+        &self.state.public_url
+    }
+
     /// Opens keys and store for `config` (and, on Redis, subscribes for routing). Must run
     /// inside the Tokio runtime.
     pub async fn open(config: Config) -> Result<Node, StartError> {

@@ -5,11 +5,11 @@
 //! [`proto`]; [`held`] is what one connection holds.
 
 pub(crate) mod endpoint;
-pub mod events;
+pub(crate) mod events;
 pub(crate) mod held;
 pub(crate) mod poll;
 pub mod proto;
-pub mod registry;
-pub mod route;
+pub(crate) mod registry;
+pub(crate) mod route;
 pub(crate) mod session;
 pub(crate) mod ws;
