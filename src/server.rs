@@ -188,8 +188,16 @@ async fn sweep_loop(state: Arc<AppState>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                sweep_store(&state).await;
-                expire_idle_uaids(&state, started).await;
+                // A long sweep does not hold shutdown up: each step is atomic, and idle expiry
+                // resumes where it stopped at the next sweep.
+                let work = async {
+                    sweep_store(&state).await;
+                    expire_idle_uaids(&state, started).await;
+                };
+                tokio::select! {
+                    _ = work => {}
+                    _ = &mut stopping => return,
+                }
             }
             _ = prune.tick() => {
                 if let Some(buckets) = &state.put_limit {
@@ -287,9 +295,17 @@ pub async fn run(
         .await?;
     // Normally ended already; after an accept error, serve returns before shutdown began.
     state.begin_shutdown();
-    for task in tasks {
-        if let Err(e) = task.await {
-            tracing::warn!(error = %e, "background task failed");
+    // Bounded like the socket drain: a task stuck on an unreachable Redis is cut off.
+    let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+    match tokio::time::timeout(grace, futures_util::future::join_all(tasks)).await {
+        Ok(ended) => {
+            for e in ended.into_iter().filter_map(Result::err) {
+                tracing::warn!(error = %e, "background task failed");
+            }
+        }
+        Err(_) => {
+            tracing::warn!("background tasks still running after the grace period; stopped");
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
         }
     }
     let store = state.store.clone();
