@@ -18,9 +18,9 @@ use crate::http::{json, read_body, HttpError};
 use crate::ids::{Appid, Uaid};
 use crate::push::proto::{self, Credential, EntryError, UaidStatus};
 use crate::push::registry::Mailbox;
-use crate::push::session::authenticate_all;
+use crate::push::session::{authenticate_all, read_pending};
 use crate::state::AppState;
-use crate::store::{now_ms, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 #[derive(Deserialize)]
 struct PollBody {
@@ -128,18 +128,7 @@ async fn poll_inner(
     let stopping = state.stopping();
     tokio::pin!(stopping);
     loop {
-        let mut events = Vec::new();
-        let now = now_ms();
-        for uaid in &uaids {
-            let pending = state
-                .store
-                .pending(*uaid, now)
-                .await
-                .map_err(unavailable(state))?;
-            if !pending.is_empty() {
-                events.push((*uaid, pending));
-            }
-        }
+        let events = read_pending(state, &uaids).await.map_err(unavailable(state))?;
         if !events.is_empty() || issued {
             // Events read here may have been raised by a PUT whose commit is still running:
             // answer only once they are durable (see `Session::send_pending_after`).

@@ -345,19 +345,13 @@ impl Session {
         known: Option<&Delivery>,
         out: &mut Vec<String>,
     ) -> Result<(), WsError> {
-        let now = now_ms();
-        let mut found = Vec::new();
-        for uaid in uaids {
-            // Only held UAIDs with nothing in flight (what is in flight is read again after its
-            // ACK).
-            if self.held.get(uaid).is_none_or(|slot| slot.in_flight.is_some()) {
-                continue;
-            }
-            let events = self.state.store.pending(*uaid, now).await?;
-            if !events.is_empty() {
-                found.push((*uaid, events));
-            }
-        }
+        // Only held UAIDs with nothing in flight (what is in flight is read again after its ACK).
+        let idle: Vec<Uaid> = uaids
+            .iter()
+            .copied()
+            .filter(|uaid| self.held.get(uaid).is_some_and(|slot| slot.in_flight.is_none()))
+            .collect();
+        let found = read_pending(&self.state, &idle).await?;
         let covered = known.is_some_and(|known| {
             found
                 .iter()
@@ -392,6 +386,20 @@ impl Drop for Session {
             self.state.unhold(*uaid, self.conn_id);
         }
     }
+}
+
+/// The pending events of `uaids` that have some, read now, in order. Not yet known to be
+/// durable: the caller syncs before it passes them on. Shared by the socket and the REST poll.
+pub async fn read_pending(state: &AppState, uaids: &[Uaid]) -> Result<Vec<proto::UaidEvents>, StoreError> {
+    let now = now_ms();
+    let mut found = Vec::new();
+    for uaid in uaids {
+        let events = state.store.pending(*uaid, now).await?;
+        if !events.is_empty() {
+            found.push((*uaid, events));
+        }
+    }
+    Ok(found)
 }
 
 /// Checks each credential, binding new UAIDs. Returns the per-entry statuses and the UAIDs that
