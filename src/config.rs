@@ -1,7 +1,9 @@
 //! Configuration: one `config.toml`, sections by concern, every key overridable.
 //!
 //! Precedence is flag > environment > file > built-in default. The environment names a key as
-//! `EDITIOND_<SECTION>__<KEY>` (e.g. `EDITIOND_LIMITS__MAX_FRAME_BYTES=131072`). Overrides are
+//! `EDITIOND_<SECTION>__<KEY>` (e.g. `EDITIOND_LIMITS__MAX_FRAME_BYTES=131072`), each `__`
+//! descending one table (`EDITIOND_KICK__WEBHOOK__SECRET` is `[kick.webhook] secret`), so a new
+//! section is one struct and one field of [`Config`]; an error in a variable names it. Overrides are
 //! applied to the TOML document before it is deserialised, so a typo in any source is reported
 //! the same way: unknown keys are errors, never silently ignored.
 

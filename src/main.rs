@@ -31,7 +31,8 @@ static MALLOC_CONF: &[u8; JEMALLOC_CONF.len()] = match JEMALLOC_CONF.first_chunk
 ///
 /// Configuration is read from a TOML file (see config.toml for every key), then from
 /// environment variables named EDITIOND_<SECTION>__<KEY> (for example
-/// EDITIOND_LIMITS__MAX_FRAME_BYTES=131072), then from the flags below. Later sources win.
+/// EDITIOND_LIMITS__MAX_FRAME_BYTES=131072; a nested section [a.b] is EDITIOND_A__B__KEY), then
+/// from the flags below. Later sources win.
 #[derive(Parser)]
 #[command(name = "editiond", version)]
 struct Cli {
