@@ -30,7 +30,7 @@ pub struct Raised {
     pub version: u64,
     pub reached: Reached,
     /// The registration's stored KICK settings (JSON) when `reached` is [`Reached::Nobody`] and
-    /// it has some; read only then.
+    /// it has some; read only then. (The kicks of all the UAID's registrations: `Store::kicks`.)
     pub kick: Option<Vec<u8>>,
 }
 

@@ -176,6 +176,16 @@ impl Store for MemoryStore {
             .map(|reg| reg.kick.clone()))
     }
 
+    async fn kicks(&self, uaid: Uaid) -> Result<Vec<(Appid, Vec<u8>)>> {
+        let s = self.lock()?;
+        Ok(s.regs.get(&uaid).map_or(Vec::new(), |apps| {
+            apps.iter()
+                .filter(|(_, reg)| !reg.kick.is_empty())
+                .map(|(appid, reg)| (*appid, reg.kick.clone()))
+                .collect()
+        }))
+    }
+
     async fn unregister(&self, uaid: Uaid, appid: Appid, gone_until_ms: u64) -> Result<bool> {
         Ok(self.lock()?.unregister(uaid, appid, gone_until_ms))
     }

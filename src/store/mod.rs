@@ -161,6 +161,10 @@ pub trait Store: Send + Sync + 'static {
     /// The registration's stored KICK settings (JSON), `None` when it has none or does not exist.
     fn kick(&self, uaid: Uaid, appid: Appid) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
 
+    /// The stored KICK settings of every registration of the UAID that has some, ordered by
+    /// APPID (DESIGN.md: an unheard raise kicks each distinct target of the UAID's registrations).
+    fn kicks(&self, uaid: Uaid) -> impl Future<Output = Result<Vec<(Appid, Vec<u8>)>>> + Send;
+
     /// Deletes the registration and its pending event; its token answers Gone until
     /// `gone_until_ms`. `false` if there was no such registration.
     fn unregister(
@@ -293,6 +297,10 @@ impl Store for AnyStore {
 
     async fn kick(&self, uaid: Uaid, appid: Appid) -> Result<Option<Vec<u8>>> {
         delegate!(self, s => s.kick(uaid, appid).await)
+    }
+
+    async fn kicks(&self, uaid: Uaid) -> Result<Vec<(Appid, Vec<u8>)>> {
+        delegate!(self, s => s.kicks(uaid).await)
     }
 
     async fn unregister(&self, uaid: Uaid, appid: Appid, gone_until_ms: u64) -> Result<bool> {

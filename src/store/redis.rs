@@ -854,6 +854,23 @@ impl Store for RedisStore {
         self.query(&hget).await
     }
 
+    async fn kicks(&self, uaid: Uaid) -> Result<Vec<(Appid, Vec<u8>)>> {
+        let mut hgetall = redis::cmd("HGETALL");
+        hgetall.arg(key::kick(&uaid));
+        let all: Vec<(String, Vec<u8>)> = self.query(&hgetall).await?;
+        let mut out = all
+            .into_iter()
+            .map(|(appid, kick)| {
+                Ok((
+                    Appid::parse(&appid).map_err(|_| StoreError::Corrupt("kick appid"))?,
+                    kick,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.sort_unstable_by_key(|(a, _)| *a);
+        Ok(out)
+    }
+
     async fn unregister(&self, uaid: Uaid, appid: Appid, gone_until_ms: u64) -> Result<bool> {
         let mut conn = self.conn.clone();
         let reply: Option<(String, String)> = bounded(

@@ -326,6 +326,18 @@ impl Store for SledStore {
         Ok((!reg.kick.is_empty()).then_some(reg.kick))
     }
 
+    async fn kicks(&self, uaid: Uaid) -> Result<Vec<(Appid, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for item in self.inner.regs.scan_prefix(uaid.as_bytes()) {
+            let (key, value) = item?;
+            let reg = Registration::decode(&value)?;
+            if !reg.kick.is_empty() {
+                out.push((appid_of_key(&key)?, reg.kick));
+            }
+        }
+        Ok(out)
+    }
+
     async fn unregister(&self, uaid: Uaid, appid: Appid, gone_until_ms: u64) -> Result<bool> {
         let key = registration_key(&uaid, &appid);
         let removed = self.update_reg(&key, |old| match old {

@@ -150,6 +150,20 @@ pub async fn register_sets_replaces_keeps_and_clears_the_kick<S: Store>(s: Arc<S
     assert!(matches!(registered.await.unwrap(), Registered::Token(_)));
     assert_eq!(s.kick(uaid, other).await.unwrap(), None);
     assert_eq!(s.kick(Uaid::random(), appid).await.unwrap(), None);
+    assert_eq!(s.kicks(uaid).await.unwrap(), vec![]);
+    // Every registration's kick, by APPID, for a raise nobody hears.
+    let third = Appid::random();
+    let registered = s.register(uaid, third, TokenId::random(), KickChange::Set(second), NO_LIMIT);
+    assert!(matches!(registered.await.unwrap(), Registered::Token(_)));
+    assert_eq!(
+        again(KickChange::Set(first)).await.unwrap(),
+        Registered::Token(token)
+    );
+    let mut expected = vec![(appid, first.to_vec()), (third, second.to_vec())];
+    expected.sort_unstable_by_key(|(a, _)| *a);
+    assert_eq!(s.kicks(uaid).await.unwrap(), expected);
+    assert_eq!(s.kicks(Uaid::random()).await.unwrap(), vec![]);
+    assert_eq!(again(KickChange::Clear).await.unwrap(), Registered::Token(token));
     // Unregistering drops it: registering the pair again starts without one.
     assert_eq!(
         again(KickChange::Set(first)).await.unwrap(),
