@@ -6,7 +6,8 @@
 //! [`poll`] (REST clients), [`registry`] (which connection holds which UAID), [`route`] (which node
 //! holds it, on Redis), [`store`] (durable
 //! state behind a trait), [`keys`] (tokens and secrets), [`ratelimit`] (token buckets), [`config`],
-//! [`metrics`], [`http`] (errors and bodies), [`server`] (wiring and shutdown).
+//! [`metrics`], [`http`] (errors and bodies), [`server`] (wiring and shutdown), [`web`] (the browser
+//! client, the demo page, CORS).
 
 pub mod config;
 pub mod endpoint;
@@ -23,4 +24,5 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod web;
 pub mod ws;
