@@ -104,14 +104,18 @@ impl Browser {
         let url = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("chromium did not print its DevTools address");
-        let (ws, _) = tokio_tungstenite::connect_async(&url).await.expect("DevTools socket");
+        let (ws, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("DevTools socket");
         let (sink, mut stream) = ws.split();
         let answers: Answers = Arc::default();
         let routed = answers.clone();
         tokio::spawn(async move {
             while let Some(Ok(msg)) = stream.next().await {
                 let Message::Text(text) = msg else { continue };
-                let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
+                let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                    continue;
+                };
                 if let Some(id) = v["id"].as_u64() {
                     if let Some(tx) = routed.lock().unwrap().remove(&id) {
                         let _ = tx.send(v);
@@ -258,7 +262,10 @@ impl Tab {
             }
             if Instant::now() > deadline {
                 let text = self.eval("document.body?.innerText ?? ''").await;
-                panic!("page never showed {what} ({js}); the page reads:\n{}", text.as_str().unwrap_or(""));
+                panic!(
+                    "page never showed {what} ({js}); the page reads:\n{}",
+                    text.as_str().unwrap_or("")
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -280,12 +287,16 @@ impl Tab {
                 "both endpoints",
             )
             .await;
-        (v[0].as_str().unwrap().to_owned(), v[1].as_str().unwrap().to_owned())
+        (
+            v[0].as_str().unwrap().to_owned(),
+            v[1].as_str().unwrap().to_owned(),
+        )
     }
 
     /// Waits until the demo lists the event (app, version).
     async fn shows_event(&self, app: &str, version: u64) {
-        let js = format!("!!document.querySelector('#events tr[data-app=\"{app}\"][data-version=\"{version}\"]')");
+        let js =
+            format!("!!document.querySelector('#events tr[data-app=\"{app}\"][data-version=\"{version}\"]')");
         self.wait(&js, &format!("the event {app} = {version}")).await;
     }
 
@@ -299,7 +310,10 @@ impl Tab {
 
     async fn uaid(&self) -> String {
         let v = self
-            .wait("window.edition?.state === 'open' && edition.uaid", "an open connection with a UAID")
+            .wait(
+                "window.edition?.state === 'open' && edition.uaid",
+                "an open connection with a UAID",
+            )
             .await;
         v.as_str().unwrap().to_owned()
     }
@@ -318,7 +332,9 @@ impl Tab {
         // A layout at the new width before the capture.
         self.eval("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
             .await;
-        let shot = self.call("Page.captureScreenshot", json!({"format": "png"})).await;
+        let shot = self
+            .call("Page.captureScreenshot", json!({"format": "png"}))
+            .await;
         base64::engine::general_purpose::STANDARD
             .decode(shot["data"].as_str().unwrap())
             .unwrap()
@@ -341,13 +357,20 @@ async fn wait_connections(server: &Server, http: &reqwest::Client, n: f64) {
         if now == n {
             return;
         }
-        assert!(Instant::now() < deadline, "editiond_connections stayed {now}, expected {n}");
+        assert!(
+            Instant::now() < deadline,
+            "editiond_connections stayed {now}, expected {n}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 async fn put(http: &reqwest::Client, endpoint: &str, version: u64) {
-    assert_eq!(put_version(http, endpoint, version).await, 202, "PUT {version} to {endpoint}");
+    assert_eq!(
+        put_version(http, endpoint, version).await,
+        202,
+        "PUT {version} to {endpoint}"
+    );
 }
 
 /// What the screenshot holds, measured by the browser itself (it decodes PNG; the test need not).
@@ -379,7 +402,14 @@ async fn measure_png(browser: &Browser, png: &[u8]) -> Value {
 }
 
 /// Saves a screenshot under target/ and checks it shows a page, not a blank.
-async fn check_screenshot(browser: &Browser, tab: &Tab, name: &str, width: u32, height: u32, mobile: bool) -> PathBuf {
+async fn check_screenshot(
+    browser: &Browser,
+    tab: &Tab,
+    name: &str,
+    width: u32,
+    height: u32,
+    mobile: bool,
+) -> PathBuf {
     let png = tab.screenshot(width, height, mobile).await;
     let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("browser-demo-{name}.png"));
     std::fs::write(&path, &png).unwrap();
@@ -388,10 +418,18 @@ async fn check_screenshot(browser: &Browser, tab: &Tab, name: &str, width: u32, 
     assert_eq!(m["width"], width, "{name}: {m}");
     let (colors, inked) = (m["colors"].as_f64().unwrap(), m["inked"].as_f64().unwrap());
     assert!(colors >= 16.0, "{name} screenshot is blank or flat: {m}");
-    assert!((0.02..0.9).contains(&inked), "{name} screenshot shows (almost) nothing: {m}");
+    assert!(
+        (0.02..0.9).contains(&inked),
+        "{name} screenshot shows (almost) nothing: {m}"
+    );
     // Clean at this width: nothing sticks out sideways.
-    let overflow = tab.eval("document.documentElement.scrollWidth - window.innerWidth").await;
-    assert!(overflow.as_f64().unwrap() <= 0.0, "{name}: the page is wider than the screen by {overflow} px");
+    let overflow = tab
+        .eval("document.documentElement.scrollWidth - window.innerWidth")
+        .await;
+    assert!(
+        overflow.as_f64().unwrap() <= 0.0,
+        "{name}: the page is wider than the screen by {overflow} px"
+    );
     path
 }
 
@@ -409,16 +447,24 @@ async fn demo_page_in_a_real_browser() {
     // The page registers two apps and lists what is PUT to them.
     let tab = browser.open(&demo).await;
     let (a, b) = tab.endpoints().await;
-    assert!(a.starts_with(&server.url("/v1/e/")) && b.starts_with(&server.url("/v1/e/")), "{a} {b}");
+    assert!(
+        a.starts_with(&server.url("/v1/e/")) && b.starts_with(&server.url("/v1/e/")),
+        "{a} {b}"
+    );
     assert_ne!(a, b);
     let uaid = tab.uaid().await;
     assert_eq!(uaid.len(), 36, "{uaid}");
-    assert_eq!(tab.eval("JSON.parse(localStorage.editiond).uaid").await, json!(uaid));
+    assert_eq!(
+        tab.eval("JSON.parse(localStorage.editiond).uaid").await,
+        json!(uaid)
+    );
     put(&http, &a, 5).await;
     put(&http, &b, 7).await;
     tab.shows_event("A", 5).await;
     tab.shows_event("B", 7).await;
-    let curl = tab.eval("document.querySelector('#app-a .curl').textContent").await;
+    let curl = tab
+        .eval("document.querySelector('#app-a .curl').textContent")
+        .await;
     assert_eq!(curl, json!(format!("curl -X PUT -d version=6 {a}")));
 
     // A restart: the page reconnects by itself and receives what is PUT after it.
@@ -463,7 +509,12 @@ async fn demo_page_in_a_real_browser() {
     first.close().await;
     put(&http, &b, 11).await;
     second.shows_event("B", 11).await;
-    second.wait("edition.leader && edition.state === 'open'", "the second tab leading").await;
+    second
+        .wait(
+            "edition.leader && edition.state === 'open'",
+            "the second tab leading",
+        )
+        .await;
     wait_connections(&server, &http, 1.0).await;
     put(&http, &a, 12).await;
     second.shows_event("A", 12).await;
@@ -568,12 +619,18 @@ async fn web_routes_headers_and_cors() {
 
     let page = http.get(server.url("/demo")).send().await.unwrap();
     assert_eq!(page.status(), 200);
-    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(page.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
     assert!(page.text().await.unwrap().contains("/demo.js"));
     for (path, kind) in [("/demo.js", "text/javascript"), ("/demo.css", "text/css")] {
         let r = http.get(server.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
-        assert!(r.headers()["content-type"].to_str().unwrap().starts_with(kind), "{path}");
+        assert!(
+            r.headers()["content-type"].to_str().unwrap().starts_with(kind),
+            "{path}"
+        );
     }
     let root = http.get(server.url("/")).send().await.unwrap();
     assert!(root.status().is_redirection());
@@ -640,6 +697,9 @@ async fn web_can_be_switched_off() {
     // Only the demo off: the client stays.
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with(dir.path(), &[("EDITIOND_WEB__DEMO", "false")]).await;
-    assert_eq!(http.get(server.url("/edition.js")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(server.url("/edition.js")).send().await.unwrap().status(),
+        200
+    );
     assert_eq!(http.get(server.url("/demo")).send().await.unwrap().status(), 404);
 }

@@ -68,13 +68,19 @@ const DEMO_CSP: &str = "default-src 'self'; connect-src 'self' ws: wss:; base-ur
 pub fn routes<S: Clone + Send + Sync + 'static>(config: &WebConfig) -> Router<S> {
     let mut router = Router::new();
     if config.client {
-        router = router.route("/edition.js", get(|h: HeaderMap| async move { serve(&CLIENT, &h) }));
+        router = router.route(
+            "/edition.js",
+            get(|h: HeaderMap| async move { serve(&CLIENT, &h) }),
+        );
     }
     if config.demo {
         router = router
             .route("/", get(|| async { Redirect::temporary("/demo") }))
             .route("/demo", get(|h: HeaderMap| async move { serve(&DEMO_HTML, &h) }))
-            .route("/demo.css", get(|h: HeaderMap| async move { serve(&DEMO_CSS, &h) }))
+            .route(
+                "/demo.css",
+                get(|h: HeaderMap| async move { serve(&DEMO_CSS, &h) }),
+            )
             .route("/demo.js", get(|h: HeaderMap| async move { serve(&DEMO_JS, &h) }));
     }
     router
@@ -83,9 +89,11 @@ pub fn routes<S: Clone + Send + Sync + 'static>(config: &WebConfig) -> Router<S>
 /// Answers `asset`, or 304 when the browser already has this version of it.
 fn serve(asset: &'static Asset, request: &HeaderMap) -> Response {
     let etag = etag(asset);
-    let fresh = request
-        .get(header::IF_NONE_MATCH)
-        .is_some_and(|v| v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii() == etag.as_bytes()));
+    let fresh = request.get(header::IF_NONE_MATCH).is_some_and(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii() == etag.as_bytes())
+    });
     let mut response = if fresh {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
@@ -98,7 +106,10 @@ fn serve(asset: &'static Asset, request: &HeaderMap) -> Response {
     let headers = response.headers_mut();
     headers.insert(header::ETAG, etag);
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     if asset.cors {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
         // Lets pages that isolate themselves (COEP `require-corp`) import it too.
@@ -108,7 +119,10 @@ fn serve(asset: &'static Asset, request: &HeaderMap) -> Response {
         );
     }
     if asset.content_type == HTML {
-        headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(DEMO_CSP));
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(DEMO_CSP),
+        );
         headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     }
     response
