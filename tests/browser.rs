@@ -80,6 +80,8 @@ impl Browser {
                 "--disable-renderer-backgrounding",
                 "--disable-backgrounding-occluded-windows",
                 "--remote-debugging-port=0",
+                // A second name for the loopback server: an origin that is no secure context.
+                "--host-resolver-rules=MAP insecure.test 127.0.0.1",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")
@@ -467,15 +469,22 @@ async fn demo_page_in_a_real_browser() {
         .await;
     assert_eq!(curl, json!(format!("curl -X PUT -d version=6 {a}")));
 
-    // A restart: the page reconnects by itself and receives what is PUT after it.
-    tab.eval("window.states = []; edition.addEventListener('state', e => states.push(e.detail)); true")
+    // A restart: the page reconnects by itself and receives what is PUT after it. A register
+    // made while the server is down waits for it instead of failing.
+    server.kill();
+    tab.wait("edition.state === 'connecting'", "the lost connection")
         .await;
-    server.restart().await;
-    tab.wait(
-        "states.includes('connecting') && edition.state === 'open'",
-        "a reconnection",
+    tab.eval(
+        "window.late = edition.register(crypto.randomUUID()).then(r => r.endpoint, e => 'failed: ' + e); true",
     )
     .await;
+    server.restart().await;
+    tab.wait("edition.state === 'open'", "a reconnection").await;
+    let late = tab.eval("late").await;
+    assert!(
+        late.as_str().unwrap().starts_with(&server.url("/v1/e/")),
+        "{late}"
+    );
     wait_connections(&server, &http, 1.0).await;
     put(&http, &a, 6).await;
     tab.shows_event("A", 6).await;
@@ -590,6 +599,23 @@ async fn another_origin_imports_the_client() {
         .replace("ed_module", &format!("'{module}'"));
     let statuses = page.eval(&js).await;
     assert_eq!(statuses, json!([204, 200, 401, "application/json"]));
+    page.close().await;
+
+    // Plain http on a name other than localhost is no secure context: no Web Locks, no
+    // crypto.randomUUID. The demo still works there, on a socket of its own.
+    let insecure = browser
+        .open(&format!("http://insecure.test:{}/demo", server.addr.port()))
+        .await;
+    let (a, _) = insecure.endpoints().await;
+    assert_eq!(
+        insecure
+            .eval("[isSecureContext, !!navigator.locks, edition.leader]")
+            .await,
+        json!([false, false, true])
+    );
+    assert!(a.starts_with(&server.url("/v1/e/")), "{a}");
+    put(&http, &a, 4).await;
+    insecure.shows_event("A", 4).await;
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 // The demo page: two apps registered through /edition.js, their endpoints with a ready curl
 // line, and the events as they arrive. `window.edition` is the client, to try from the console.
-import { Edition } from "/edition.js";
+import { Edition, uuid4 } from "/edition.js";
 
 /** The demo's two APPIDs, kept so a reload shows the same endpoints. */
 const APPS_KEY = "editiond-demo-apps";
@@ -57,7 +57,7 @@ function loadApps() {
   } catch {
     // unreadable: make new ones
   }
-  const made = { A: crypto.randomUUID(), B: crypto.randomUUID() };
+  const made = { A: uuid4(), B: uuid4() };
   try {
     localStorage.setItem(APPS_KEY, JSON.stringify(made));
   } catch {

@@ -16,7 +16,7 @@
  * @module edition
  */
 
-/** Seconds between JSON pings while the socket is idle, well under common proxy timeouts. */
+/** Milliseconds between JSON pings, well under common proxy idle timeouts (often 60 s). */
 const PING_EVERY_MS = 25_000;
 /** A socket that answers nothing for this long after a ping is taken for dead. */
 const PONG_WITHIN_MS = 10_000;
@@ -119,10 +119,10 @@ export class Edition extends EventTarget {
   /**
    * Registers an app and gets the endpoint its app server PUTs versions to. Idempotent: the same
    * appid gets the same endpoint. Waits while disconnected.
-   * @param {string} [appid] A UUID4; a new one by default.
+   * @param {string} [appid] A UUID4 (see {@link uuid4}); a new one by default.
    * @returns {Promise<{appid: string, endpoint: string}>}
    */
-  register(appid = crypto.randomUUID()) {
+  register(appid = uuid4()) {
     return this.#request("register", appid);
   }
 
@@ -166,7 +166,7 @@ export class Edition extends EventTarget {
       if (this.#closed) return reject(new Error("Edition closed"));
       const done = (error, result) => (error ? reject(error) : resolve(result));
       if (this.#leading) return this.#enqueue(op, appid, done);
-      const id = crypto.randomUUID();
+      const id = uuid4();
       this.#asked.set(id, { op, appid, done });
       this.#post({ t: "req", id, op, appid });
     });
@@ -446,6 +446,16 @@ export class Edition extends EventTarget {
       // Storage full or blocked: this page keeps working; a reload starts as a new user agent.
     }
   }
+}
+
+/** A random UUID4. `crypto.randomUUID` exists only in secure contexts; `getRandomValues` everywhere. */
+export function uuid4() {
+  if (typeof crypto.randomUUID === "function") return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  const hex = [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
 }
 
 /** `localStorage`, or none where the page may not use it (a sandboxed frame throws). */
