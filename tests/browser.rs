@@ -658,6 +658,9 @@ async fn web_routes_headers_and_cors() {
             "{path}"
         );
     }
+    let post = http.post(server.url("/edition.js")).send().await.unwrap();
+    assert_eq!(post.status(), 405);
+    assert_eq!(post.json::<Value>().await.unwrap()["error"], "method_not_allowed");
     let root = http.get(server.url("/")).send().await.unwrap();
     assert!(root.status().is_redirection());
     assert_eq!(root.headers()["location"], "/demo");
