@@ -20,6 +20,7 @@ pub struct Config {
     pub limits: Limits,
     pub store: StoreConfig,
     pub keys: KeysConfig,
+    pub web: WebConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -156,6 +157,25 @@ pub struct KeysConfig {
 impl std::fmt::Debug for KeysConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("KeysConfig { .. }")
+    }
+}
+
+/// What the server offers browsers besides the protocol (see `crate::web`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Serve the browser client module at `GET /edition.js`.
+    pub client: bool,
+    /// Serve the demo page at `GET /demo` and redirect `/` to it; needs `client`.
+    pub demo: bool,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            client: true,
+            demo: true,
+        }
     }
 }
 
@@ -355,6 +375,10 @@ impl Config {
         check(
             l.max_write_buffer_bytes > l.max_frame_bytes,
             "limits.max_write_buffer_bytes must exceed limits.max_frame_bytes",
+        )?;
+        check(
+            self.web.client || !self.web.demo,
+            "web.demo = true needs web.client = true (the demo page imports /edition.js)",
         )?;
         Ok(())
     }

@@ -5,8 +5,8 @@
 //! poll, PUT endpoint, raising events, who holds which UAID) and [`store`] (durable state behind
 //! a trait: sled, Redis, memory). Beside them, shared plumbing: [`state`] (what handlers share),
 //! [`config`], [`ids`], [`keys`] (tokens and secrets), [`ratelimit`] (token buckets),
-//! [`metrics`], [`http`] (errors and bodies), and [`server`] (wiring and shutdown; nothing
-//! imports it back).
+//! [`metrics`], [`http`] (errors and bodies), [`web`] (the browser client, the demo page, CORS),
+//! and [`server`] (wiring and shutdown; nothing imports it back).
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -19,3 +19,4 @@ pub(crate) mod ratelimit;
 pub mod server;
 pub(crate) mod state;
 pub mod store;
+pub(crate) mod web;

@@ -134,8 +134,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/ack", post(crate::push::poll::ack))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .merge(crate::web::routes(&state.config.web))
         .fallback(|| async { HttpError::NotFound })
         .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn(crate::web::cors))
         .with_state(state)
 }
 

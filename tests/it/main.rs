@@ -7,6 +7,7 @@ mod common;
 mod store_suite;
 
 mod ack_durability;
+mod browser;
 mod bad_input;
 mod crash;
 mod flow;
