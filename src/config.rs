@@ -18,6 +18,7 @@ pub struct Config {
     pub limits: Limits,
     pub store: StoreConfig,
     pub keys: KeysConfig,
+    pub kick: crate::kick::KickConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -235,17 +236,25 @@ impl Config {
             if rest == "CONFIG" {
                 continue;
             }
-            let Some((section, key)) = rest.split_once("__") else {
+            // Nested sections take one more `__` each: EDITIOND_KICK__WEBHOOK__ENABLED.
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            let Some((key, sections)) = path.split_last().filter(|(_, s)| !s.is_empty()) else {
                 return Err(invalid(&name, "expected EDITIOND_<SECTION>__<KEY>"));
             };
-            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
-            let template = defaults.get(&section).and_then(|s| s.get(&key));
+            let template = sections
+                .iter()
+                .try_fold(&defaults, |t, s| t.get(s).and_then(|v| v.as_table()))
+                .and_then(|t| t.get(key));
             let parsed = env_value(template, &value).map_err(|m| invalid(&name, m))?;
-            doc.entry(section)
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-                .as_table_mut()
-                .ok_or_else(|| invalid(&name, "section is not a table"))?
-                .insert(key, parsed);
+            let mut table = &mut doc;
+            for section in sections {
+                table = table
+                    .entry(section.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .ok_or_else(|| invalid(&name, "section is not a table"))?;
+            }
+            table.insert(key.clone(), parsed);
         }
         let mut config: Config = doc
             .try_into()
@@ -266,6 +275,7 @@ impl Config {
     /// Removes what must never be printed: the keys, and passwords in Redis URLs.
     pub fn redact_secrets(&mut self) {
         self.keys = KeysConfig::default();
+        self.kick.redact_secrets();
         self.store.url = redact_url(&self.store.url);
         for url in &mut self.store.cluster_urls {
             *url = redact_url(url);
@@ -478,6 +488,28 @@ mod tests {
             var("EDITIOND_LIMITS__PUT_BURST", "0"),
         ];
         assert!(Config::load(None, off_no_burst, &Flags::default()).is_ok());
+    }
+
+    #[test]
+    fn nested_kick_sections_are_set_by_env_and_secrets_redacted() {
+        let var = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let vars = [
+            var("EDITIOND_KICK__WEBHOOK__ENABLED", "true"),
+            var("EDITIOND_KICK__WEBHOOK__ALLOW", r#"["127.0.0.1/32"]"#),
+            var(
+                "EDITIOND_KICK__WEBHOOK__SECRET",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            ),
+            var("EDITIOND_KICK__MIN_INTERVAL_SECS", "5"),
+        ];
+        let mut config = Config::load(None, vars, &Flags::default()).unwrap();
+        assert!(config.kick.webhook.enabled);
+        assert_eq!(config.kick.webhook.allow, ["127.0.0.1/32"]);
+        assert_eq!(config.kick.min_interval_secs, 5);
+        config.redact_secrets();
+        assert_eq!(config.kick.webhook.secret, "");
+        let bad = [var("EDITIOND_KICK__WEBHOOK__NO_SUCH", "1")];
+        assert!(Config::load(None, bad, &Flags::default()).is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod held;
 pub mod http;
 pub mod ids;
 pub mod keys;
+pub mod kick;
 pub mod metrics;
 pub mod poll;
 pub mod proto;
