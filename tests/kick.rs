@@ -589,3 +589,30 @@ fn generated_secrets_are_kept_and_the_shipped_config_has_every_driver_off() {
     assert_eq!(a.vapid_public_key(), b.vapid_public_key());
     assert!(Drivers::from_config(&defaults, &a).unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn pages_get_the_vapid_public_key_over_http() {
+    let serve = |drivers: Arc<Drivers>| async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app: Router = editiond::kick::routes(drivers);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/v1/kick/webpush")
+    };
+    let k = kicks(&config());
+    let url = serve(k.drivers.clone()).await;
+    let response = reqwest::get(&url).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: Value = response.json().await.unwrap();
+    let key = URL_SAFE_NO_PAD
+        .decode(body["vapid_public_key"].as_str().unwrap())
+        .unwrap();
+    assert_eq!((key.len(), key[0]), (65, 4), "an uncompressed P-256 point");
+
+    let off = kicks(&KickConfig::default());
+    let response = reqwest::get(&serve(off.drivers.clone()).await).await.unwrap();
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], 404);
+}

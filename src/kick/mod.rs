@@ -222,6 +222,8 @@ pub enum SetupError {
     Config { driver: &'static str, message: String },
     #[error("kick keys: {0}")]
     Keys(String),
+    #[error("kick metrics: {0}")]
+    Metrics(String),
 }
 
 /// The enabled drivers, by name.
@@ -281,6 +283,56 @@ impl Drivers {
         let key = self.vapid_public_key.as_ref()?;
         Some(serde_json::json!({ "vapid_public_key": key }).to_string())
     }
+}
+
+/// What the wiring holds: the drivers (validation at hello/register, the VAPID key route), the
+/// scheduler (raised / connected) and their metrics.
+#[derive(Clone)]
+pub struct Kicks {
+    pub drivers: Arc<Drivers>,
+    pub scheduler: Scheduler,
+    pub metrics: KickMetrics,
+}
+
+impl Kicks {
+    /// Builds the enabled drivers and a scheduler, and adds the kick metrics to `metrics`.
+    /// Spawns nothing: kick tasks start with the first `raised`.
+    pub fn new(
+        config: &KickConfig,
+        keys: &KickKeys,
+        metrics: &crate::metrics::Metrics,
+        on_gone: scheduler::GoneHook,
+    ) -> Result<Kicks, SetupError> {
+        let drivers = Arc::new(Drivers::from_config(config, keys)?);
+        let kick_metrics = KickMetrics::default();
+        kick_metrics
+            .register(metrics)
+            .map_err(|e| SetupError::Metrics(e.to_string()))?;
+        let scheduler = Scheduler::new(drivers.clone(), config, kick_metrics.clone(), on_gone);
+        Ok(Kicks {
+            drivers,
+            scheduler,
+            metrics: kick_metrics,
+        })
+    }
+}
+
+/// `GET /v1/kick/webpush` → `{"vapid_public_key":"…"}` (404 while webpush is not enabled):
+/// pages need it to subscribe. Merge into the server's router.
+pub fn routes<S: Clone + Send + Sync + 'static>(drivers: Arc<Drivers>) -> axum::Router<S> {
+    use axum::response::IntoResponse as _;
+    let handler = move || {
+        let body = drivers.webpush_key_body();
+        async move {
+            match body {
+                Some(body) => {
+                    ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
+                }
+                None => crate::http::HttpError::NotFound.into_response(),
+            }
+        }
+    };
+    axum::Router::new().route("/v1/kick/webpush", axum::routing::get(handler))
 }
 
 /// A field of a kick object that must be a string.
