@@ -5,8 +5,8 @@
 //! one connection, no sockets; [`held`] its UAIDs), [`ws`] (the socket loop), [`endpoint`] (app-server PUTs),
 //! [`poll`] (REST clients), [`registry`] (which connection holds which UAID), [`route`] (which node
 //! holds it, on Redis), [`store`] (durable
-//! state behind a trait), [`keys`] (tokens and secrets), [`ratelimit`] (token buckets), [`config`],
-//! [`metrics`], [`http`] (errors and bodies), [`server`] (wiring and shutdown).
+//! state behind a trait), [`kick`] (waking clients that are away), [`keys`] (tokens and
+//! secrets), [`ratelimit`] (token buckets), [`config`], [`metrics`], [`http`] (errors and bodies), [`server`] (wiring and shutdown).
 
 pub mod config;
 pub mod endpoint;

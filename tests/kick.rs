@@ -616,3 +616,25 @@ async fn pages_get_the_vapid_public_key_over_http() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["status"], 404);
 }
+
+/// A stored target is checked again at every connection: a name that resolves to a refused
+/// address now (DNS changed, or the allow list did) is given up, never connected to.
+#[tokio::test]
+async fn the_guard_checks_the_resolved_address_at_connect_time() {
+    let mut c = config();
+    c.webhook.allow = Vec::new();
+    let k = kicks(&c);
+    let r = receiver("127.0.0.1", vec![]).await;
+    for url in [
+        format!("http://localhost:{}/", r.addr.port()),
+        format!("http://{}/", r.addr),
+    ] {
+        let stored = json!({"driver": "webhook", "url": url}).to_string();
+        let t = Target::from_stored(stored.as_bytes()).unwrap();
+        k.scheduler.raised(Uaid::random(), vec![t], HOUR);
+    }
+    eventually("both kicks to be given up", || k.scheduler.pending() == 0).await;
+    assert_eq!(k.metrics.get("webhook", "rejected"), 2);
+    assert_eq!(k.metrics.get("webhook", "retry"), 0);
+    assert!(r.got().is_empty(), "never connected to");
+}
