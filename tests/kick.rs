@@ -17,7 +17,7 @@ use axum::Router;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use editiond::ids::Uaid;
-use editiond::kick::scheduler::GoneHook;
+use editiond::kick::scheduler::Hooks;
 use editiond::kick::{Drivers, KickConfig, KickKeys, KickMetrics, Scheduler, Target};
 use hmac::{Hmac, Mac};
 use openssl::bn::{BigNum, BigNumContext};
@@ -70,8 +70,11 @@ fn kicks(config: &KickConfig) -> Kicks {
     let metrics = KickMetrics::default();
     let gone = Arc::new(Mutex::new(Vec::new()));
     let g = gone.clone();
-    let hook: GoneHook = Arc::new(move |u, t: &Target| g.lock().unwrap().push((u, t.clone())));
-    let scheduler = Scheduler::new(drivers.clone(), config, metrics.clone(), hook);
+    let hooks = Hooks {
+        on_gone: Arc::new(move |u, t: &Target| g.lock().unwrap().push((u, t.clone()))),
+        ..Hooks::default()
+    };
+    let scheduler = Scheduler::new(drivers.clone(), config, metrics.clone(), hooks);
     Kicks {
         drivers,
         scheduler,

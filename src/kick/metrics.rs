@@ -7,7 +7,8 @@ use prometheus::{IntCounterVec, IntGauge, Opts};
 #[derive(Clone)]
 pub struct KickMetrics {
     /// `editiond_kicks_total{driver, outcome}`: outcome is sent, retry, gone, rejected, expired
-    /// (the event expired before a kick succeeded) or dropped (over `kick.max_pending`).
+    /// (the event expired before a kick succeeded), cancelled (the UAID is no longer away) or
+    /// dropped (over `kick.max_pending`).
     pub kicks: IntCounterVec,
     /// `editiond_kicks_pending`: UAIDs with a kick waiting, in flight or being retried.
     pub pending: IntGauge,

@@ -301,14 +301,14 @@ impl Kicks {
         config: &KickConfig,
         keys: &KickKeys,
         metrics: &crate::metrics::Metrics,
-        on_gone: scheduler::GoneHook,
+        hooks: scheduler::Hooks,
     ) -> Result<Kicks, SetupError> {
         let drivers = Arc::new(Drivers::from_config(config, keys)?);
         let kick_metrics = KickMetrics::default();
         kick_metrics
             .register(metrics)
             .map_err(|e| SetupError::Metrics(e.to_string()))?;
-        let scheduler = Scheduler::new(drivers.clone(), config, kick_metrics.clone(), on_gone);
+        let scheduler = Scheduler::new(drivers.clone(), config, kick_metrics.clone(), hooks);
         Ok(Kicks {
             drivers,
             scheduler,

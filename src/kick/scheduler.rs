@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -25,6 +26,29 @@ use crate::ratelimit::{Buckets, Rate};
 /// Called with a target a driver reported gone; the wiring removes that stored kick from the
 /// UAID's registrations. Runs on the UAID's kick task: it may spawn, it must not block.
 pub type GoneHook = Arc<dyn Fn(Uaid, &Target) + Send + Sync>;
+
+/// Asked before every attempt (the first, a deferred one, each retry): is the UAID still away
+/// with an event pending? `false` ends kicking for it. This is what stops a node's kicks when
+/// the client connects to another node (on Redis: it has a route) or its events were taken.
+/// On an error the wiring should answer `true`: a needless kick is cheaper than a missed one.
+pub type AwayCheck = Arc<dyn Fn(Uaid) -> BoxFuture<'static, bool> + Send + Sync>;
+
+/// What the scheduler calls back into the wiring.
+#[derive(Clone)]
+pub struct Hooks {
+    pub on_gone: GoneHook,
+    pub still_away: AwayCheck,
+}
+
+impl Default for Hooks {
+    /// Removes nothing; takes every UAID as away (`connected` still cancels).
+    fn default() -> Hooks {
+        Hooks {
+            on_gone: Arc::new(|_, _| {}),
+            still_away: Arc::new(|_| Box::pin(async { true })),
+        }
+    }
+}
 
 /// The delay before retry number `attempt` (0-based): `min · 2^attempt`, capped at `max`, times
 /// a factor in [0.5, 1] picked by `jitter` in [0, 1], so that kicks failing together spread out.
@@ -76,7 +100,7 @@ struct Inner {
     /// A std mutex: held for a few map operations, never across an await.
     slots: Mutex<HashMap<Uaid, Slot>>,
     next_id: AtomicU64,
-    on_gone: GoneHook,
+    hooks: Hooks,
     metrics: KickMetrics,
 }
 
@@ -87,12 +111,7 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(
-        drivers: Arc<Drivers>,
-        config: &KickConfig,
-        metrics: KickMetrics,
-        on_gone: GoneHook,
-    ) -> Scheduler {
+    pub fn new(drivers: Arc<Drivers>, config: &KickConfig, metrics: KickMetrics, hooks: Hooks) -> Scheduler {
         let interval = Duration::from_secs(config.min_interval_secs);
         Scheduler {
             inner: Arc::new(Inner {
@@ -103,7 +122,7 @@ impl Scheduler {
                 max_pending: config.max_pending,
                 slots: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
-                on_gone,
+                hooks,
                 metrics,
             }),
         }
@@ -240,6 +259,10 @@ async fn kick_target(inner: &Inner, uaid: Uaid, target: &Target, event_id: &str,
             inner.metrics.count(name, "expired");
             return;
         }
+        if !(inner.hooks.still_away)(uaid).await {
+            inner.metrics.count(name, "cancelled");
+            return;
+        }
         let event = EventInfo {
             id: event_id,
             remaining_ttl: expires_at - now,
@@ -257,7 +280,7 @@ async fn kick_target(inner: &Inner, uaid: Uaid, target: &Target, event_id: &str,
                 delay
             }
             Outcome::Gone => {
-                (inner.on_gone)(uaid, target);
+                (inner.hooks.on_gone)(uaid, target);
                 return;
             }
             Outcome::Rejected => return,
@@ -275,7 +298,6 @@ async fn kick_target(inner: &Inner, uaid: Uaid, target: &Target, event_id: &str,
 mod tests {
     use super::*;
     use crate::kick::{KickDriver, KickError};
-    use futures_util::future::BoxFuture;
     use futures_util::FutureExt as _;
     use serde_json::{json, Map, Value};
 
@@ -349,9 +371,12 @@ mod tests {
         let gone = Arc::new(Mutex::new(Vec::new()));
         let g = gone.clone();
         let metrics = KickMetrics::default();
-        let hook: GoneHook = Arc::new(move |u, _| g.lock().unwrap().push(u));
+        let hooks = Hooks {
+            on_gone: Arc::new(move |u, _| g.lock().unwrap().push(u)),
+            ..Hooks::default()
+        };
         (
-            Scheduler::new(Arc::new(drivers), &config, metrics.clone(), hook),
+            Scheduler::new(Arc::new(drivers), &config, metrics.clone(), hooks),
             metrics,
             gone,
         )
@@ -484,5 +509,63 @@ mod tests {
             5,
             "a driver without answers sends 1 + resends times"
         );
+    }
+}
+
+#[cfg(test)]
+mod away_tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// Always fails, counting attempts.
+    struct Failing(AtomicU64);
+
+    impl crate::kick::KickDriver for Failing {
+        fn name(&self) -> &'static str {
+            "test"
+        }
+        fn validate<'a>(
+            &'a self,
+            _: &'a serde_json::Map<String, serde_json::Value>,
+        ) -> BoxFuture<'a, Result<serde_json::Value, crate::kick::KickError>> {
+            Box::pin(async { Ok(serde_json::json!({"driver": "test"})) })
+        }
+        fn kick<'a>(
+            &'a self,
+            _: &'a serde_json::Map<String, serde_json::Value>,
+            _: &'a Uaid,
+            _: EventInfo<'a>,
+        ) -> BoxFuture<'a, Outcome> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Outcome::RetryAfter(Duration::ZERO) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_back_elsewhere_stops_the_retries() {
+        let driver = Arc::new(Failing(AtomicU64::new(0)));
+        let mut drivers = Drivers::default();
+        drivers.insert(driver.clone());
+        let away = Arc::new(AtomicBool::new(true));
+        let a = away.clone();
+        let hooks = Hooks {
+            still_away: Arc::new(move |_| {
+                let away = a.load(Ordering::SeqCst);
+                Box::pin(async move { away })
+            }),
+            ..Hooks::default()
+        };
+        let metrics = KickMetrics::default();
+        let s = Scheduler::new(Arc::new(drivers), &KickConfig::default(), metrics.clone(), hooks);
+        let target = Target::from_stored(br#"{"driver":"test"}"#).unwrap();
+        s.raised(Uaid::random(), vec![target], Duration::from_secs(3600));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let tried = driver.0.load(Ordering::SeqCst);
+        assert!(tried >= 2);
+        away.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(driver.0.load(Ordering::SeqCst) <= tried + 1);
+        assert_eq!(s.pending(), 0);
+        assert_eq!(metrics.get("test", "cancelled"), 1);
     }
 }
