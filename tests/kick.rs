@@ -4,6 +4,8 @@
 //! primitives, not the `ece` crate the sender uses). The scheduler is driven as the wiring
 //! drives it: `raised` for an away UAID, `connected` when it comes back.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -640,4 +642,47 @@ async fn the_guard_checks_the_resolved_address_at_connect_time() {
     assert_eq!(k.metrics.get("webhook", "rejected"), 2);
     assert_eq!(k.metrics.get("webhook", "retry"), 0);
     assert!(r.got().is_empty(), "never connected to");
+}
+
+/// On Redis the generated secrets are created once and shared by every node.
+#[tokio::test]
+async fn nodes_sharing_a_redis_share_the_generated_secrets() {
+    use common::redis_harness::{redis_available, RedisServer};
+    use editiond::store::{RedisStore, RedisTarget};
+    if !redis_available("nodes_sharing_a_redis_share_the_generated_secrets") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let open = || async {
+        RedisStore::open(&RedisTarget {
+            url: redis.url(),
+            cluster_urls: Vec::new(),
+            timeout: Duration::from_millis(2000),
+        })
+        .await
+        .unwrap()
+    };
+    let (a, b) = (open().await, open().await);
+    let defaults = KickConfig::default();
+    let ka = KickKeys::load_redis(&defaults, &a).await.unwrap();
+    let kb = KickKeys::load_redis(&defaults, &b).await.unwrap();
+    assert_eq!(ka.vapid_public_key(), kb.vapid_public_key());
+    assert_eq!(ka.webhook_key(), kb.webhook_key());
+    let pinned = KickConfig {
+        webhook: editiond::kick::config::WebhookConfig {
+            secret: WEBHOOK_SECRET.into(),
+            ..Default::default()
+        },
+        ..KickConfig::default()
+    };
+    let kp = KickKeys::load_redis(&pinned, &a).await.unwrap();
+    assert_eq!(
+        kp.webhook_key(),
+        STANDARD.decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap()
+    );
+    assert_eq!(
+        kp.vapid_public_key(),
+        ka.vapid_public_key(),
+        "the VAPID key still comes from Redis"
+    );
 }

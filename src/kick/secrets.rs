@@ -144,6 +144,19 @@ impl KickKeys {
         KickKeys::resolve(config, &text, &origin)
     }
 
+    /// Secrets from config, else from the Redis key `ed:kick-keys`, created once (SET NX) by the
+    /// first node: every node sharing that Redis signs with the same secret and VAPID key.
+    pub async fn load_redis(
+        config: &KickConfig,
+        store: &crate::store::RedisStore,
+    ) -> Result<KickKeys, SetupError> {
+        let text = store
+            .load_or_create_kick_keys(&KickKeys::generate_text()?)
+            .await
+            .map_err(keys_err)?;
+        KickKeys::resolve(config, &text, "redis key ed:kick-keys")
+    }
+
     /// The webhook HMAC key (the decoded part after `whsec_`).
     pub fn webhook_key(&self) -> &[u8] {
         &self.webhook_key
