@@ -87,7 +87,7 @@ struct Slot {
     id: u64,
     /// Raised, not yet taken by the task.
     pending: Option<Event>,
-    task: Option<AbortHandle>,
+    task: AbortHandle,
 }
 
 struct Inner {
@@ -165,7 +165,7 @@ impl Scheduler {
             Slot {
                 id,
                 pending: Some(event),
-                task: Some(task.abort_handle()),
+                task: task.abort_handle(),
             },
         );
         inner.metrics.pending.set(slots.len() as i64);
@@ -175,9 +175,7 @@ impl Scheduler {
     pub fn connected(&self, uaid: &Uaid) {
         let mut slots = self.inner.lock();
         if let Some(slot) = slots.remove(uaid) {
-            if let Some(task) = slot.task {
-                task.abort();
-            }
+            slot.task.abort();
             self.inner.metrics.pending.set(slots.len() as i64);
         }
     }
