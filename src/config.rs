@@ -21,6 +21,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub keys: KeysConfig,
     pub web: WebConfig,
+    pub kick: crate::kick::KickConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -299,6 +300,7 @@ impl Config {
     /// Removes what must never be printed: the keys, and passwords in Redis URLs.
     pub fn redact_secrets(&mut self) {
         self.keys = KeysConfig::default();
+        self.kick.redact_secrets();
         self.store.url = redact_url(&self.store.url);
         for url in &mut self.store.cluster_urls {
             *url = redact_url(url);
@@ -580,6 +582,28 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn nested_kick_sections_are_set_by_env_and_secrets_redacted() {
+        let var = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let vars = [
+            var("EDITIOND_KICK__WEBHOOK__ENABLED", "true"),
+            var("EDITIOND_KICK__WEBHOOK__ALLOW", r#"["127.0.0.1/32"]"#),
+            var(
+                "EDITIOND_KICK__WEBHOOK__SECRET",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            ),
+            var("EDITIOND_KICK__MIN_INTERVAL_SECS", "5"),
+        ];
+        let mut config = Config::load(None, vars, &Flags::default()).unwrap();
+        assert!(config.kick.webhook.enabled);
+        assert_eq!(config.kick.webhook.allow, ["127.0.0.1/32"]);
+        assert_eq!(config.kick.min_interval_secs, 5);
+        config.redact_secrets();
+        assert_eq!(config.kick.webhook.secret, "");
+        let bad = [var("EDITIOND_KICK__WEBHOOK__NO_SUCH", "1")];
+        assert!(Config::load(None, bad, &Flags::default()).is_err());
     }
 
     #[test]

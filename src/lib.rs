@@ -4,7 +4,7 @@
 //! Folders by capability: [`push`] (the edition protocol: messages, session rules, WebSocket,
 //! poll, PUT endpoint, raising events, who holds which UAID) and [`store`] (durable state behind
 //! a trait: sled, Redis, memory). Beside them, shared plumbing: [`state`] (what handlers share),
-//! [`config`], [`ids`], [`keys`] (tokens and secrets), [`ratelimit`] (token buckets),
+//! [`config`], [`ids`], [`keys`] (tokens and secrets), [`kick`] (waking clients that are away), [`ratelimit`] (token buckets),
 //! [`metrics`], [`http`] (errors and bodies), [`web`] (the browser client, the demo page, CORS),
 //! and [`server`] (wiring and shutdown; nothing imports it back).
 #![forbid(unsafe_code)]
@@ -13,6 +13,7 @@ pub mod config;
 pub(crate) mod http;
 pub mod ids;
 pub(crate) mod keys;
+pub mod kick;
 pub(crate) mod metrics;
 pub mod push;
 pub(crate) mod ratelimit;

@@ -28,6 +28,14 @@ impl Rate {
         }
     }
 
+    /// One per `interval`, no burst: a debounce (the KICK scheduler's `min_interval_secs`).
+    pub fn every(interval: Duration) -> Rate {
+        Rate {
+            per_sec: 1.0 / interval.as_secs_f64(),
+            burst: 1.0,
+        }
+    }
+
     /// Time for an empty bucket to fill up again (`Duration::MAX` when it never refills).
     pub fn refill_time(&self) -> Duration {
         Duration::try_from_secs_f64(self.burst / self.per_sec).unwrap_or(Duration::MAX)

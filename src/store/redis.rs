@@ -126,6 +126,10 @@ pub mod key {
     pub fn server_keys() -> &'static str {
         "ed:server-keys"
     }
+    /// The KICK drivers' generated secrets (webhook secret, VAPID key), shared by every node.
+    pub fn kick_keys() -> &'static str {
+        "ed:kick-keys"
+    }
     /// A node's nudge channel; the node id is a hash tag so sharded pub/sub maps it to one slot.
     pub fn node_channel(node: &str) -> String {
         format!("ed:node:{{{node}}}")
@@ -695,11 +699,20 @@ impl RedisStore {
 
     /// Reads the shared server keys, creating them first (SET NX) if no node has yet.
     pub async fn load_or_create_keys(&self, generated: &str) -> Result<String> {
+        self.load_or_create(key::server_keys(), generated).await
+    }
+
+    /// The same for the KICK drivers' secrets (`crate::kick::KickKeys`).
+    pub async fn load_or_create_kick_keys(&self, generated: &str) -> Result<String> {
+        self.load_or_create(key::kick_keys(), generated).await
+    }
+
+    async fn load_or_create(&self, name: &str, generated: &str) -> Result<String> {
         let mut set = redis::cmd("SET");
-        set.arg(key::server_keys()).arg(generated).arg("NX");
+        set.arg(name).arg(generated).arg("NX");
         let _: Option<String> = self.query(&set).await?;
         let mut get = redis::cmd("GET");
-        get.arg(key::server_keys());
+        get.arg(name);
         let text: Option<String> = self.query(&get).await?;
         text.ok_or(StoreError::Corrupt("server keys vanished"))
     }

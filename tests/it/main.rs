@@ -11,6 +11,7 @@ mod browser;
 mod bad_input;
 mod crash;
 mod flow;
+mod kick;
 mod lost_nudge;
 mod multinode;
 mod proto_examples;
