@@ -312,3 +312,62 @@ async fn a_410_removes_the_kick_so_later_puts_do_not_send_it() {
         }
     }
 }
+
+/// Two nodes on one Redis: a PUT taken by node A for a client held on node B is an UPDATE there
+/// and kicks nothing; once the client is away, A kicks it; when it comes back on B, A's retries
+/// stop (A sees the route before its next attempt).
+#[tokio::test]
+async fn on_redis_a_client_held_by_another_node_is_not_kicked_and_its_return_there_cancels() {
+    use crate::common::redis_harness::{redis_available, RedisServer};
+    if !redis_available("on_redis_a_client_held_by_another_node_is_not_kicked") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("EDITIOND_STORE__BACKEND", "redis"),
+        ("EDITIOND_STORE__URL", url.as_str()),
+        // Retries every 20 ms to 1 s while the receiver fails: A keeps trying until it sees B.
+        ("EDITIOND_KICK__RETRY_MAX_SECS", "1"),
+    ];
+    let a = start(&dir.path().join("a"), &env).await;
+    let b = start(&dir.path().join("b"), &env).await;
+    let http = reqwest::Client::new();
+    let failing = receiver("127.0.0.1", vec![(500, vec![]); 10_000]).await;
+
+    let mut c = Client::connect(&b).await;
+    let creds = c.hello_new(1).await;
+    let uaid = creds[0].0.clone();
+    let appid = new_appid();
+    let endpoint = endpoint_with(&mut c, &uaid, &appid, webhook(&failing)).await;
+    let (_, token) = endpoint.split_once("/v1/e/").unwrap();
+    let via_a = a.url(&format!("/v1/e/{token}"));
+
+    assert_eq!(put_version(&http, &via_a, 1).await, 202);
+    assert_eq!(c.expect("update").await["updates"][&uaid][&appid], 1);
+    c.ack(&[&uaid]).await;
+    c.barrier().await;
+    kicks_settled(&a, &http).await;
+    assert!(failing.got().is_empty(), "held on node B: not kicked");
+    go_away(&b, &http, vec![c]).await;
+
+    // B drops its route entry in the background: PUT until A finds the client away.
+    let mut version = 1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while failing.got().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "node A never kicked");
+        version += 1;
+        assert_eq!(put_version(&http, &via_a, version).await, 202);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eventually("a retry", || failing.got().len() >= 2).await;
+
+    // Back on B: A's next check sees the route and stops.
+    let mut c = Client::connect(&b).await;
+    c.hello(&creds).await;
+    assert_eq!(c.expect("update").await["updates"][&uaid][&appid], version);
+    kicks_settled(&a, &http).await;
+    let cancelled = "editiond_kicks_total{driver=\"webhook\",outcome=\"cancelled\"}";
+    assert_eq!(metric(&a, &http, cancelled).await, 1);
+}
