@@ -36,6 +36,8 @@ pub enum StartError {
     DataDir { path: String, source: std::io::Error },
     #[error("redis store: {0}")]
     Redis(StoreError),
+    #[error("{0}")]
+    Kick(#[from] crate::kick::SetupError),
 }
 
 /// An opened node, not yet serving: its state and, on Redis, the inbox its routing listens to.
@@ -112,7 +114,9 @@ impl Node {
             Some((routes, inbox)) => (Some(routes), Some(inbox)),
             None => (None, None),
         };
+        let kick_keys = crate::push::wake::load_keys(&config, &store).await?;
         let state = Arc::new(AppState::new(config, keys, store, routes));
+        crate::push::wake::install(&state, &kick_keys)?;
         Ok(Node { state, inbox })
     }
 }
@@ -135,6 +139,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .merge(crate::web::routes(&state.config.web))
+        .merge(crate::kick::routes(crate::push::wake::drivers(&state)))
         .fallback(|| async { HttpError::NotFound })
         .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
         .layer(axum::middleware::from_fn(crate::web::cors))
@@ -205,6 +210,7 @@ async fn sweep_loop(state: Arc<AppState>) {
                 if let Some(buckets) = &state.put_limit {
                     buckets.prune(Instant::now());
                 }
+                crate::push::wake::prune(&state);
             }
             _ = &mut stopping => return,
         }

@@ -5,7 +5,7 @@
 //! imports the wiring back.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tokio::sync::futures::Notified;
@@ -38,6 +38,9 @@ pub struct AppState {
     /// share it: a registration PUT to through N nodes may get up to N times the rate). `None`
     /// when `put_rate_per_sec` is 0. Pruned by the sweeper, so it holds only recent PUTs.
     pub put_limit: Option<Buckets<TokenId>>,
+    /// The KICK drivers and their scheduler, set once at start-up by `push::wake::install`
+    /// (their hooks need this state's address); unset, every kick is unsupported.
+    pub kicks: OnceLock<crate::kick::Kicks>,
     /// Flips to `true` once to tell every socket and poll to finish.
     shutdown: watch::Sender<bool>,
     /// Wakes every WebSocket when `shutdown` flips: a socket waits on this (a future kept
@@ -56,6 +59,7 @@ impl AppState {
         AppState {
             public_url: config.public_url(),
             put_limit,
+            kicks: OnceLock::new(),
             config,
             keys,
             store,
@@ -74,6 +78,7 @@ impl AppState {
         for uaid in uaids {
             self.registry.claim(*uaid, conn_id, mailbox);
         }
+        crate::push::wake::connected(self, uaids);
         if let Some(routes) = &self.routes {
             let claims = uaids.iter().map(|uaid| routes.claim(*uaid, conn_id));
             for claimed in futures_util::future::join_all(claims).await {

@@ -90,6 +90,10 @@ pub async fn raise(
     });
     let reached = state.nudge(uaid, durable).await;
     nudge.0 = None;
+    if reached == Reached::Nobody {
+        // Off this caller's path: a task reads the UAID's kicks and the scheduler runs them.
+        crate::push::wake::raised(state, uaid, expires_at_ms);
+    }
     let kick = match reached {
         Reached::Nobody => match state.store.kick(uaid, appid).await {
             Ok(kick) => kick,

@@ -2,7 +2,7 @@
 //! event is stored and raised ([`events`]); the connection holding its UAID ([`registry`] on
 //! this node, [`route`] across nodes on Redis) gets an UPDATE over a WebSocket ([`ws`]) or a
 //! long poll ([`poll`]), both driving the protocol rules of [`session`] over the messages of
-//! [`proto`]; [`held`] is what one connection holds.
+//! [`proto`]; [`held`] is what one connection holds; [`wake`] kicks the UAIDs nobody holds.
 
 pub(crate) mod endpoint;
 pub(crate) mod events;
@@ -12,4 +12,5 @@ pub mod proto;
 pub(crate) mod registry;
 pub(crate) mod route;
 pub(crate) mod session;
+pub(crate) mod wake;
 pub(crate) mod ws;

@@ -98,6 +98,10 @@ pub enum WsError {
     InvalidKick,
     #[error("\"kick\" exceeds the limit of {0} bytes")]
     KickTooLarge(usize),
+    /// hello's `kick` was refused by the KICK drivers (malformed for its driver, a driver not
+    /// enabled, a target the SSRF guard refuses): status and slug are the driver layer's.
+    #[error("{}", .0.message())]
+    Kick(crate::kick::KickError),
     #[error("a frame may carry at most {0} UAIDs")]
     TooManyUaidsInFrame(usize),
     #[error("a connection may speak for at most {0} UAIDs")]
@@ -138,6 +142,7 @@ impl WsError {
             WsError::HelloTimeout(_) | WsError::IdleTimeout(_) => 408,
             WsError::Replaced => 410,
             WsError::StoreUnavailable | WsError::ShuttingDown => 503,
+            WsError::Kick(e) => e.status(),
         }
     }
 
@@ -164,6 +169,7 @@ impl WsError {
             WsError::Replaced => "replaced",
             WsError::StoreUnavailable => "store_unavailable",
             WsError::ShuttingDown => "shutting_down",
+            WsError::Kick(e) => e.slug(),
         }
     }
 
@@ -385,6 +391,16 @@ pub fn registration_reply(
         Err(e) => e.describe(&mut m),
     }
     Value::Object(m).to_string()
+}
+
+/// The reply to a register whose `kick` the KICK drivers refused: their status, slug and message
+/// (`proto/kick.md`), the socket staying open.
+pub fn kick_refused_reply(uaid: &str, appid: &str, e: &crate::kick::KickError) -> String {
+    serde_json::json!({
+        "type": "register", "uaid": uaid, "appid": appid,
+        "status": e.status(), "error": e.slug(), "message": e.message(),
+    })
+    .to_string()
 }
 
 /// `{"type":"released","uaids":[…]}`: these UAIDs were claimed by a newer connection.
@@ -721,6 +737,11 @@ mod tests {
         assert_eq!(WsError::FrameTooLarge(1).close_code(), 1009);
         assert_eq!(WsError::HelloRequired.close_code(), 4401);
         assert_eq!(WsError::UnknownType(String::new()).close_code(), 4400);
+        let refused = WsError::Kick(crate::kick::KickError::Refused("x".into()));
+        assert_eq!((refused.status(), refused.slug()), (403, "kick_refused"));
+        assert_eq!(refused.close_code(), 4403);
+        let off = WsError::Kick(crate::kick::KickError::Unsupported("x".into()));
+        assert_eq!((off.slug(), off.close_code()), ("kick_unsupported", 4400));
     }
 
     /// Every frame the server writes parses as a [`ServerMessage`] whose frame is the same text.

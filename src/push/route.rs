@@ -270,6 +270,15 @@ impl NodeRoutes {
         }
     }
 
+    /// Whether any node (this one included) has a route entry for `uaid`: a KICK asks before
+    /// each attempt whether the client is still away.
+    pub async fn is_routed(&self, uaid: Uaid) -> Result<bool> {
+        let mut hexists = redis::cmd("HEXISTS");
+        hexists.arg(key::route(&uaid)).arg("node");
+        let mut conn = self.conn.clone();
+        bounded(self.timeout, hexists.query_async(&mut conn)).await
+    }
+
     async fn publish(&self, node: &str, note: Note) -> Result<()> {
         let mut cmd = redis::cmd(if self.cluster { "SPUBLISH" } else { "PUBLISH" });
         cmd.arg(key::node_channel(node)).arg(note.encode());

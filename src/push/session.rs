@@ -15,6 +15,7 @@ use crate::ids::{Appid, Uaid};
 use crate::push::held::Held;
 use crate::push::proto::{self, ClientMessage, Credential, EntryError, UaidStatus, WsError};
 use crate::push::registry::{Delivery, Mailbox};
+use crate::push::wake;
 use crate::ratelimit::{Bucket, Rate};
 use crate::state::AppState;
 use crate::store::{now_ms, CommitTicket, KickChange, Registered, Store, StoreError};
@@ -92,6 +93,11 @@ impl Session {
         match (self.greeted, msg) {
             (false, ClientMessage::Hello { uaids, kick }) => {
                 self.kick = validate_kick(kick.as_ref(), limits.max_kick_bytes)?;
+                if let Some(kick) = kick.as_ref().filter(|_| !self.kick.is_empty()) {
+                    // Stored as the driver's canonical target; a refusal closes, like every
+                    // hello error.
+                    self.kick = wake::canonical(&self.state, kick).await.map_err(WsError::Kick)?;
+                }
                 self.claim("hello", uaids, out).await?;
                 self.greeted = true;
                 Ok(())
@@ -216,13 +222,23 @@ impl Session {
             })?;
             Ok((u, a, k))
         });
-        let (uaid, appid, kick) = match checked {
+        let (uaid, appid, mut kick) = match checked {
             Ok(v) => v,
             Err(e) => {
                 out.push(reply(Err(e)));
                 return Ok(());
             }
         };
+        if let Some(value) = kick_field.filter(|_| !kick.is_empty()) {
+            // The drivers' verdict is per request too: their status, slug and message.
+            match wake::canonical(&state, value).await {
+                Ok(target) => kick = target,
+                Err(e) => {
+                    out.push(proto::kick_refused_reply(uaid_s, appid_s, &e));
+                    return Ok(());
+                }
+            }
+        }
         // DESIGN.md "KICK drivers": carried or inherited replaces, null removes, neither keeps.
         let change = match kick_field {
             Some(Value::Null) => KickChange::Clear,
@@ -500,6 +516,19 @@ mod tests {
         Arc::new(AppState::new(Config::default(), keys, store, None))
     }
 
+    /// A state whose UDP driver may reach 127.0.0.1.
+    async fn state_with_udp() -> Arc<AppState> {
+        let mut config = Config::default();
+        config.kick.udp.enabled = true;
+        config.kick.udp.allow = vec!["127.0.0.1/32".into()];
+        let keys = Keys::from_text(&Keys::generate_text(), "test").unwrap();
+        let store = AnyStore::Memory(MemoryStore::new());
+        let kick_keys = wake::load_keys(&config, &store).await.unwrap();
+        let state = Arc::new(AppState::new(config, keys, store, None));
+        wake::install(&state, &kick_keys).unwrap();
+        state
+    }
+
     /// Sends one frame; returns the parsed frames the session answered with.
     async fn send(session: &mut Session, frame: serde_json::Value) -> Result<Vec<ServerMessage>, WsError> {
         let mut out = Vec::new();
@@ -556,8 +585,8 @@ mod tests {
     /// stored one, `"kick":null` removes it, neither keeps it; a raise nobody hears returns it.
     #[tokio::test]
     async fn registers_set_keep_and_clear_the_kick_that_an_unheard_raise_returns() {
-        let state = state();
-        let hook = serde_json::json!({"driver": "webhook", "url": "http://h/"});
+        let state = state_with_udp().await;
+        let hook = serde_json::json!({"driver": "udp", "addr": "127.0.0.1:9"});
         let (mut session, uaid_s) = greeted(&state, hook.clone()).await;
         let (uaid, appid) = (Uaid::parse(&uaid_s).unwrap(), Appid::random());
         let appid_s = appid.to_string();
@@ -568,7 +597,7 @@ mod tests {
             Some(hook.to_string().into_bytes()),
             "hello's"
         );
-        let udp = serde_json::json!({"driver": "udp", "host": "h", "port": 1});
+        let udp = serde_json::json!({"driver": "udp", "addr": "127.0.0.1:10"});
         register(&mut session, &uaid_s, &appid_s, Some(udp.clone())).await;
         assert_eq!(stored().await.unwrap(), Some(udp.to_string().into_bytes()));
         register(&mut session, &uaid_s, &appid_s, Some(serde_json::Value::Null)).await;
@@ -595,6 +624,51 @@ mod tests {
         assert_eq!(raised.kick, Some(udp.to_string().into_bytes()));
         let superseded = events::raise(&state, uaid, appid, VersionReq::Exact(2), u64::MAX).await;
         assert_eq!(superseded.unwrap(), Outcome::Superseded(2));
+    }
+
+    /// The drivers' verdict on a kick: per request in register (the socket stays open, nothing is
+    /// stored), an error and a close in hello.
+    #[tokio::test]
+    async fn kicks_the_drivers_refuse_fail_the_register_alone_and_close_a_hello() {
+        let state = state_with_udp().await;
+        let (mut session, uaid_s) = greeted(&state, serde_json::Value::Null).await;
+        let appid = Appid::random();
+        for (kick, status, slug) in [
+            (
+                serde_json::json!({"driver": "webhook", "url": "https://example.com/"}),
+                400,
+                "kick_unsupported",
+            ),
+            (
+                serde_json::json!({"driver": "udp", "addr": "127.0.0.2:9"}),
+                403,
+                "kick_refused",
+            ),
+            (
+                serde_json::json!({"driver": "udp", "addr": "nowhere"}),
+                400,
+                "invalid_kick",
+            ),
+        ] {
+            let frame = serde_json::json!({"type": "register", "uaid": uaid_s, "appid": appid.to_string(), "kick": kick});
+            let out = send(&mut session, frame).await.unwrap();
+            let [ServerMessage::Register(reply)] = out.as_slice() else {
+                panic!("{out:?}")
+            };
+            assert_eq!(
+                (reply.status, reply.error.as_deref()),
+                (status, Some(slug)),
+                "{reply:?}"
+            );
+            assert!(reply.message.as_deref().is_some_and(|m| !m.is_empty()));
+            assert_eq!(reply.endpoint, None);
+        }
+        let uaid = Uaid::parse(&uaid_s).unwrap();
+        assert_eq!(state.store.kicks(uaid).await.unwrap(), vec![]);
+        let mut fresh = Session::new(state.clone());
+        let hello = serde_json::json!({"type": "hello", "uaids": [{}], "kick": {"driver": "udp", "addr": "127.0.0.2:9"}});
+        let refused = send(&mut fresh, hello).await.unwrap_err();
+        assert_eq!((refused.slug(), refused.close_code()), ("kick_refused", 4403));
     }
 
     /// At most one UPDATE in flight per UAID: what is raised meanwhile goes out after the ACK.

@@ -186,6 +186,23 @@ impl Store for MemoryStore {
         }))
     }
 
+    async fn remove_kick(&self, uaid: Uaid, kick: &[u8]) -> Result<u64> {
+        let mut s = self.lock()?;
+        let mut removed = 0;
+        for reg in s
+            .regs
+            .get_mut(&uaid)
+            .into_iter()
+            .flat_map(|apps| apps.values_mut())
+        {
+            if !kick.is_empty() && reg.kick == kick {
+                reg.kick.clear();
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     async fn unregister(&self, uaid: Uaid, appid: Appid, gone_until_ms: u64) -> Result<bool> {
         Ok(self.lock()?.unregister(uaid, appid, gone_until_ms))
     }

@@ -165,6 +165,11 @@ pub trait Store: Send + Sync + 'static {
     /// APPID (DESIGN.md: an unheard raise kicks each distinct target of the UAID's registrations).
     fn kicks(&self, uaid: Uaid) -> impl Future<Output = Result<Vec<(Appid, Vec<u8>)>>> + Send;
 
+    /// Removes the stored KICK settings equal to `kick` from every registration of the UAID
+    /// (a driver reported the target gone); a registration whose kick was replaced meanwhile
+    /// keeps the new one. Returns how many were removed.
+    fn remove_kick(&self, uaid: Uaid, kick: &[u8]) -> impl Future<Output = Result<u64>> + Send;
+
     /// Deletes the registration and its pending event; its token answers Gone until
     /// `gone_until_ms`. `false` if there was no such registration.
     fn unregister(
@@ -301,6 +306,10 @@ impl Store for AnyStore {
 
     async fn kicks(&self, uaid: Uaid) -> Result<Vec<(Appid, Vec<u8>)>> {
         delegate!(self, s => s.kicks(uaid).await)
+    }
+
+    async fn remove_kick(&self, uaid: Uaid, kick: &[u8]) -> Result<u64> {
+        delegate!(self, s => s.remove_kick(uaid, kick).await)
     }
 
     async fn unregister(&self, uaid: Uaid, appid: Appid, gone_until_ms: u64) -> Result<bool> {

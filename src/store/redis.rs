@@ -292,6 +292,19 @@ if t then return {'existing', t} end
 return {'created', ARGV[2]}
 "#;
 
+/// KEYS: kick. ARGV: kick. Removes every registration's kick equal to ARGV[1]; returns how many.
+const LUA_REMOVE_KICK: &str = r#"
+local all = redis.call('HGETALL', KEYS[1])
+local n = 0
+for i = 1, #all, 2 do
+  if all[i + 1] == ARGV[1] then
+    redis.call('HDEL', KEYS[1], all[i])
+    n = n + 1
+  end
+end
+return n
+"#;
+
 /// KEYS: tok, last, kick, pend, expiry index. ARGV: appid, index member. Returns
 /// {token, had a pending event (0/1)}, or false.
 const LUA_UNREGISTER: &str = r#"
@@ -487,6 +500,7 @@ struct Scripts {
     put: Script,
     ack: Script,
     register: Script,
+    remove_kick: Script,
     unregister: Script,
     tombstone: Script,
     expire_event: Script,
@@ -516,6 +530,7 @@ impl RedisStore {
                 put: with_cmp(LUA_PUT),
                 ack: with_cmp(LUA_ACK),
                 register: Script::new(LUA_REGISTER),
+                remove_kick: Script::new(LUA_REMOVE_KICK),
                 unregister: Script::new(LUA_UNREGISTER),
                 tombstone: Script::new(LUA_TOMBSTONE),
                 expire_event: Script::new(LUA_EXPIRE_EVENT),
@@ -882,6 +897,22 @@ impl Store for RedisStore {
             .collect::<Result<Vec<_>>>()?;
         out.sort_unstable_by_key(|(a, _)| *a);
         Ok(out)
+    }
+
+    async fn remove_kick(&self, uaid: Uaid, kick: &[u8]) -> Result<u64> {
+        if kick.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn.clone();
+        bounded(
+            self.timeout,
+            self.scripts
+                .remove_kick
+                .key(key::kick(&uaid))
+                .arg(kick)
+                .invoke_async(&mut conn),
+        )
+        .await
     }
 
     async fn unregister(&self, uaid: Uaid, appid: Appid, gone_until_ms: u64) -> Result<bool> {

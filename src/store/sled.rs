@@ -338,6 +338,26 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    async fn remove_kick(&self, uaid: Uaid, kick: &[u8]) -> Result<u64> {
+        if kick.is_empty() {
+            return Ok(0);
+        }
+        let mut removed = 0;
+        for key in self.inner.regs.scan_prefix(uaid.as_bytes()).keys() {
+            let key = key?;
+            // Compare-and-swap per registration: a register that replaced the kick meanwhile wins.
+            let cleared = self.update_reg(&key, |old| match old {
+                Some(mut reg) if reg.kick == kick => {
+                    reg.kick.clear();
+                    Ok((Some(Some(reg)), true))
+                }
+                _ => Ok((None, false)),
+            })?;
+            removed += u64::from(cleared);
+        }
+        Ok(removed)
+    }
+
     async fn unregister(&self, uaid: Uaid, appid: Appid, gone_until_ms: u64) -> Result<bool> {
         let key = registration_key(&uaid, &appid);
         let removed = self.update_reg(&key, |old| match old {

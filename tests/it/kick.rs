@@ -1,36 +1,27 @@
 //! KICK drivers against real receivers on 127.0.0.1: a Standard Webhooks receiver that verifies
 //! signatures, a UDP socket, and a Web Push service that holds the subscription's private key,
-//! verifies the VAPID JWT and decrypts the RFC 8291 payload with its own code (OpenSSL
-//! primitives, not the `ece` crate the sender uses). The scheduler is driven as the wiring
+//! verifies the VAPID JWT and decrypts the RFC 8291 payload with its own code (see
+//! `common::receivers`, shared with `kick_e2e`). The scheduler is driven as the wiring
 //! drives it: `raised` for an away UAID, `connected` when it comes back.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::IntoResponse;
 use axum::Router;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use editiond::ids::Uaid;
 use editiond::kick::scheduler::Hooks;
 use editiond::kick::{Drivers, KickConfig, KickKeys, KickMetrics, Scheduler, Target};
-use hmac::{Hmac, Mac};
-use openssl::bn::{BigNum, BigNumContext};
-use openssl::derive::Deriver;
-use openssl::ec::{EcGroup, EcKey, EcPoint, PointConversionForm};
-use openssl::ecdsa::EcdsaSig;
-use openssl::nid::Nid;
-use openssl::pkey::{PKey, Private};
 use serde_json::{json, Value};
-use sha2::Sha256;
 use tokio::net::{TcpListener, UdpSocket};
 
-const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+use crate::common::receivers::{
+    eventually, hanging_receiver, header, receiver, subscription, verify_vapid, verify_webhook,
+    WEBHOOK_SECRET,
+};
+
 const SUBJECT: &str = "mailto:ops@example.com";
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -84,106 +75,8 @@ fn kicks(config: &KickConfig) -> Kicks {
     }
 }
 
-/// Waits (bounded) until `done` holds.
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// One request a receiver got.
-#[derive(Clone, Debug)]
-struct Got {
-    path: String,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-/// An HTTP receiver answering the statuses in `script` in turn, then 200.
-struct Receiver {
-    addr: SocketAddr,
-    got: Arc<Mutex<Vec<Got>>>,
-}
-
-/// An answer: status and extra headers.
-type Answer = (u16, Vec<(&'static str, String)>);
-
-#[derive(Clone)]
-struct ReceiverState {
-    got: Arc<Mutex<Vec<Got>>>,
-    script: Arc<Mutex<Vec<Answer>>>,
-}
-
-async fn record(
-    State(s): State<ReceiverState>,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> impl IntoResponse {
-    s.got.lock().unwrap().push(Got {
-        path: uri.path().to_owned(),
-        headers,
-        body,
-    });
-    let mut script = s.script.lock().unwrap();
-    let (status, extra) = if script.is_empty() {
-        (200, Vec::new())
-    } else {
-        script.remove(0)
-    };
-    let mut h = HeaderMap::new();
-    for (k, v) in extra {
-        h.insert(k, v.parse().unwrap());
-    }
-    (StatusCode::from_u16(status).unwrap(), h, "receiver says hi")
-}
-
-async fn receiver(ip: &str, script: Vec<Answer>) -> Receiver {
-    let listener = TcpListener::bind((ip, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let state = ReceiverState {
-        got: got.clone(),
-        script: Arc::new(Mutex::new(script)),
-    };
-    let app = Router::new().fallback(record).with_state(state);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Receiver { addr, got }
-}
-
-impl Receiver {
-    fn got(&self) -> Vec<Got> {
-        self.got.lock().unwrap().clone()
-    }
-}
-
 async fn target(k: &Kicks, kick: Value) -> Target {
     k.drivers.validate(&kick).await.unwrap()
-}
-
-fn header<'a>(g: &'a Got, name: &str) -> &'a str {
-    g.headers.get(name).unwrap().to_str().unwrap()
-}
-
-/// Standard Webhooks verification, written from the spec (not with the sender's signer).
-fn verify_webhook(g: &Got) -> bool {
-    let key = STANDARD
-        .decode(WEBHOOK_SECRET.strip_prefix("whsec_").unwrap())
-        .unwrap();
-    let signed = format!(
-        "{}.{}.{}",
-        header(g, "webhook-id"),
-        header(g, "webhook-timestamp"),
-        std::str::from_utf8(&g.body).unwrap()
-    );
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
-    mac.update(signed.as_bytes());
-    let expected = STANDARD.encode(mac.finalize().into_bytes());
-    header(g, "webhook-signature")
-        .split(' ')
-        .any(|s| s.strip_prefix("v1,") == Some(expected.as_str()))
 }
 
 #[tokio::test]
@@ -278,16 +171,7 @@ async fn webhook_410_removes_the_kick_and_redirects_are_never_followed() {
 async fn a_hanging_receiver_delays_neither_the_caller_nor_other_kicks() {
     let k = kicks(&config());
     // Accepts connections, reads, never answers.
-    let hang = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hang_addr = hang.local_addr().unwrap();
-    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = hang.accept().await {
-            held.push(socket);
-            let _ = accepted_tx.send(());
-        }
-    });
+    let (hang_addr, mut accepted) = hanging_receiver().await;
     let healthy = receiver("127.0.0.1", vec![]).await;
     let t_hang = target(
         &k,
@@ -409,119 +293,6 @@ async fn connecting_stops_the_kicks() {
         r.got().len() <= after + 1,
         "at most the attempt in flight completes"
     );
-}
-
-/// A browser's push subscription: the private key stays here, with the receiver.
-struct Subscription {
-    key: EcKey<Private>,
-    public: Vec<u8>,
-    auth: [u8; 16],
-}
-
-fn subscription() -> Subscription {
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
-    let key = EcKey::generate(&group).unwrap();
-    let mut ctx = BigNumContext::new().unwrap();
-    let public = key
-        .public_key()
-        .to_bytes(&group, PointConversionForm::UNCOMPRESSED, &mut ctx)
-        .unwrap();
-    let mut auth = [0u8; 16];
-    openssl::rand::rand_bytes(&mut auth).unwrap();
-    Subscription { key, public, auth }
-}
-
-impl Subscription {
-    fn json(&self, endpoint: &str) -> Value {
-        json!({
-            "endpoint": endpoint,
-            "keys": {"p256dh": URL_SAFE_NO_PAD.encode(&self.public), "auth": URL_SAFE_NO_PAD.encode(self.auth)},
-        })
-    }
-
-    /// RFC 8291 decryption of one aes128gcm record, from the RFC's steps.
-    fn decrypt(&self, body: &[u8]) -> Vec<u8> {
-        let salt = &body[..16];
-        let rs = u32::from_be_bytes(body[16..20].try_into().unwrap());
-        assert!(rs >= 18);
-        let idlen = body[20] as usize;
-        assert_eq!(idlen, 65, "keyid is the sender's public key");
-        let as_public = &body[21..21 + idlen];
-        let ciphertext = &body[21 + idlen..];
-        let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
-        let mut ctx = BigNumContext::new().unwrap();
-        let point = EcPoint::from_bytes(&group, as_public, &mut ctx).unwrap();
-        let peer = PKey::from_ec_key(EcKey::from_public_key(&group, &point).unwrap()).unwrap();
-        let mine = PKey::from_ec_key(self.key.clone()).unwrap();
-        let mut deriver = Deriver::new(&mine).unwrap();
-        deriver.set_peer(&peer).unwrap();
-        let ecdh = deriver.derive_to_vec().unwrap();
-        let hmac = |key: &[u8], parts: &[&[u8]]| {
-            let mut m = Hmac::<Sha256>::new_from_slice(key).unwrap();
-            for p in parts {
-                m.update(p);
-            }
-            m.finalize().into_bytes().to_vec()
-        };
-        let prk_key = hmac(&self.auth, &[&ecdh]);
-        let ikm = hmac(&prk_key, &[b"WebPush: info\0", &self.public, as_public, &[1]]);
-        let prk = hmac(salt, &[&ikm]);
-        let cek = &hmac(&prk, &[b"Content-Encoding: aes128gcm\0", &[1]])[..16];
-        let nonce = &hmac(&prk, &[b"Content-Encoding: nonce\0", &[1]])[..12];
-        let (data, tag) = ciphertext.split_at(ciphertext.len() - 16);
-        let mut plain = openssl::symm::decrypt_aead(
-            openssl::symm::Cipher::aes_128_gcm(),
-            cek,
-            Some(nonce),
-            &[],
-            data,
-            tag,
-        )
-        .expect("the payload decrypts with the subscription's keys");
-        while plain.last() == Some(&0) {
-            plain.pop();
-        }
-        assert_eq!(plain.pop(), Some(2), "one record, the last, padding delimiter 2");
-        plain
-    }
-}
-
-/// Checks a VAPID `Authorization` header with `public_key` (base64url point); returns the claims.
-fn verify_vapid(authorization: &str, public_key: &str) -> Value {
-    let rest = authorization.strip_prefix("vapid ").expect("vapid scheme");
-    let mut t = None;
-    let mut k = None;
-    for part in rest.split(',') {
-        let (name, value) = part.trim().split_once('=').unwrap();
-        match name {
-            "t" => t = Some(value),
-            "k" => k = Some(value),
-            _ => {}
-        }
-    }
-    assert_eq!(k, Some(public_key), "k is the server's VAPID public key");
-    let jwt = t.expect("t=");
-    let (input, sig) = jwt.rsplit_once('.').unwrap();
-    let (head, claims) = input.split_once('.').unwrap();
-    let head: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(head).unwrap()).unwrap();
-    assert_eq!(head["alg"], "ES256");
-    let sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
-    assert_eq!(sig.len(), 64);
-    let sig = EcdsaSig::from_private_components(
-        BigNum::from_slice(&sig[..32]).unwrap(),
-        BigNum::from_slice(&sig[32..]).unwrap(),
-    )
-    .unwrap();
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
-    let mut ctx = BigNumContext::new().unwrap();
-    let point = EcPoint::from_bytes(&group, &URL_SAFE_NO_PAD.decode(public_key).unwrap(), &mut ctx).unwrap();
-    let key = EcKey::from_public_key(&group, &point).unwrap();
-    let digest = openssl::sha::sha256(input.as_bytes());
-    assert!(
-        sig.verify(&digest, &key).unwrap(),
-        "the VAPID JWT signature verifies"
-    );
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).unwrap()).unwrap()
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ mod browser;
 mod crash;
 mod flow;
 mod kick;
+mod kick_e2e;
 mod lost_nudge;
 mod multinode;
 mod proto_examples;

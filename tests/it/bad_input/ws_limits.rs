@@ -79,6 +79,13 @@ async fn kick_in_register_not_an_object_or_too_large() {
         (json!("webhook"), 400, "invalid_kick"),
         (json!([{"url": "x"}]), 400, "invalid_kick"),
         (json!({"url": "x".repeat(100)}), 413, "kick_too_large"),
+        // An object the drivers refuse: no driver named, or one that is not enabled.
+        (json!({"url": "x"}), 400, "invalid_kick"),
+        (
+            json!({"driver": "webhook", "url": "https://x/"}),
+            400,
+            "kick_unsupported",
+        ),
     ] {
         c.send(json!({"type": "register", "uaid": uaid, "appid": new_appid(), "kick": kick}))
             .await;
@@ -86,8 +93,8 @@ async fn kick_in_register_not_an_object_or_too_large() {
         assert_eq!(v["status"], status, "{v}");
         assert_eq!(v["error"], slug, "{v}");
     }
-    // A small object (or none) is fine.
-    c.send(json!({"type": "register", "uaid": uaid, "appid": new_appid(), "kick": {"url": "x"}}))
+    // None is fine, and the socket stayed open.
+    c.send(json!({"type": "register", "uaid": uaid, "appid": new_appid()}))
         .await;
     assert_eq!(c.expect("register").await["status"], 200);
     b.still_served(&mut server).await;

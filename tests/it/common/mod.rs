@@ -2,6 +2,7 @@
 //! WebSocket client and real HTTP requests.
 #![allow(dead_code)]
 
+pub mod receivers;
 pub mod redis_harness;
 
 use std::net::{SocketAddr, TcpListener};

@@ -69,6 +69,7 @@ macro_rules! store_suite {
                 a_touch_keeps_a_uaid_for_another_idle_period,
                 register_is_idempotent_per_pair,
                 register_sets_replaces_keeps_and_clears_the_kick,
+                remove_kick_removes_only_that_kick,
                 register_gives_distinct_pairs_distinct_tokens,
                 concurrent_registers_agree_on_one_token,
                 register_stops_at_the_limit,
@@ -179,6 +180,38 @@ pub async fn register_sets_replaces_keeps_and_clears_the_kick<S: Store>(s: Arc<S
         Registered::Token(fresh)
     );
     assert_eq!(s.kick(uaid, appid).await.unwrap(), None);
+}
+
+/// A target a driver reported gone leaves every registration of the UAID that carried it, and
+/// nothing else: other kicks, other UAIDs and the registrations themselves stay.
+pub async fn remove_kick_removes_only_that_kick<S: Store>(s: Arc<S>) {
+    let (uaid, other_uaid) = (Uaid::random(), Uaid::random());
+    let gone = br#"{"driver":"webhook","url":"http://a/"}"#;
+    let kept = br#"{"driver":"udp","addr":"10.0.0.1:9"}"#;
+    let (a, b, c) = (Appid::random(), Appid::random(), Appid::random());
+    for (u, appid, kick) in [
+        (uaid, a, &gone[..]),
+        (uaid, b, &gone[..]),
+        (uaid, c, &kept[..]),
+        (other_uaid, a, &gone[..]),
+    ] {
+        let registered = s.register(u, appid, TokenId::random(), KickChange::Set(kick), NO_LIMIT);
+        assert!(matches!(registered.await.unwrap(), Registered::Token(_)));
+    }
+    assert_eq!(s.remove_kick(uaid, gone).await.unwrap(), 2);
+    assert_eq!(s.kicks(uaid).await.unwrap(), vec![(c, kept.to_vec())]);
+    assert_eq!(s.kick(other_uaid, a).await.unwrap().as_deref(), Some(&gone[..]));
+    assert_eq!(
+        s.remove_kick(uaid, gone).await.unwrap(),
+        0,
+        "nothing left to remove"
+    );
+    assert_eq!(s.remove_kick(Uaid::random(), gone).await.unwrap(), 0);
+    assert_eq!(s.remove_kick(uaid, b"").await.unwrap(), 0);
+    // The registration itself stays, and takes a kick anew.
+    let again = s.register(uaid, a, TokenId::random(), KickChange::Set(kept), NO_LIMIT);
+    assert!(matches!(again.await.unwrap(), Registered::Token(_)));
+    assert_eq!(s.kick(uaid, a).await.unwrap().as_deref(), Some(&kept[..]));
 }
 
 /// A bound UAID with one registration: (uaid, appid, token).
