@@ -18,6 +18,7 @@ pub struct Config {
     pub limits: Limits,
     pub store: StoreConfig,
     pub keys: KeysConfig,
+    pub storage: crate::storage::StorageConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -266,6 +267,7 @@ impl Config {
     /// Removes what must never be printed: the keys, and passwords in Redis URLs.
     pub fn redact_secrets(&mut self) {
         self.keys = KeysConfig::default();
+        self.storage.redact_secrets();
         self.store.url = redact_url(&self.store.url);
         for url in &mut self.store.cluster_urls {
             *url = redact_url(url);
@@ -310,6 +312,9 @@ impl Config {
             st.route_ttl_secs > st.recheck_interval_secs,
             "store.route_ttl_secs must exceed store.recheck_interval_secs",
         )?;
+        self.storage
+            .validate(&self.store.backend)
+            .map_err(|m| invalid("config", m))?;
         check(
             l.max_frame_bytes >= 1024,
             "limits.max_frame_bytes must be at least 1024",

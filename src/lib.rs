@@ -23,4 +23,5 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod storage;
 pub mod ws;

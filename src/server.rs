@@ -42,6 +42,8 @@ pub struct AppState {
     /// share it: a registration PUT to through N nodes may get up to N times the rate). `None`
     /// when `put_rate_per_sec` is 0. Pruned by the sweeper, so it holds only recent PUTs.
     pub put_limit: Option<Buckets<TokenId>>,
+    /// The Sync 1.5 storage API, when `[storage] master_secret` is set.
+    pub storage: Option<Arc<crate::storage::Storage>>,
     /// Flips to `true` once to tell every socket and poll to finish.
     shutdown: watch::Sender<bool>,
     /// Wakes every WebSocket when `shutdown` flips: a socket waits on this (a future kept
@@ -61,6 +63,8 @@ pub enum StartError {
     DataDir { path: String, source: std::io::Error },
     #[error("redis store: {0}")]
     Redis(StoreError),
+    #[error("{0}")]
+    Storage(#[from] crate::storage::OpenError),
 }
 
 impl AppState {
@@ -115,7 +119,9 @@ impl AppState {
         let limits = &config.limits;
         let put_limit = (limits.put_rate_per_sec > 0)
             .then(|| Buckets::new(Rate::new(limits.put_rate_per_sec, limits.put_burst)));
+        let storage = crate::storage::Storage::open(&config)?;
         let state = Arc::new(AppState {
+            storage,
             public_url: config.public_url(),
             put_limit,
             config,
@@ -228,6 +234,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/ack", post(crate::poll::ack))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .merge(crate::storage::routes(state.storage.clone()))
         .fallback(|| async { HttpError::NotFound })
         .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
         .with_state(state)
