@@ -14,7 +14,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, delete, get};
+use axum::routing::{delete, get};
 use axum::Router;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -28,28 +28,35 @@ use super::Storage;
 
 type Result<T, E = StorageError> = std::result::Result<T, E>;
 
+/// The routes: heartbeats at the root, the API nested under `/1.5` (its unmatched paths answer
+/// Sync's 404 `0`). Nested handlers see the path without `/1.5`; [`PREFIX`] restores it for Hawk.
 pub fn router<S: Clone + Send + Sync + 'static>(storage: Arc<Storage>) -> Router<S> {
-    Router::new()
-        .route("/__heartbeat__", get(heartbeat))
-        .route("/__lbheartbeat__", get(|| async { json(StatusCode::OK, "{}".into()) }))
-        .route("/1.5/{uid}", delete(delete_user).fallback(not_allowed))
-        .route("/1.5/{uid}/info/{what}", get(info).fallback(not_allowed))
-        .route("/1.5/{uid}/storage", delete(delete_storage).fallback(not_allowed))
+    let api = Router::new()
+        .route("/{uid}", delete(delete_user).fallback(not_allowed))
+        .route("/{uid}/info/{what}", get(info).fallback(not_allowed))
+        .route("/{uid}/storage", delete(delete_storage).fallback(not_allowed))
         .route(
-            "/1.5/{uid}/storage/{collection}",
+            "/{uid}/storage/{collection}",
             get(get_collection)
                 .post(post_collection)
                 .delete(delete_collection)
                 .fallback(not_allowed),
         )
         .route(
-            "/1.5/{uid}/storage/{collection}/{id}",
+            "/{uid}/storage/{collection}/{id}",
             get(get_item).put(put_item).delete(delete_item).fallback(not_allowed),
         )
-        .route("/1.5/{*rest}", any(|| async { StorageError::NotFound }))
+        .fallback(|| async { StorageError::NotFound });
+    Router::new()
+        .route("/__heartbeat__", get(heartbeat))
+        .route("/__lbheartbeat__", get(|| async { json(StatusCode::OK, "{}".into()) }))
+        .nest(PREFIX, api)
         .layer(middleware::from_fn_with_state(storage.clone(), finish))
         .with_state(storage)
 }
+
+/// Where the API is mounted.
+pub const PREFIX: &str = "/1.5";
 
 async fn not_allowed() -> StorageError {
     StorageError::MethodNotAllowed
@@ -87,7 +94,7 @@ async fn finish(State(storage): State<Arc<Storage>>, request: Request, next: Nex
         );
         h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(config.cors_max_age_secs));
         r
-    } else if config.eol == "hard" && request.uri().path().starts_with("/1.5/") {
+    } else if config.eol == "hard" && !request.uri().path().starts_with("/__") {
         StorageError::EndOfLife.into_response()
     } else {
         next.run(request).await

@@ -183,10 +183,15 @@ impl Storage {
         let key = self.secrets.derived_key(index, &hawk.id, &data.salt);
         let (host, port) = host_and_port(&parts.headers, self.default_port)
             .ok_or(StorageError::Unauthorized("no usable Host header"))?;
-        let resource = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        // Nested under `/1.5`, the handlers see the path without it; the client signed it whole.
+        let resource = format!(
+            "{}{}",
+            handlers::PREFIX,
+            parts.uri.path_and_query().map_or("/", |pq| pq.as_str())
+        );
         let signed = Signed {
             method: parts.method.as_str(),
-            resource,
+            resource: &resource,
             host: &host,
             port,
         };
