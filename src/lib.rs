@@ -22,6 +22,6 @@ pub mod registry;
 pub mod route;
 pub mod server;
 pub mod session;
-pub mod store;
 pub mod storage;
+pub mod store;
 pub mod ws;

@@ -26,7 +26,7 @@ pub fn parse_ts(text: &str) -> Option<u64> {
         return None;
     }
     let seconds: f64 = text.parse().ok()?;
-    if !seconds.is_finite() || seconds < 0.0 || seconds > 1e13 {
+    if !seconds.is_finite() || !(0.0..=1e13).contains(&seconds) {
         return None;
     }
     Some((seconds * 1000.0).round() as u64)
@@ -181,7 +181,10 @@ mod tests {
 
     #[test]
     fn records_are_validated_field_by_field() {
-        let ok = parse_record(&json!({"id": "a", "payload": "x", "sortindex": -42, "ttl": 5, "modified": 12}), LIMITS);
+        let ok = parse_record(
+            &json!({"id": "a", "payload": "x", "sortindex": -42, "ttl": 5, "modified": 12}),
+            LIMITS,
+        );
         assert_eq!(
             ok,
             Ok(BsoIn {

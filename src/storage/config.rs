@@ -119,8 +119,10 @@ impl StorageConfig {
             return Ok(());
         }
         if backend == "redis" && !self.pinned {
-            return Err("storage lives in this node's sled: with store.backend = \"redis\" set \
-                        storage.pinned = true once every storage request reaches this one node");
+            return Err(
+                "storage lives in this node's sled: with store.backend = \"redis\" set \
+                        storage.pinned = true once every storage request reaches this one node",
+            );
         }
         if !matches!(self.eol.as_str(), "" | "soft" | "hard") {
             return Err("storage.eol must be \"\", \"soft\" or \"hard\"");

@@ -102,7 +102,7 @@ impl StorageError {
 impl IntoResponse for StorageError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        if status.is_server_error() && !matches!(self, StorageError::EndOfLife) {
             tracing::warn!(error = %self, "storage request failed");
         } else {
             tracing::debug!(error = %self, "storage request refused");

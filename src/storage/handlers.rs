@@ -44,12 +44,18 @@ pub fn router<S: Clone + Send + Sync + 'static>(storage: Arc<Storage>) -> Router
         )
         .route(
             "/{uid}/storage/{collection}/{id}",
-            get(get_item).put(put_item).delete(delete_item).fallback(not_allowed),
+            get(get_item)
+                .put(put_item)
+                .delete(delete_item)
+                .fallback(not_allowed),
         )
         .fallback(|| async { StorageError::NotFound });
     Router::new()
         .route("/__heartbeat__", get(heartbeat))
-        .route("/__lbheartbeat__", get(|| async { json(StatusCode::OK, "{}".into()) }))
+        .route(
+            "/__lbheartbeat__",
+            get(|| async { json(StatusCode::OK, "{}".into()) }),
+        )
         .nest(PREFIX, api)
         .layer(middleware::from_fn_with_state(storage.clone(), finish))
         .with_state(storage)
@@ -79,7 +85,9 @@ async fn finish(State(storage): State<Arc<Storage>>, request: Request, next: Nex
     let origin = request.headers().get(header::ORIGIN).cloned();
     let config = &storage.config;
     let mut response = if request.method() == Method::OPTIONS
-        && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+        && request
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
     {
         let mut r = StatusCode::OK.into_response();
         let h = r.headers_mut();
@@ -87,12 +95,18 @@ async fn finish(State(storage): State<Arc<Storage>>, request: Request, next: Nex
             header::ACCESS_CONTROL_ALLOW_METHODS,
             HeaderValue::from_static("DELETE, GET, POST, PUT"),
         );
-        let asked = request.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS).cloned();
+        let asked = request
+            .headers()
+            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+            .cloned();
         h.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
             asked.unwrap_or(HeaderValue::from_static("authorization, content-type")),
         );
-        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(config.cors_max_age_secs));
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from(config.cors_max_age_secs),
+        );
         r
     } else if config.eol == "hard" && !request.uri().path().starts_with("/__") {
         StorageError::EndOfLife.into_response()
@@ -224,7 +238,10 @@ fn check_collection(name: &str) -> Result<()> {
     if bso::valid_collection(name) {
         Ok(())
     } else {
-        Err(StorageError::invalid(code::INVALID_COLLECTION, "invalid collection name"))
+        Err(StorageError::invalid(
+            code::INVALID_COLLECTION,
+            "invalid collection name",
+        ))
     }
 }
 
@@ -526,7 +543,9 @@ fn ids_param(storage: &Storage, q: &HashMap<String, String>) -> Result<Option<Ve
 
 fn ts_param(q: &HashMap<String, String>, name: &str) -> Result<Option<u64>> {
     q.get(name)
-        .map(|v| parse_ts(v).ok_or_else(|| StorageError::invalid(code::INVALID_WBO, format!("invalid {name}"))))
+        .map(|v| {
+            parse_ts(v).ok_or_else(|| StorageError::invalid(code::INVALID_WBO, format!("invalid {name}")))
+        })
         .transpose()
 }
 
@@ -553,14 +572,19 @@ async fn get_collection(
     };
     let offset = match q.get("offset").filter(|o| !o.is_empty()) {
         None => None,
-        Some(o) => Some(Offset::decode(o).ok_or_else(|| StorageError::invalid(code::INVALID_WBO, "invalid offset"))?),
+        Some(o) => Some(
+            Offset::decode(o).ok_or_else(|| StorageError::invalid(code::INVALID_WBO, "invalid offset"))?,
+        ),
     };
     let full = q.contains_key("full");
     let sort = Sort::parse(q.get("sort").map(String::as_str))?;
     let uid = req.uid;
     storage
         .read(uid, |store| {
-            let last = store.collection_modified(uid, &collection).map_err(store_err)?.unwrap_or(0);
+            let last = store
+                .collection_modified(uid, &collection)
+                .map_err(store_err)?
+                .unwrap_or(0);
             pre.check_read(last)?;
             let now = now_ms();
             let bound = offset.as_ref().map_or(last, |o| o.bound);
@@ -587,7 +611,11 @@ async fn get_collection(
                         && older.is_none_or(|t| b.modified < t)
                 })
                 .map(|(id, b)| (sort.key(&b), id, b))
-                .filter(|(key, id, _)| offset.as_ref().is_none_or(|o| (*key, id.as_str()) > (o.key, o.id.as_str())))
+                .filter(|(key, id, _)| {
+                    offset
+                        .as_ref()
+                        .is_none_or(|o| (*key, id.as_str()) > (o.key, o.id.as_str()))
+                })
                 .collect();
             rows.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
             let more = limit.is_some_and(|l| rows.len() > l);
@@ -596,7 +624,13 @@ async fn get_collection(
             }
             let items: Vec<String> = rows
                 .iter()
-                .map(|(_, id, b)| if full { bso_json(id, b) } else { Value::String(id.clone()).to_string() })
+                .map(|(_, id, b)| {
+                    if full {
+                        bso_json(id, b)
+                    } else {
+                        Value::String(id.clone()).to_string()
+                    }
+                })
                 .collect();
             let body = match format {
                 Format::Json => format!("[{}]", items.join(",")),
@@ -604,10 +638,13 @@ async fn get_collection(
             };
             let mut r = read_answer(body, last);
             if format == Format::Newlines {
-                r.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/newlines"));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/newlines"),
+                );
             }
-            r.headers_mut().insert("x-weave-records", HeaderValue::from(rows.len()));
+            r.headers_mut()
+                .insert("x-weave-records", HeaderValue::from(rows.len()));
             if more {
                 if let Some((key, id, _)) = rows.last() {
                     let next = Offset {
@@ -712,7 +749,13 @@ fn merge(existing: Option<StoredBso>, update: &BsoIn, ts: u64) -> StoredBso {
     }
 }
 
-fn alive(store: &dyn StorageStore, uid: u64, collection: &str, id: &str, now: u64) -> Result<Option<StoredBso>> {
+fn alive(
+    store: &dyn StorageStore,
+    uid: u64,
+    collection: &str,
+    id: &str,
+    now: u64,
+) -> Result<Option<StoredBso>> {
     Ok(store
         .get(uid, collection, id)
         .map_err(store_err)?
@@ -737,7 +780,11 @@ async fn put_item(
     if update.id.as_ref().is_some_and(|given| *given != id) {
         return Err(StorageError::bad_bso("id differs from the URL's"));
     }
-    if update.payload.as_deref().is_some_and(|p| bso::known_bad_payload(&collection, p)) {
+    if update
+        .payload
+        .as_deref()
+        .is_some_and(|p| bso::known_bad_payload(&collection, p))
+    {
         return Err(StorageError::bad_bso("known-bad payload"));
     }
     let uid = req.uid;
@@ -785,7 +832,12 @@ fn header_count(headers: &HeaderMap, name: &str) -> Result<Option<u64>> {
 
 /// Validates the records of a POST against the per-record and per-POST limits (and, for a
 /// batch, what the batch already holds).
-fn sort_records(storage: &Storage, collection: &str, values: Vec<Value>, in_batch: (u64, u64)) -> Result<Sorted> {
+fn sort_records(
+    storage: &Storage,
+    collection: &str,
+    values: Vec<Value>,
+    in_batch: (u64, u64),
+) -> Result<Sorted> {
     let config = &storage.config;
     let mut sorted = Sorted {
         accepted: Vec::new(),
@@ -807,15 +859,23 @@ fn sort_records(storage: &Storage, collection: &str, values: Vec<Value>, in_batc
                 continue;
             }
         };
-        if record.payload.as_deref().is_some_and(|p| bso::known_bad_payload(collection, p)) {
+        if record
+            .payload
+            .as_deref()
+            .is_some_and(|p| bso::known_bad_payload(collection, p))
+        {
             return Err(StorageError::bad_bso("known-bad payload"));
         }
         let len = record.payload_len();
-        if records >= config.max_post_records || batch_records + records as u64 >= config.max_total_records as u64 {
+        if records >= config.max_post_records
+            || batch_records + records as u64 >= config.max_total_records as u64
+        {
             sorted.failed.insert(id, "retry bso".into());
             continue;
         }
-        if bytes + len > config.max_post_bytes || batch_bytes + (bytes + len) as u64 > config.max_total_bytes as u64 {
+        if bytes + len > config.max_post_bytes
+            || batch_bytes + (bytes + len) as u64 > config.max_total_bytes as u64
+        {
             sorted.failed.insert(id, "retry bytes".into());
             continue;
         }
@@ -834,7 +894,10 @@ fn new_batch_id() -> Result<String> {
 }
 
 fn valid_batch_id(id: &str) -> bool {
-    id.len() == 16 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    id.len() == 16
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn post_body(modified: Option<u64>, batch: Option<&str>, sorted: &Sorted) -> String {
@@ -858,7 +921,13 @@ fn post_body(modified: Option<u64>, batch: Option<&str>, sorted: &Sorted) -> Str
 
 /// Puts `records` (applied in order, each merged onto what is stored or what an earlier one
 /// made) at time `ts`.
-fn put_all(store: &dyn StorageStore, uid: u64, collection: &str, records: &[BsoIn], ts: u64) -> Result<Vec<Change>> {
+fn put_all(
+    store: &dyn StorageStore,
+    uid: u64,
+    collection: &str,
+    records: &[BsoIn],
+    ts: u64,
+) -> Result<Vec<Change>> {
     let now = now_ms();
     let mut merged: BTreeMap<&str, StoredBso> = BTreeMap::new();
     for record in records {
@@ -895,7 +964,10 @@ async fn post_collection(
     let headers = &req.parts.headers;
     let over = |name: &str, max: usize| -> Result<()> {
         match header_count(headers, name)? {
-            Some(n) if n > max as u64 => Err(StorageError::invalid(code::SIZE_LIMIT, format!("{name} over the limit"))),
+            Some(n) if n > max as u64 => Err(StorageError::invalid(
+                code::SIZE_LIMIT,
+                format!("{name} over the limit"),
+            )),
             _ => Ok(()),
         }
     };
@@ -924,7 +996,10 @@ async fn post_collection(
             let incoming: u64 = sorted.accepted.iter().map(|r| r.payload_len() as u64).sum();
             let (modified, ts) = storage
                 .write(uid, |store, ts| {
-                    let last = store.collection_modified(uid, &collection).map_err(store_err)?.unwrap_or(0);
+                    let last = store
+                        .collection_modified(uid, &collection)
+                        .map_err(store_err)?
+                        .unwrap_or(0);
                     pre.check_write(last)?;
                     if sorted.accepted.is_empty() {
                         return Ok(Outcome {
@@ -956,7 +1031,10 @@ async fn post_collection(
             let batch_ttl = config.batch_ttl_secs.saturating_mul(1000);
             let outcome = storage
                 .write(uid, |store, ts| {
-                    let last = store.collection_modified(uid, &collection).map_err(store_err)?.unwrap_or(0);
+                    let last = store
+                        .collection_modified(uid, &collection)
+                        .map_err(store_err)?
+                        .unwrap_or(0);
                     pre.check_write(last)?;
                     let (id, meta) = if creating {
                         let meta = BatchMeta {
@@ -995,7 +1073,8 @@ async fn post_collection(
                     }
                     let mut changes = Vec::new();
                     for (i, record) in sorted.accepted.iter().enumerate() {
-                        let item = serde_json::to_vec(record).map_err(|e| StorageError::Store(e.to_string()))?;
+                        let item =
+                            serde_json::to_vec(record).map_err(|e| StorageError::Store(e.to_string()))?;
                         changes.push(Change::AppendBatch {
                             batch: id.clone(),
                             seq: meta.records + i as u64,
@@ -1020,7 +1099,13 @@ async fn post_collection(
                 .await?;
             let ((batch_id, sorted, last), ts) = outcome;
             Ok(match batch_id {
-                None => written(&storage, uid, StatusCode::OK, post_body(Some(ts), None, &sorted), ts),
+                None => written(
+                    &storage,
+                    uid,
+                    StatusCode::OK,
+                    post_body(Some(ts), None, &sorted),
+                    ts,
+                ),
                 Some(id) => {
                     let mut r = json(StatusCode::ACCEPTED, post_body(None, Some(&id), &sorted));
                     set_ts(&mut r, "x-last-modified", last);
@@ -1208,7 +1293,10 @@ mod tests {
             ttl: Some(10),
         };
         let m = merge(Some(old.clone()), &ttl_only, 2000);
-        assert_eq!((m.modified, m.expiry, m.sortindex, m.payload.as_str()), (1000, 12_000, Some(3), "x"));
+        assert_eq!(
+            (m.modified, m.expiry, m.sortindex, m.payload.as_str()),
+            (1000, 12_000, Some(3), "x")
+        );
         let fresh = merge(None, &ttl_only, 2000);
         assert_eq!((fresh.modified, fresh.payload.as_str()), (2000, ""));
         let payload = BsoIn {
@@ -1216,7 +1304,10 @@ mod tests {
             ..ttl_only
         };
         let m = merge(Some(old), &payload, 2000);
-        assert_eq!((m.modified, m.payload.as_str(), m.sortindex), (2000, "y", Some(3)));
+        assert_eq!(
+            (m.modified, m.payload.as_str(), m.sortindex),
+            (2000, "y", Some(3))
+        );
     }
 
     #[test]
@@ -1225,7 +1316,10 @@ mod tests {
         assert!(matches!(accept(&h), Ok(Format::Json)));
         h.insert(header::ACCEPT, HeaderValue::from_static("application/newlines"));
         assert!(matches!(accept(&h), Ok(Format::Newlines)));
-        h.insert(header::ACCEPT, HeaderValue::from_static("text/html;q=0.9,*/*;q=0.2"));
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("text/html;q=0.9,*/*;q=0.2"),
+        );
         assert!(matches!(accept(&h), Ok(Format::Json)));
         h.insert(header::ACCEPT, HeaderValue::from_static("x/yy"));
         assert!(matches!(accept(&h), Err(StorageError::NotAcceptable)));

@@ -36,7 +36,10 @@ pub fn parse_header(value: &str) -> Result<HawkHeader, &'static str> {
     while !rest.is_empty() {
         let (name, after) = rest.split_once('=').ok_or("malformed attribute")?;
         let name = name.trim();
-        let after = after.trim_start().strip_prefix('"').ok_or("attribute value not quoted")?;
+        let after = after
+            .trim_start()
+            .strip_prefix('"')
+            .ok_or("attribute value not quoted")?;
         let (value, after) = after.split_once('"').ok_or("unterminated attribute value")?;
         let value = value.to_owned();
         let slot = match name {
@@ -115,7 +118,12 @@ pub fn verify_mac(key: &[u8], header: &HawkHeader, req: &Signed<'_>) -> bool {
 
 /// Hawk's payload hash (base64): the media type is lowercased and stripped of parameters.
 pub fn payload_hash(content_type: &str, body: &[u8]) -> String {
-    let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     let mut h = Sha256::new();
     h.update(b"hawk.1.payload\n");
     h.update(media.as_bytes());
@@ -196,7 +204,10 @@ mod tests {
             port: 8000,
         };
         let key = b"werxhqb98rpaxn39848xrunpaw3489ruxnpa98w4rxn";
-        assert_eq!(mac(key, &header, &req), "6R4rV5iE+NPoym+WwjeHzjAGXUtLNIxmo1vpMofpLAE=");
+        assert_eq!(
+            mac(key, &header, &req),
+            "6R4rV5iE+NPoym+WwjeHzjAGXUtLNIxmo1vpMofpLAE="
+        );
         assert!(verify_mac(key, &header, &req));
         assert!(!verify_mac(b"wrong", &header, &req));
     }

@@ -154,7 +154,13 @@ impl Storage {
 
     /// Checks the request's Hawk signature and token; returns the uid. `path_uid` must be the
     /// token's. `allow_expired`: a token expired less than `expired_token_grace_secs` ago passes.
-    pub fn authenticate(&self, parts: &Parts, body: &[u8], path_uid: u64, allow_expired: bool) -> Result<u64, StorageError> {
+    pub fn authenticate(
+        &self,
+        parts: &Parts,
+        body: &[u8],
+        path_uid: u64,
+        allow_expired: bool,
+    ) -> Result<u64, StorageError> {
         let header = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -195,13 +201,22 @@ impl Storage {
             host: &host,
             port,
         };
-        if !hawk::verify_mac(key.as_bytes(), &hawk, &signed) {
+        // A bare trailing `?` is in the request line but not in what some clients sign.
+        let bare = resource.strip_suffix('?').map(|path| Signed {
+            resource: path,
+            ..signed
+        });
+        if !hawk::verify_mac(key.as_bytes(), &hawk, &signed)
+            && !bare.is_some_and(|bare| hawk::verify_mac(key.as_bytes(), &hawk, &bare))
+        {
             return Err(StorageError::Unauthorized("Hawk MAC does not verify"));
         }
         let skew = self.config.hawk_skew_secs;
         let now_int = now as u64;
         if hawk.ts.abs_diff(now_int) > skew {
-            return Err(StorageError::Unauthorized("Hawk timestamp outside the allowed skew"));
+            return Err(StorageError::Unauthorized(
+                "Hawk timestamp outside the allowed skew",
+            ));
         }
         if let Some(hash) = &hawk.hash {
             let content_type = parts
@@ -210,7 +225,9 @@ impl Storage {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             if hawk::payload_hash(content_type, body) != *hash {
-                return Err(StorageError::Unauthorized("Hawk payload hash does not match the body"));
+                return Err(StorageError::Unauthorized(
+                    "Hawk payload hash does not match the body",
+                ));
             }
         }
         match self.nonces.check(&hawk, now_int, now_int + 2 * skew + 1) {
@@ -236,7 +253,11 @@ impl Storage {
                 let swept = tokio::task::spawn_blocking(move || store.sweep(bso::now_ms())).await;
                 match swept {
                     Ok(Ok(stats)) if stats.records + stats.batches > 0 => {
-                        tracing::info!(records = stats.records, batches = stats.batches, "swept expired storage");
+                        tracing::info!(
+                            records = stats.records,
+                            batches = stats.batches,
+                            "swept expired storage"
+                        );
                     }
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "storage sweep failed"),

@@ -65,18 +65,39 @@ pub struct BatchMeta {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     SetUserModified(u64),
-    SetCollectionModified { collection: String, modified: u64 },
-    Put { collection: String, id: String, bso: StoredBso },
-    Delete { collection: String, id: String },
+    SetCollectionModified {
+        collection: String,
+        modified: u64,
+    },
+    Put {
+        collection: String,
+        id: String,
+        bso: StoredBso,
+    },
+    Delete {
+        collection: String,
+        id: String,
+    },
     /// The collection, its records and its modified time.
-    DeleteCollection { collection: String },
+    DeleteCollection {
+        collection: String,
+    },
     /// Every collection, record and batch of the user (the user's modified time stays).
     DeleteAll,
-    PutBatch { batch: String, meta: BatchMeta },
+    PutBatch {
+        batch: String,
+        meta: BatchMeta,
+    },
     /// Appends an item (a serialised [`super::bso::BsoIn`]) at position `seq`.
-    AppendBatch { batch: String, seq: u64, item: Vec<u8> },
+    AppendBatch {
+        batch: String,
+        seq: u64,
+        item: Vec<u8>,
+    },
     /// The batch and its items.
-    DeleteBatch { batch: String },
+    DeleteBatch {
+        batch: String,
+    },
 }
 
 /// What a sweep removed.
@@ -265,7 +286,10 @@ fn suffix_str(key: &[u8], prefix_len: usize) -> Result<String> {
 
 impl<K: Kv> StorageStore for KvStorage<K> {
     fn user_modified(&self, uid: u64) -> Result<Option<u64>> {
-        self.kv.get(&keys::user(uid))?.map(|v| codec::decode_u64(&v)).transpose()
+        self.kv
+            .get(&keys::user(uid))?
+            .map(|v| codec::decode_u64(&v))
+            .transpose()
     }
 
     fn collections(&self, uid: u64) -> Result<Vec<(String, u64)>> {
@@ -322,7 +346,10 @@ impl<K: Kv> StorageStore for KvStorage<K> {
             match change {
                 Change::SetUserModified(ms) => ops.push((keys::user(uid), Some(codec::encode_u64(*ms)))),
                 Change::SetCollectionModified { collection, modified } => {
-                    ops.push((keys::collection(uid, collection), Some(codec::encode_u64(*modified))));
+                    ops.push((
+                        keys::collection(uid, collection),
+                        Some(codec::encode_u64(*modified)),
+                    ));
                 }
                 Change::Put { collection, id, bso } => {
                     ops.push((keys::record(uid, collection, id), Some(codec::encode_bso(bso))));
@@ -413,7 +440,12 @@ impl MemoryStorage {
 
 impl Kv for MemoryKv {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.map.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned())
+        Ok(self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned())
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -516,7 +548,8 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     fn start(db: sled::Db, dir: &std::path::Path) -> Result<Arc<GroupCommit>> {
-        let io = |what: &str, e: std::io::Error| StorageStoreError::Io(format!("{what} {}: {e}", dir.display()));
+        let io =
+            |what: &str, e: std::io::Error| StorageStoreError::Io(format!("{what} {}: {e}", dir.display()));
         let log = std::fs::File::open(dir.join("db")).map_err(|e| io("open log file in", e))?;
         #[cfg(unix)]
         std::fs::File::open(dir)

@@ -84,7 +84,9 @@ impl Secrets {
     /// Verifies `token` and returns its data and the index of the secret that signed it.
     /// Expiry is checked against `now` (seconds); an expired token's data comes with the error.
     pub fn parse(&self, token: &str, now: f64) -> Result<(TokenData, usize), TokenError> {
-        let raw = URL_SAFE_ANY.decode(token.trim()).map_err(|_| TokenError::Encoding)?;
+        let raw = URL_SAFE_ANY
+            .decode(token.trim())
+            .map_err(|_| TokenError::Encoding)?;
         if raw.len() <= SIG_LEN {
             return Err(TokenError::Payload);
         }
@@ -97,13 +99,19 @@ impl Secrets {
         // Only parsed after the signature checked out.
         let value: serde_json::Value = serde_json::from_slice(payload).map_err(|_| TokenError::Payload)?;
         let data = TokenData {
-            uid: value.get("uid").and_then(|v| v.as_u64()).ok_or(TokenError::Payload)?,
+            uid: value
+                .get("uid")
+                .and_then(|v| v.as_u64())
+                .ok_or(TokenError::Payload)?,
             node: value
                 .get("node")
                 .and_then(|v| v.as_str())
                 .ok_or(TokenError::Payload)?
                 .to_owned(),
-            expires: value.get("expires").and_then(|v| v.as_f64()).ok_or(TokenError::Payload)?,
+            expires: value
+                .get("expires")
+                .and_then(|v| v.as_f64())
+                .ok_or(TokenError::Payload)?,
             salt: value
                 .get("salt")
                 .and_then(|v| v.as_str())
@@ -157,12 +165,20 @@ mod tests {
         let (data, index) = rotated.parse(&token, 1000.0).unwrap();
         assert_eq!((data.uid, data.node.as_str(), index), (42, "http://n", 1));
         assert_eq!(rotated.derived_key(index, &token, &data.salt), key);
-        assert_eq!(Secrets::new(&["other"]).parse(&token, 1000.0), Err(TokenError::Signature));
-        assert!(matches!(rotated.parse(&token, 1060.0), Err(TokenError::Expired(_))));
+        assert_eq!(
+            Secrets::new(&["other"]).parse(&token, 1000.0),
+            Err(TokenError::Signature)
+        );
+        assert!(matches!(
+            rotated.parse(&token, 1060.0),
+            Err(TokenError::Expired(_))
+        ));
         let unpadded = token.trim_end_matches('=');
         assert!(rotated.parse(unpadded, 1000.0).is_ok());
         let mut tampered = token.clone().into_bytes();
         tampered[3] ^= 1;
-        assert!(rotated.parse(std::str::from_utf8(&tampered).unwrap(), 1000.0).is_err());
+        assert!(rotated
+            .parse(std::str::from_utf8(&tampered).unwrap(), 1000.0)
+            .is_err());
     }
 }

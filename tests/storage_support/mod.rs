@@ -15,18 +15,27 @@ use sha2::{Digest, Sha256};
 type HmacSha256 = Hmac<Sha256>;
 
 pub fn now_secs() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 fn hkdf(master: &[u8], salt: Option<&[u8]>, info: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
-    hkdf::Hkdf::<Sha256>::new(salt, master).expand(info, &mut out).unwrap();
+    hkdf::Hkdf::<Sha256>::new(salt, master)
+        .expand(info, &mut out)
+        .unwrap();
     out
 }
 
 /// tokenlib's `make_token` + `get_derived_secret`: `(token, hawk key)`.
 pub fn make_token(secret: &str, payload: &Value) -> (String, String) {
-    let signing = hkdf(secret.as_bytes(), None, b"services.mozilla.com/tokenlib/v1/signing");
+    let signing = hkdf(
+        secret.as_bytes(),
+        None,
+        b"services.mozilla.com/tokenlib/v1/signing",
+    );
     let body = payload.to_string().into_bytes();
     let mut mac = HmacSha256::new_from_slice(&signing).unwrap();
     mac.update(&body);
@@ -67,7 +76,9 @@ impl Resp {
 
     /// A timestamp header as ms.
     pub fn ts(&self, name: &str) -> u64 {
-        let text = self.header(name).unwrap_or_else(|| panic!("no {name} in {self:?}"));
+        let text = self
+            .header(name)
+            .unwrap_or_else(|| panic!("no {name} in {self:?}"));
         (text.parse::<f64>().unwrap() * 1000.0).round() as u64
     }
 }
@@ -137,7 +148,10 @@ impl Sync {
         });
         let hash = body.as_ref().map(|(ct, bytes)| {
             let mut h = Sha256::new();
-            h.update(format!("hawk.1.payload\n{}\n", ct.split(';').next().unwrap().trim()));
+            h.update(format!(
+                "hawk.1.payload\n{}\n",
+                ct.split(';').next().unwrap().trim()
+            ));
             h.update(bytes);
             h.update(b"\n");
             let mut hash = STANDARD.encode(h.finalize());
@@ -156,7 +170,10 @@ impl Sync {
         if tweak.wrong_mac {
             mac = STANDARD.encode([1u8; 32]);
         }
-        let mut auth = format!(r#"Hawk id="{}", ts="{ts}", nonce="{nonce}", mac="{mac}""#, self.token);
+        let mut auth = format!(
+            r#"Hawk id="{}", ts="{ts}", nonce="{nonce}", mac="{mac}""#,
+            self.token
+        );
         if let Some(hash) = hash {
             auth.push_str(&format!(r#", hash="{hash}""#));
         }
@@ -176,16 +193,25 @@ impl Sync {
         let status = r.status().as_u16();
         let headers = r.headers().clone();
         let body = r.text().await.unwrap();
-        assert!(headers.contains_key("x-weave-timestamp"), "every answer has X-Weave-Timestamp: {path}");
-        Resp { status, headers, body }
+        assert!(
+            headers.contains_key("x-weave-timestamp"),
+            "every answer has X-Weave-Timestamp: {path}"
+        );
+        Resp {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub async fn get(&self, path: &str) -> Resp {
-        self.send("GET", &self.full(path), None, &[], &Tweak::default()).await
+        self.send("GET", &self.full(path), None, &[], &Tweak::default())
+            .await
     }
 
     pub async fn get_h(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
-        self.send("GET", &self.full(path), None, headers, &Tweak::default()).await
+        self.send("GET", &self.full(path), None, headers, &Tweak::default())
+            .await
     }
 
     pub async fn put(&self, path: &str, body: Value) -> Resp {
@@ -194,7 +220,8 @@ impl Sync {
 
     pub async fn put_h(&self, path: &str, body: Value, headers: &[(&str, &str)]) -> Resp {
         let body = Some(("application/json", body.to_string().into_bytes()));
-        self.send("PUT", &self.full(path), body, headers, &Tweak::default()).await
+        self.send("PUT", &self.full(path), body, headers, &Tweak::default())
+            .await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Resp {
@@ -203,12 +230,14 @@ impl Sync {
 
     pub async fn post_h(&self, path: &str, body: Value, headers: &[(&str, &str)]) -> Resp {
         let body = Some(("application/json", body.to_string().into_bytes()));
-        self.send("POST", &self.full(path), body, headers, &Tweak::default()).await
+        self.send("POST", &self.full(path), body, headers, &Tweak::default())
+            .await
     }
 
     pub async fn post_raw(&self, path: &str, content_type: &str, body: &str) -> Resp {
         let body = Some((content_type, body.as_bytes().to_vec()));
-        self.send("POST", &self.full(path), body, &[], &Tweak::default()).await
+        self.send("POST", &self.full(path), body, &[], &Tweak::default())
+            .await
     }
 
     pub async fn delete(&self, path: &str) -> Resp {
@@ -216,7 +245,8 @@ impl Sync {
     }
 
     pub async fn delete_h(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
-        self.send("DELETE", &self.full(path), None, headers, &Tweak::default()).await
+        self.send("DELETE", &self.full(path), None, headers, &Tweak::default())
+            .await
     }
 
     /// `path` relative to the user's root unless it starts with `/`.
