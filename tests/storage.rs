@@ -1132,3 +1132,66 @@ async fn token_subcommand_mints_what_the_server_accepts() {
     );
     assert_eq!(c.put("storage/xxx/a", json!({"payload": "p"})).await.status, 200);
 }
+
+/// The instant-sync hooks, as the push side wires them: a watch token proves its uid (or is
+/// refused), and every successful write reports (uid, collection, new last-modified in ms).
+#[tokio::test]
+async fn watch_hooks_verify_tokens_and_observe_writes() {
+    use std::sync::{Arc, Mutex};
+
+    use editiond::storage::store::MemoryStorage;
+    use editiond::storage::{Storage, StorageConfig, WatchTokenError};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let config = StorageConfig {
+        master_secret: SECRET.into(),
+        ..StorageConfig::default()
+    };
+    let storage = Storage::new(config, &base, Arc::new(MemoryStorage::memory()));
+    let seen: Arc<Mutex<Vec<(u64, String, u64)>>> = Arc::default();
+    let log = seen.clone();
+    storage.set_observer(Arc::new(move |uid, collection: &str, ms| {
+        log.lock().unwrap().push((uid, collection.to_owned(), ms));
+    }));
+    let app: axum::Router = editiond::storage::routes(Some(storage.clone()));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let (token, _) = token_for(SECRET, 21, &base, now_secs() + 60.0);
+    assert_eq!(storage.verify_watch_token(&token), Ok(21));
+    let (other, _) = token_for("another-secret", 21, &base, now_secs() + 60.0);
+    assert!(matches!(
+        storage.verify_watch_token(&other),
+        Err(WatchTokenError::Token(_))
+    ));
+    let (expired, _) = token_for(SECRET, 21, &base, now_secs() - 1.0);
+    assert!(matches!(
+        storage.verify_watch_token(&expired),
+        Err(WatchTokenError::Token(_))
+    ));
+    let (wrong_node, _) = token_for(SECRET, 21, "http://elsewhere", now_secs() + 60.0);
+    assert_eq!(
+        storage.verify_watch_token(&wrong_node),
+        Err(WatchTokenError::WrongNode)
+    );
+
+    let c = Sync::new(&base, SECRET, 21);
+    let put = c.put("storage/bookmarks/a", json!({"payload": "x"})).await;
+    let staged = c
+        .post("storage/tabs?batch=true", json!([{"id": "t", "payload": "y"}]))
+        .await;
+    assert!(seen.lock().unwrap().len() == 1, "staging a batch is not a write");
+    let batch = staged.json()["batch"].as_str().unwrap().to_owned();
+    let commit = c
+        .post(&format!("storage/tabs?batch={batch}&commit=true"), json!([]))
+        .await;
+    assert_eq!(c.get("storage/bookmarks").await.status, 200);
+    let log = seen.lock().unwrap().clone();
+    assert_eq!(
+        log,
+        vec![
+            (21, "bookmarks".to_owned(), put.ts("x-last-modified")),
+            (21, "tabs".to_owned(), commit.ts("x-last-modified")),
+        ]
+    );
+}
