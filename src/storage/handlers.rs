@@ -7,6 +7,7 @@
 //! lock, so they see whole, durable writes.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, Request, State};
@@ -255,32 +256,55 @@ struct Outcome<T> {
 }
 
 impl Storage {
-    /// Runs `f` under the user's write lock with the write's timestamp, applies and commits
-    /// what it returns, then tells the observer. 503 when the lock or the commit takes longer
-    /// than `write_timeout_ms`.
+    /// Runs `f` under the user's write lock with the write's timestamp and applies what it
+    /// returns; then, with the lock released (so the user's next write can share the commit),
+    /// waits until it is durable and tells the observer. 503 when the lock or the commit takes
+    /// longer than `write_timeout_ms`.
     async fn write<T>(
         &self,
         uid: u64,
         f: impl FnOnce(&dyn StorageStore, u64) -> Result<Outcome<T>>,
     ) -> Result<(T, u64)> {
         let deadline = tokio::time::Instant::now() + self.write_timeout();
-        let _guard = tokio::time::timeout_at(deadline, self.lock(uid).write())
+        let stripe = self.stripe(uid);
+        let guard = tokio::time::timeout_at(deadline, self.locks[stripe].write())
             .await
             .map_err(|_| self.unavailable())?;
         let store = self.store();
         let last = store.user_modified(uid).map_err(store_err)?.unwrap_or(0);
         let ts = now_ms().max(last + 10);
-        let mut outcome = f(store, ts)?;
+        let mut outcome = match f(store, ts) {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // A refusal (412, 404) also tells what was read.
+                drop(guard);
+                self.settle(stripe).await?;
+                return Err(e);
+            }
+        };
         if outcome.changes.is_empty() {
+            drop(guard);
+            self.settle(stripe).await?;
             return Ok((outcome.value, ts));
         }
         if outcome.data {
             outcome.changes.push(Change::SetUserModified(ts));
         }
         store.apply(uid, &outcome.changes).map_err(store_err)?;
-        match tokio::time::timeout_at(deadline, store.commit()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(store_err(e)),
+        self.dirty[stripe].fetch_add(1, Ordering::SeqCst);
+        drop(guard);
+        // The commit runs to its end even if this request gives up waiting, and only then
+        // stops counting as dirty.
+        let (store, dirty) = (self.store.clone(), self.dirty.clone());
+        let committed = tokio::spawn(async move {
+            let result = store.commit().await;
+            dirty[stripe].fetch_sub(1, Ordering::SeqCst);
+            result
+        });
+        match tokio::time::timeout_at(deadline, committed).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(store_err(e)),
+            Ok(Err(e)) => return Err(StorageError::Store(format!("commit task: {e}"))),
             Err(_) => return Err(self.unavailable()),
         }
         if let Some(observer) = self.observer.get().filter(|_| outcome.data) {
@@ -293,11 +317,28 @@ impl Storage {
         Ok((outcome.value, ts))
     }
 
+    /// Waits for a commit if the stripe has writes applied but not yet durable: what the
+    /// caller read may come from one of them.
+    async fn settle(&self, stripe: usize) -> Result<()> {
+        if self.dirty[stripe].load(Ordering::SeqCst) == 0 {
+            return Ok(());
+        }
+        match tokio::time::timeout(self.write_timeout(), self.store().commit()).await {
+            Ok(result) => result.map_err(store_err),
+            Err(_) => Err(self.unavailable()),
+        }
+    }
+
+    /// Runs `f` under the user's read lock; answers only with durable state (see `settle`).
     async fn read<T>(&self, uid: u64, f: impl FnOnce(&dyn StorageStore) -> Result<T>) -> Result<T> {
-        let _guard = tokio::time::timeout(self.write_timeout(), self.lock(uid).read())
+        let stripe = self.stripe(uid);
+        let guard = tokio::time::timeout(self.write_timeout(), self.locks[stripe].read())
             .await
             .map_err(|_| self.unavailable())?;
-        f(self.store())
+        let result = f(self.store());
+        drop(guard);
+        self.settle(stripe).await?;
+        result
     }
 
     fn record_limits(&self) -> RecordLimits {

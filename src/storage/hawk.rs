@@ -135,8 +135,16 @@ pub fn payload_hash(content_type: &str, body: &[u8]) -> String {
 
 /// Nonces seen within the skew window, so a captured request cannot be replayed.
 pub struct NonceCache {
-    seen: Mutex<HashMap<[u8; 32], u64>>,
+    seen: Mutex<Seen>,
     max: usize,
+}
+
+struct Seen {
+    /// (id, ts, nonce) digest → second after which it may be forgotten.
+    until: HashMap<[u8; 32], u64>,
+    /// Second of the last pruning: expired entries go at most once a second, so a full cache
+    /// costs one pass a second, not one per request.
+    pruned: u64,
 }
 
 #[derive(Debug, PartialEq)]
@@ -148,7 +156,10 @@ pub enum NonceError {
 impl NonceCache {
     pub fn new(max: usize) -> NonceCache {
         NonceCache {
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Seen {
+                until: HashMap::new(),
+                pruned: 0,
+            }),
             max,
         }
     }
@@ -163,20 +174,23 @@ impl NonceCache {
         h.update(header.ts.to_be_bytes());
         let key: [u8; 32] = h.finalize().into();
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() >= self.max {
-            seen.retain(|_, until| *until > now);
-            if seen.len() >= self.max {
-                return Err(NonceError::Full);
-            }
+        if seen.pruned != now {
+            seen.pruned = now;
+            seen.until.retain(|_, until| *until > now);
         }
-        match seen.insert(key, forget_at) {
-            Some(until) if until > now => Err(NonceError::Replayed),
-            _ => Ok(()),
+        match seen.until.get(&key) {
+            Some(until) if *until > now => return Err(NonceError::Replayed),
+            _ => {}
         }
+        if seen.until.len() >= self.max {
+            return Err(NonceError::Full);
+        }
+        seen.until.insert(key, forget_at);
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
-        self.seen.lock().map_or(0, |s| s.len())
+        self.seen.lock().map_or(0, |s| s.until.len())
     }
 
     pub fn is_empty(&self) -> bool {

@@ -17,6 +17,7 @@ pub mod hawk;
 pub mod store;
 pub mod token;
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -60,8 +61,13 @@ pub struct Storage {
     secrets: Secrets,
     store: Arc<dyn StorageStore>,
     /// Per-user (striped) locks: writers exclusive, readers shared, so a read never sees half
+    /// a write. A writer holds it while it decides and applies, not while its commit runs, so
+    /// the user's next write can join the same group commit.
     /// a write nor one that is not yet durable.
     locks: Box<[RwLock<()>]>,
+    /// Per stripe: writes applied whose commit has not finished. A reader that sees one waits
+    /// for a commit before it answers, so nothing it tells a client can be lost in a crash.
+    dirty: Arc<[AtomicU64]>,
     nonces: NonceCache,
     observer: OnceLock<Observer>,
 }
@@ -108,6 +114,7 @@ impl Storage {
             secrets,
             store,
             locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+            dirty: (0..LOCK_STRIPES).map(|_| AtomicU64::new(0)).collect(),
             observer: OnceLock::new(),
         })
     }
@@ -136,10 +143,11 @@ impl Storage {
         self.secrets.mint(uid, &self.node, ttl_secs, now_secs())
     }
 
-    fn lock(&self, uid: u64) -> &RwLock<()> {
+    /// The user's stripe (lock and dirty count).
+    fn stripe(&self, uid: u64) -> usize {
         // Fibonacci hashing spreads sequential uids over the stripes.
         let h = uid.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
-        &self.locks[(h as usize) % self.locks.len()]
+        (h as usize) % self.locks.len()
     }
 
     fn write_timeout(&self) -> Duration {
@@ -230,7 +238,11 @@ impl Storage {
                 ));
             }
         }
-        match self.nonces.check(&hawk, now_int, now_int + 2 * skew + 1) {
+        // A nonce is only accepted while its ts is within the skew: remember it that long.
+        match self
+            .nonces
+            .check(&hawk, now_int, hawk.ts.saturating_add(skew) + 1)
+        {
             Ok(()) => Ok(data.uid),
             Err(NonceError::Replayed) => Err(StorageError::Unauthorized("Hawk nonce already used")),
             Err(NonceError::Full) => Err(self.unavailable()),
