@@ -74,7 +74,7 @@ impl Default for StorageConfig {
             master_secret: String::new(),
             pinned: false,
             hawk_skew_secs: 60,
-            max_nonces: 1_000_000,
+            max_nonces: 4_000_000,
             expired_token_grace_secs: 7200,
             max_request_bytes: 2_101_248,
             max_post_records: 100,

@@ -3,7 +3,7 @@
 //!
 //! Pure code but for the cache's lock; the caller supplies the time.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 
 use base64::engine::general_purpose::STANDARD;
@@ -134,18 +134,25 @@ pub fn payload_hash(content_type: &str, body: &[u8]) -> String {
 }
 
 /// Nonces seen within the skew window, so a captured request cannot be replayed.
+///
+/// Sharded by nonce digest; each shard files nonces by their request second, so forgetting the
+/// ones whose second has left the window drops whole buckets: the cost per request stays
+/// constant however many nonces are held (what repeated load runs showed a single map with a
+/// periodic sweep does not do).
 pub struct NonceCache {
-    seen: Mutex<Seen>,
-    max: usize,
+    shards: Box<[Mutex<Shard>]>,
+    max_per_shard: usize,
+    skew: u64,
 }
 
-struct Seen {
-    /// (id, ts, nonce) digest → second after which it may be forgotten.
-    until: HashMap<[u8; 32], u64>,
-    /// Second of the last pruning: expired entries go at most once a second, so a full cache
-    /// costs one pass a second, not one per request.
-    pruned: u64,
+#[derive(Default)]
+struct Shard {
+    /// Request second (`ts`) → digests of (id, nonce) seen with it.
+    by_ts: BTreeMap<u64, HashSet<u128>>,
+    len: usize,
 }
+
+const NONCE_SHARDS: usize = 16;
 
 #[derive(Debug, PartialEq)]
 pub enum NonceError {
@@ -154,43 +161,53 @@ pub enum NonceError {
 }
 
 impl NonceCache {
-    pub fn new(max: usize) -> NonceCache {
+    /// Holds at most about `max` nonces; a nonce is kept while its `ts` is within `skew` of now.
+    pub fn new(max: usize, skew: u64) -> NonceCache {
         NonceCache {
-            seen: Mutex::new(Seen {
-                until: HashMap::new(),
-                pruned: 0,
-            }),
-            max,
+            shards: (0..NONCE_SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            max_per_shard: max.div_ceil(NONCE_SHARDS).max(1),
+            skew,
         }
     }
 
-    /// Records (`id`, `ts`, `nonce`) until `forget_at` (seconds); fails if it was already seen.
-    pub fn check(&self, header: &HawkHeader, now: u64, forget_at: u64) -> Result<(), NonceError> {
+    /// Records (`id`, `nonce`) for `header.ts`; fails if it was already seen.
+    pub fn check(&self, header: &HawkHeader, now: u64) -> Result<(), NonceError> {
         let mut h = Sha256::new();
         for part in [header.id.as_bytes(), header.nonce.as_bytes()] {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part);
         }
-        h.update(header.ts.to_be_bytes());
-        let key: [u8; 32] = h.finalize().into();
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.pruned != now {
-            seen.pruned = now;
-            seen.until.retain(|_, until| *until > now);
+        let digest: [u8; 32] = h.finalize().into();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        let key = u128::from_be_bytes(first);
+        let shard = &self.shards[(key % NONCE_SHARDS as u128) as usize];
+        let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let oldest = now.saturating_sub(self.skew);
+        while let Some(entry) = shard.by_ts.first_entry() {
+            if *entry.key() >= oldest {
+                break;
+            }
+            let gone = entry.remove().len();
+            shard.len -= gone;
         }
-        match seen.until.get(&key) {
-            Some(until) if *until > now => return Err(NonceError::Replayed),
-            _ => {}
+        if shard
+            .by_ts
+            .get(&header.ts)
+            .is_some_and(|seen| seen.contains(&key))
+        {
+            return Err(NonceError::Replayed);
         }
-        if seen.until.len() >= self.max {
+        if shard.len >= self.max_per_shard {
             return Err(NonceError::Full);
         }
-        seen.until.insert(key, forget_at);
+        shard.by_ts.entry(header.ts).or_default().insert(key);
+        shard.len += 1;
         Ok(())
     }
 
     pub fn len(&self) -> usize {
-        self.seen.lock().map_or(0, |s| s.until.len())
+        self.shards.iter().map(|s| s.lock().map_or(0, |s| s.len)).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -250,18 +267,27 @@ mod tests {
 
     #[test]
     fn nonces_are_single_use_within_their_window() {
-        let cache = NonceCache::new(2);
-        let h = |nonce: &str| HawkHeader {
+        let cache = NonceCache::new(1600, 60);
+        let h = |nonce: &str, ts: u64| HawkHeader {
             id: "i".into(),
-            ts: 10,
+            ts,
             nonce: nonce.into(),
             mac: "m".into(),
             ..HawkHeader::default()
         };
-        assert_eq!(cache.check(&h("a"), 10, 70), Ok(()));
-        assert_eq!(cache.check(&h("a"), 11, 71), Err(NonceError::Replayed));
-        assert_eq!(cache.check(&h("b"), 11, 71), Ok(()));
-        assert_eq!(cache.check(&h("c"), 12, 72), Err(NonceError::Full));
-        assert_eq!(cache.check(&h("c"), 80, 140), Ok(()), "expired entries make room");
+        assert_eq!(cache.check(&h("a", 10), 10), Ok(()));
+        assert_eq!(cache.check(&h("a", 10), 60), Err(NonceError::Replayed));
+        assert_eq!(cache.check(&h("b", 10), 11), Ok(()));
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.check(&h("c", 80), 80), Ok(()));
+        assert_eq!(cache.check(&h("c", 80), 81), Err(NonceError::Replayed));
+        // One per shard: a shard that is full refuses, until its entries age out.
+        let tiny = NonceCache::new(1, 60);
+        let full = (0..64)
+            .map(|i| tiny.check(&h(&format!("n{i}"), 10), 10))
+            .filter(|r| *r == Err(NonceError::Full))
+            .count();
+        assert!(full > 0);
+        assert_eq!(tiny.check(&h("late", 200), 200), Ok(()));
     }
 }

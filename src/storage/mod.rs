@@ -107,7 +107,7 @@ impl Storage {
         let secrets = Secrets::new(&config.secrets());
         let default_port = if node.starts_with("https:") { 443 } else { 80 };
         Arc::new(Storage {
-            nonces: NonceCache::new(config.max_nonces),
+            nonces: NonceCache::new(config.max_nonces, config.hawk_skew_secs),
             config,
             node: node.trim_end_matches('/').to_owned(),
             default_port,
@@ -238,11 +238,7 @@ impl Storage {
                 ));
             }
         }
-        // A nonce is only accepted while its ts is within the skew: remember it that long.
-        match self
-            .nonces
-            .check(&hawk, now_int, hawk.ts.saturating_add(skew) + 1)
-        {
+        match self.nonces.check(&hawk, now_int) {
             Ok(()) => Ok(data.uid),
             Err(NonceError::Replayed) => Err(StorageError::Unauthorized("Hawk nonce already used")),
             Err(NonceError::Full) => Err(self.unavailable()),
