@@ -70,8 +70,16 @@ fn hkdf32(ikm: &[u8], salt: Option<&[u8]>, info: &[u8]) -> [u8; 32] {
 
 /// A user's credentials: (token, Hawk key).
 fn mint(uid: u64, node: &str) -> (String, String) {
-    let signing = hkdf32(SECRET.as_bytes(), None, b"services.mozilla.com/tokenlib/v1/signing");
-    let expires = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() + 86_400;
+    let signing = hkdf32(
+        SECRET.as_bytes(),
+        None,
+        b"services.mozilla.com/tokenlib/v1/signing",
+    );
+    let expires = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        + 86_400;
     let payload = json!({"uid": uid, "node": node, "expires": expires, "salt": "b3ec4"}).to_string();
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&signing).expect("any key");
     mac.update(payload.as_bytes());
@@ -80,7 +88,10 @@ fn mint(uid: u64, node: &str) -> (String, String) {
     let token = URL_SAFE.encode(raw);
     let mut info = b"services.mozilla.com/tokenlib/v1/derive/".to_vec();
     info.extend_from_slice(token.as_bytes());
-    (token.clone(), URL_SAFE.encode(hkdf32(SECRET.as_bytes(), Some(b"b3ec4"), &info)))
+    (
+        token.clone(),
+        URL_SAFE.encode(hkdf32(SECRET.as_bytes(), Some(b"b3ec4"), &info)),
+    )
 }
 
 /// A unique nonce per request of this process.
@@ -108,7 +119,13 @@ impl Conn {
     }
 
     /// A Hawk-signed request (with the payload hash when there is a body): (status, body).
-    async fn send(&mut self, creds: &(String, String), method: Method, path: &str, body: Option<Bytes>) -> Result<(u16, Bytes), BoxError> {
+    async fn send(
+        &mut self,
+        creds: &(String, String),
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<(u16, Bytes), BoxError> {
         let ts = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
         let nonce = format!("n{}", NONCE.fetch_add(1, Ordering::Relaxed));
         let hash = body.as_ref().map(|b| {
@@ -127,7 +144,10 @@ impl Conn {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(creds.1.as_bytes()).expect("any key");
         mac.update(normalized.as_bytes());
         let mac = STANDARD.encode(mac.finalize().into_bytes());
-        let mut auth = format!(r#"Hawk id="{}", ts="{ts}", nonce="{nonce}", mac="{mac}""#, creds.0);
+        let mut auth = format!(
+            r#"Hawk id="{}", ts="{ts}", nonce="{nonce}", mac="{mac}""#,
+            creds.0
+        );
         if let Some(hash) = &hash {
             auth.push_str(&format!(r#", hash="{hash}""#));
         }
@@ -182,7 +202,13 @@ fn records_body(start: usize, n: usize, ids: usize, payload: &str) -> Bytes {
     Bytes::from(serde_json::Value::Array(records).to_string())
 }
 
-async fn phase(args: &Args, addr: SocketAddr, creds: &Arc<Vec<(String, String)>>, phase: Phase, duration: Duration) -> Result<Tally, BoxError> {
+async fn phase(
+    args: &Args,
+    addr: SocketAddr,
+    creds: &Arc<Vec<(String, String)>>,
+    phase: Phase,
+    duration: Duration,
+) -> Result<Tally, BoxError> {
     let payload: Arc<String> = Arc::new("x".repeat(args.payload_bytes));
     let deadline = Instant::now() + duration;
     let mut tasks = Vec::new();
@@ -200,17 +226,32 @@ async fn phase(args: &Args, addr: SocketAddr, creds: &Arc<Vec<(String, String)>>
                 let started = Instant::now();
                 let (status, _) = match phase {
                     Phase::GetCollection => {
-                        conn.send(who, Method::GET, &format!("/1.5/{uid}/storage/bench?full=1"), None).await?
+                        conn.send(
+                            who,
+                            Method::GET,
+                            &format!("/1.5/{uid}/storage/bench?full=1"),
+                            None,
+                        )
+                        .await?
                     }
                     Phase::PostBatch => {
                         let body = records_body(n * records, records, post_ids, &payload);
-                        conn.send(who, Method::POST, &format!("/1.5/{uid}/storage/posts"), Some(body)).await?
+                        conn.send(
+                            who,
+                            Method::POST,
+                            &format!("/1.5/{uid}/storage/posts"),
+                            Some(body),
+                        )
+                        .await?
                     }
                     Phase::InfoCollections => {
-                        conn.send(who, Method::GET, &format!("/1.5/{uid}/info/collections"), None).await?
+                        conn.send(who, Method::GET, &format!("/1.5/{uid}/info/collections"), None)
+                            .await?
                     }
                 };
-                tally.latencies_us.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                tally
+                    .latencies_us
+                    .push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
                 match status {
                     200..=299 => tally.ok += 1,
                     500..=599 => tally.server_errors += 1,
@@ -260,7 +301,14 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let node = format!("http://{addr}");
     let dir = tempfile::tempdir()?;
     let child = Command::new(&args.server_bin)
-        .args(["serve", "--listen", &addr.to_string(), "--public-url", &node, "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--public-url",
+            &node,
+            "--data-dir",
+        ])
         .arg(dir.path().join("data"))
         .env("EDITIOND_STORAGE__MASTER_SECRET", SECRET)
         .env("RUST_LOG", "warn")
@@ -286,13 +334,22 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     for uid in 1..=args.users {
         let body = records_body(0, args.records, args.records, &payload);
         let (status, text) = conn
-            .send(&creds[(uid - 1) as usize], Method::POST, &format!("/1.5/{uid}/storage/bench"), Some(body))
+            .send(
+                &creds[(uid - 1) as usize],
+                Method::POST,
+                &format!("/1.5/{uid}/storage/bench"),
+                Some(body),
+            )
             .await?;
         if status != 200 {
             return Err(format!("setup POST: {status} {}", String::from_utf8_lossy(&text)).into());
         }
     }
-    let (runs, duration) = if args.smoke { (1, Duration::from_secs(1)) } else { (args.runs, Duration::from_secs(args.duration)) };
+    let (runs, duration) = if args.smoke {
+        (1, Duration::from_secs(1))
+    } else {
+        (args.runs, Duration::from_secs(args.duration))
+    };
     println!(
         "{:<20} {:>4} {:>10} {:>9} {:>9} {:>7} {:>7}",
         "phase", "run", "req/s", "p50 ms", "p99 ms", "5xx", "other"
@@ -315,8 +372,10 @@ async fn run(args: Args) -> Result<bool, BoxError> {
                 t.other
             );
             clean &= t.server_errors == 0 && t.other == 0;
-            rows.push(json!({"phase": p.name(), "run": run, "rps": rate.round(), "p50_ms": p50, "p99_ms": p99,
-                             "server_errors": t.server_errors, "other_errors": t.other}));
+            rows.push(
+                json!({"phase": p.name(), "run": run, "rps": rate.round(), "p50_ms": p50, "p99_ms": p99,
+                             "server_errors": t.server_errors, "other_errors": t.other}),
+            );
         }
     }
     println!(
