@@ -1096,7 +1096,7 @@ async fn post_collection(
                     let sorted = sort_records(&storage, &collection, values, (meta.records, meta.bytes))?;
                     let incoming: u64 = sorted.accepted.iter().map(|r| r.payload_len() as u64).sum();
                     if commit {
-                        storage.check_quota(store, uid, incoming)?;
+                        storage.check_quota(store, uid, meta.bytes + incoming)?;
                         let mut records: Vec<BsoIn> = Vec::new();
                         for item in store.batch_items(uid, &id).map_err(store_err)? {
                             let record: BsoIn = serde_json::from_slice(&item)
