@@ -101,6 +101,11 @@ impl Metrics {
         self.closes.with_label_values(&[code.to_string()]).inc();
     }
 
+    /// Registers another family's metrics (the storage API's) for the same exposition.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) -> prometheus::Result<()> {
+        self.registry.register(collector)
+    }
+
     /// The text exposition.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

@@ -134,6 +134,9 @@ impl AppState {
             stop: Notify::new(),
             sockets: watch::Sender::new(0),
         });
+        if let Some(storage) = &state.storage {
+            storage.register_metrics(&state.metrics);
+        }
         if let (Some(router), Some(inbox)) = (router, inbox) {
             tokio::spawn(crate::route::listen(state.clone(), router.clone(), inbox));
             tokio::spawn(crate::route::recheck_loop(state.clone(), router));

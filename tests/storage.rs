@@ -999,6 +999,16 @@ async fn protocol_edges() {
         .await
         .unwrap();
     assert_eq!(lb.status(), 200);
+    c.put("storage/xxx_col1/m", json!({"payload": "m"})).await;
+    let metrics = env.server.metrics(&http).await;
+    assert!(
+        metrics.contains("editiond_storage_requests_total{status=\"405\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("editiond_storage_commit_seconds_count 1"),
+        "{metrics}"
+    );
     let preflight = http
         .request(
             reqwest::Method::OPTIONS,

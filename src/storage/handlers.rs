@@ -114,6 +114,7 @@ async fn finish(State(storage): State<Arc<Storage>>, request: Request, next: Nex
     } else {
         next.run(request).await
     };
+    storage.count(response.status());
     if !response.headers().contains_key("x-weave-timestamp") {
         set_ts(&mut response, "x-weave-timestamp", now_ms());
     }
@@ -296,8 +297,11 @@ impl Storage {
         // The commit runs to its end even if this request gives up waiting, and only then
         // stops counting as dirty.
         let (store, dirty) = (self.store.clone(), self.dirty.clone());
+        let waited = self.commit_seconds.clone();
         let committed = tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let result = store.commit().await;
+            waited.observe(started.elapsed().as_secs_f64());
             dirty[stripe].fetch_sub(1, Ordering::SeqCst);
             result
         });

@@ -70,6 +70,10 @@ pub struct Storage {
     dirty: Arc<[AtomicU64]>,
     nonces: NonceCache,
     observer: OnceLock<Observer>,
+    /// Answers by status, and the wait for durability of writes; exported with the server's
+    /// metrics once [`Storage::register_metrics`] ran.
+    requests: prometheus::IntCounterVec,
+    commit_seconds: prometheus::Histogram,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +120,19 @@ impl Storage {
             locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             dirty: (0..LOCK_STRIPES).map(|_| AtomicU64::new(0)).collect(),
             observer: OnceLock::new(),
+            requests: prometheus::IntCounterVec::new(
+                prometheus::Opts::new("storage_requests_total", "Storage API answers by HTTP status"),
+                &["status"],
+            )
+            .expect("valid metric"),
+            commit_seconds: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(
+                    "storage_commit_seconds",
+                    "Time for a storage write to become durable (group commit wait)",
+                )
+                .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid buckets")),
+            )
+            .expect("valid metric"),
         })
     }
 
@@ -136,6 +153,23 @@ impl Storage {
     /// ignored).
     pub fn set_observer(&self, observer: Observer) {
         let _ = self.observer.set(observer);
+    }
+
+    /// Exports the storage metrics with the server's (`/metrics`).
+    pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
+        for collector in [
+            Box::new(self.requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(self.commit_seconds.clone()),
+        ] {
+            if let Err(e) = metrics.register(collector) {
+                tracing::warn!(error = %e, "storage metrics not registered");
+            }
+        }
+    }
+
+    /// Counts one answer.
+    pub(crate) fn count(&self, status: axum::http::StatusCode) {
+        self.requests.with_label_values(&[status.as_str()]).inc();
     }
 
     /// Mints a token and Hawk key for `uid` on this node (`editiond token`).
