@@ -24,7 +24,7 @@ use serde_json::Value;
 
 use super::bso::{self, format_ts, now_ms, parse_ts, BsoIn, RecordLimits};
 use super::error::{code, set_ts, StorageError};
-use super::store::{BatchMeta, Change, StorageStore, StoredBso, NO_EXPIRY};
+use super::store::{BatchMeta, BsoMeta, Change, StorageStore, StoredBso, NO_EXPIRY};
 use super::Storage;
 
 type Result<T, E = StorageError> = std::result::Result<T, E>;
@@ -357,10 +357,10 @@ impl Storage {
         let mut out = Vec::new();
         for (name, _) in store.collections(uid).map_err(store_err)? {
             let (mut count, mut bytes) = (0u64, 0u64);
-            for (_, b) in store.scan(uid, &name).map_err(store_err)? {
+            for (_, b) in store.scan_meta(uid, &name).map_err(store_err)? {
                 if b.expiry > now {
                     count += 1;
-                    bytes += b.payload.len() as u64;
+                    bytes += b.payload_len;
                 }
             }
             out.push((name, count, bytes));
@@ -501,7 +501,7 @@ impl Sort {
     }
 
     /// The record's position: compare (key, id) ascending.
-    fn key(self, b: &StoredBso) -> i64 {
+    fn key(self, b: &BsoMeta) -> i64 {
         match self {
             Sort::Id => 0,
             Sort::Newest => -(b.modified as i64),
@@ -535,12 +535,12 @@ impl Offset {
 }
 
 /// Serialises one record: `id`, `modified` (two decimals), `payload`, and `sortindex` if set.
-fn bso_json(id: &str, b: &StoredBso) -> String {
+fn bso_json(id: &str, b: &BsoMeta, payload: &str) -> String {
     let mut s = format!(
         "{{\"id\":{},\"modified\":{},\"payload\":{}",
         Value::String(id.to_owned()),
         format_ts(b.modified),
-        Value::String(b.payload.clone())
+        Value::String(payload.to_owned())
     );
     if let Some(i) = b.sortindex {
         s.push_str(&format!(",\"sortindex\":{i}"));
@@ -633,30 +633,44 @@ async fn get_collection(
             pre.check_read(last)?;
             let now = now_ms();
             let bound = offset.as_ref().map_or(last, |o| o.bound);
-            let candidates: Vec<(String, StoredBso)> = match &ids {
+            // Payloads are read with the scan only when every record goes out whole; a page
+            // of a listing reads its own payloads after sorting.
+            let whole = full && limit.is_none();
+            let candidates: Vec<(String, BsoMeta, Option<String>)> = match &ids {
                 Some(ids) => {
                     let mut found = Vec::new();
                     for id in ids {
                         if let Some(b) = store.get(uid, &collection, id).map_err(store_err)? {
-                            found.push((id.clone(), b));
+                            found.push((id.clone(), b.meta(), Some(b.payload)));
                         }
                     }
                     found.sort_by(|a, b| a.0.cmp(&b.0));
                     found.dedup_by(|a, b| a.0 == b.0);
                     found
                 }
-                None => store.scan(uid, &collection).map_err(store_err)?,
+                None if whole => store
+                    .scan(uid, &collection)
+                    .map_err(store_err)?
+                    .into_iter()
+                    .map(|(id, b)| (id, b.meta(), Some(b.payload)))
+                    .collect(),
+                None => store
+                    .scan_meta(uid, &collection)
+                    .map_err(store_err)?
+                    .into_iter()
+                    .map(|(id, m)| (id, m, None))
+                    .collect(),
             };
-            let mut rows: Vec<(i64, String, StoredBso)> = candidates
+            let mut rows: Vec<(i64, String, BsoMeta, Option<String>)> = candidates
                 .into_iter()
-                .filter(|(_, b)| {
+                .filter(|(_, b, _)| {
                     b.expiry > now
                         && b.modified <= bound
                         && newer.is_none_or(|t| b.modified > t)
                         && older.is_none_or(|t| b.modified < t)
                 })
-                .map(|(id, b)| (sort.key(&b), id, b))
-                .filter(|(key, id, _)| {
+                .map(|(id, b, payload)| (sort.key(&b), id, b, payload))
+                .filter(|(key, id, _, _)| {
                     offset
                         .as_ref()
                         .is_none_or(|o| (*key, id.as_str()) > (o.key, o.id.as_str()))
@@ -667,16 +681,23 @@ async fn get_collection(
             if let Some(l) = limit {
                 rows.truncate(l);
             }
-            let items: Vec<String> = rows
-                .iter()
-                .map(|(_, id, b)| {
-                    if full {
-                        bso_json(id, b)
-                    } else {
-                        Value::String(id.clone()).to_string()
-                    }
-                })
-                .collect();
+            let mut items: Vec<String> = Vec::with_capacity(rows.len());
+            for (_, id, meta, payload) in &rows {
+                if !full {
+                    items.push(Value::String(id.clone()).to_string());
+                    continue;
+                }
+                let payload = match payload {
+                    Some(p) => p.clone(),
+                    // Under the read lock the record cannot have gone since the scan.
+                    None => store
+                        .get(uid, &collection, id)
+                        .map_err(store_err)?
+                        .map(|b| b.payload)
+                        .unwrap_or_default(),
+                };
+                items.push(bso_json(id, meta, &payload));
+            }
             let body = match format {
                 Format::Json => format!("[{}]", items.join(",")),
                 Format::Newlines => items.iter().map(|i| format!("{i}\n")).collect(),
@@ -691,7 +712,7 @@ async fn get_collection(
             r.headers_mut()
                 .insert("x-weave-records", HeaderValue::from(rows.len()));
             if more {
-                if let Some((key, id, _)) = rows.last() {
+                if let Some((key, id, _, _)) = rows.last() {
                     let next = Offset {
                         bound,
                         key: *key,
@@ -724,7 +745,7 @@ async fn get_item(
                 .filter(|b| b.expiry > now_ms());
             pre.check_read(found.as_ref().map_or(0, |b| b.modified))?;
             let b = found.ok_or(StorageError::NotFound)?;
-            Ok(read_answer(bso_json(&id, &b), b.modified))
+            Ok(read_answer(bso_json(&id, &b.meta(), &b.payload), b.modified))
         })
         .await
 }

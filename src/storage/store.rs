@@ -50,6 +50,26 @@ pub struct StoredBso {
     pub payload: String,
 }
 
+/// A stored record without its payload: what listings filter and sort on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BsoMeta {
+    pub modified: u64,
+    pub expiry: u64,
+    pub sortindex: Option<i32>,
+    pub payload_len: u64,
+}
+
+impl StoredBso {
+    pub fn meta(&self) -> BsoMeta {
+        BsoMeta {
+            modified: self.modified,
+            expiry: self.expiry,
+            sortindex: self.sortindex,
+            payload_len: self.payload.len() as u64,
+        }
+    }
+}
+
 /// An uncommitted batch upload.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchMeta {
@@ -120,6 +140,9 @@ pub trait StorageStore: Send + Sync + 'static {
     fn get(&self, uid: u64, collection: &str, id: &str) -> Result<Option<StoredBso>>;
     /// Every record of the collection, by id.
     fn scan(&self, uid: u64, collection: &str) -> Result<Vec<(String, StoredBso)>>;
+    /// Every record of the collection without payloads, by id: a listing of a large collection
+    /// copies only the page it answers with.
+    fn scan_meta(&self, uid: u64, collection: &str) -> Result<Vec<(String, BsoMeta)>>;
     fn batch(&self, uid: u64, batch: &str) -> Result<Option<BatchMeta>>;
     /// The batch's items in `seq` order.
     fn batch_items(&self, uid: u64, batch: &str) -> Result<Vec<Vec<u8>>>;
@@ -192,7 +215,7 @@ pub mod keys {
 }
 
 mod codec {
-    use super::{BatchMeta, StorageStoreError, StoredBso};
+    use super::{BatchMeta, BsoMeta, StorageStoreError, StoredBso};
 
     fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
         bytes.get(at..at + 8)?.try_into().ok().map(u64::from_be_bytes)
@@ -235,6 +258,20 @@ mod codec {
         })
     }
 
+    pub fn decode_meta(bytes: &[u8]) -> Result<BsoMeta, StorageStoreError> {
+        let bad = || StorageStoreError::Corrupt("record");
+        let index: [u8; 4] = bytes
+            .get(17..21)
+            .and_then(|s| s.try_into().ok())
+            .ok_or_else(bad)?;
+        Ok(BsoMeta {
+            modified: u64_at(bytes, 0).ok_or_else(bad)?,
+            expiry: u64_at(bytes, 8).ok_or_else(bad)?,
+            sortindex: (*bytes.get(16).ok_or_else(bad)? == 1).then(|| i32::from_be_bytes(index)),
+            payload_len: (bytes.len() - 21) as u64,
+        })
+    }
+
     /// expiry ‖ records ‖ bytes ‖ collection.
     pub fn encode_batch(m: &BatchMeta) -> Vec<u8> {
         let mut v = Vec::with_capacity(24 + m.collection.len());
@@ -258,10 +295,15 @@ mod codec {
     }
 }
 
+/// Called with each key and value of a [`Kv::visit_prefix`].
+pub type Visitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
+
 /// An ordered key-value space with atomic multi-key writes: what [`KvStorage`] needs.
 pub trait Kv: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// Calls `f` with every key and value under `prefix`, in key order, without copying them.
+    fn visit_prefix(&self, prefix: &[u8], f: &mut Visitor<'_>) -> Result<()>;
     /// Every key, for the sweep (in chunks would be kinder; fine at one node's scale).
     fn scan_all(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
     /// Sets (`Some`) or removes (`None`) every key, atomically.
@@ -322,6 +364,16 @@ impl<K: Kv> StorageStore for KvStorage<K> {
             .into_iter()
             .map(|(k, v)| Ok((suffix_str(&k, prefix.len())?, codec::decode_bso(&v)?)))
             .collect()
+    }
+
+    fn scan_meta(&self, uid: u64, collection: &str) -> Result<Vec<(String, BsoMeta)>> {
+        let prefix = keys::records(uid, collection);
+        let mut out = Vec::new();
+        self.kv.visit_prefix(&prefix, &mut |k, v| {
+            out.push((suffix_str(k, prefix.len())?, codec::decode_meta(v)?));
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     fn batch(&self, uid: u64, batch: &str) -> Result<Option<BatchMeta>> {
@@ -457,6 +509,17 @@ impl Kv for MemoryKv {
             .collect())
     }
 
+    fn visit_prefix(&self, prefix: &[u8], f: &mut Visitor<'_>) -> Result<()> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, v) in map
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+        {
+            f(k, v)?;
+        }
+        Ok(())
+    }
+
     fn scan_all(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         self.scan_prefix(&[])
     }
@@ -505,6 +568,14 @@ impl Kv for SledKv {
             .scan_prefix(prefix)
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Into::into))
             .collect()
+    }
+
+    fn visit_prefix(&self, prefix: &[u8], f: &mut Visitor<'_>) -> Result<()> {
+        for item in self.tree.scan_prefix(prefix) {
+            let (k, v) = item?;
+            f(&k, &v)?;
+        }
+        Ok(())
     }
 
     fn scan_all(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {

@@ -115,6 +115,11 @@ pub async fn puts_read_back_with_their_times(s: &dyn StorageStore) {
     assert_eq!(s.user_modified(7).unwrap(), Some(1010));
     assert_eq!(s.collection_modified(7, "bookmarks").unwrap(), Some(1010));
     assert_eq!(s.collections(7).unwrap(), vec![("bookmarks".to_owned(), 1010)]);
+    assert_eq!(
+        s.scan_meta(7, "bookmarks").unwrap(),
+        vec![("a b".to_owned(), b.meta())]
+    );
+    assert_eq!(b.meta().payload_len, b.payload.len() as u64);
     assert_eq!(s.scan(7, "bookmarks").unwrap(), vec![("a b".to_owned(), b)]);
 }
 
@@ -152,6 +157,13 @@ pub async fn collections_and_users_do_not_mix(s: &dyn StorageStore) {
     assert_eq!(ids(s.scan(1, "col").unwrap()), vec!["a"]);
     assert_eq!(ids(s.scan(1, "col2").unwrap()), vec!["b"]);
     assert_eq!(ids(s.scan(256, "col").unwrap()), vec!["z"]);
+    let meta_ids: Vec<String> = s
+        .scan_meta(1, "col")
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(meta_ids, vec!["a"]);
     assert_eq!(s.collections(1).unwrap().len(), 2);
     assert_eq!(s.collections(256).unwrap().len(), 1);
     assert_eq!(s.get(256, "col", "a").unwrap(), None);
