@@ -580,6 +580,11 @@ async fn post_limits_fail_records_or_requests() {
     let huge = "X".repeat(config["max_request_bytes"].as_u64().unwrap() as usize + 10);
     let r = c.post_raw("storage/xxx_col2", "application/json", &huge).await;
     assert_eq!(r.status, 413);
+    assert_eq!(
+        r.header("x-weave-limit"),
+        Some("max_request_bytes=2101248"),
+        "413 names the limit"
+    );
 }
 
 #[tokio::test]

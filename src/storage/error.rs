@@ -45,8 +45,9 @@ pub enum StorageError {
     NotModified { last_modified: u64 },
     #[error("modified since X-If-Unmodified-Since")]
     PreconditionFailed { last_modified: u64 },
-    #[error("request body too large")]
-    TooLarge,
+    /// 413, with `X-Weave-Limit: <config key>=<value>` naming the limit passed.
+    #[error("request body over {limit} ({max} bytes)")]
+    TooLarge { limit: &'static str, max: u64 },
     #[error("unsupported content type")]
     UnsupportedMediaType,
     #[error("overloaded: retry in {retry_after_secs} s")]
@@ -80,7 +81,7 @@ impl StorageError {
             StorageError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             StorageError::NotModified { .. } => StatusCode::NOT_MODIFIED,
             StorageError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
-            StorageError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            StorageError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             StorageError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             StorageError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             StorageError::EndOfLife => StatusCode::from_u16(513).unwrap_or(StatusCode::GONE),
@@ -93,7 +94,7 @@ impl StorageError {
         match self {
             StorageError::Invalid { code, .. } => *code,
             StorageError::OverQuota => code::OVER_QUOTA,
-            StorageError::TooLarge => code::SIZE_LIMIT,
+            StorageError::TooLarge { .. } => code::SIZE_LIMIT,
             _ => 0,
         }
     }
@@ -127,6 +128,11 @@ impl IntoResponse for StorageError {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
                 headers.insert("x-weave-backoff", HeaderValue::from(retry_after_secs));
             }
+            StorageError::TooLarge { limit, max } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("{limit}={max}")) {
+                    response.headers_mut().insert("x-weave-limit", v);
+                }
+            }
             StorageError::Unauthorized(_) => {
                 response
                     .headers_mut()
@@ -152,7 +158,11 @@ mod tests {
     #[test]
     fn bodies_carry_the_sync_codes() {
         assert_eq!(StorageError::bad_bso("x").weave_code(), 8);
-        assert_eq!(StorageError::TooLarge.weave_code(), 17);
+        let too_large = StorageError::TooLarge {
+            limit: "max_request_bytes",
+            max: 10,
+        };
+        assert_eq!(too_large.weave_code(), 17);
         assert_eq!(StorageError::OverQuota.weave_code(), 14);
         assert_eq!(StorageError::NotFound.weave_code(), 0);
         assert_eq!(StorageError::EndOfLife.status().as_u16(), 513);

@@ -167,7 +167,10 @@ async fn authed(storage: &Storage, uid: &str, request: Request, allow_expired: b
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, storage.config.max_request_bytes)
         .await
-        .map_err(|_| StorageError::TooLarge)?;
+        .map_err(|_| StorageError::TooLarge {
+            limit: "max_request_bytes",
+            max: storage.config.max_request_bytes as u64,
+        })?;
     let uid = storage.authenticate(&parts, &body, uid, allow_expired)?;
     Ok(Authed { parts, body, uid })
 }
