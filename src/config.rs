@@ -22,6 +22,7 @@ pub struct Config {
     pub keys: KeysConfig,
     pub web: WebConfig,
     pub kick: crate::kick::KickConfig,
+    pub storage: crate::storage::StorageConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -301,6 +302,7 @@ impl Config {
     pub fn redact_secrets(&mut self) {
         self.keys = KeysConfig::default();
         self.kick.redact_secrets();
+        self.storage.redact_secrets();
         self.store.url = redact_url(&self.store.url);
         for url in &mut self.store.cluster_urls {
             *url = redact_url(url);
@@ -341,6 +343,9 @@ impl Config {
             st.route_ttl_secs > st.recheck_interval_secs,
             "store.route_ttl_secs must exceed store.recheck_interval_secs",
         )?;
+        self.storage
+            .validate(&self.store.backend)
+            .map_err(|m| invalid("config", m))?;
         check(
             l.max_frame_bytes >= 1024,
             "limits.max_frame_bytes must be at least 1024",

@@ -47,6 +47,18 @@ enum Command {
     /// Print the effective configuration (after file, environment and flags) as TOML and exit.
     /// Keys are never printed.
     Config(Sources),
+    /// Mint a storage API token (tokenserver format) and its Hawk key, signed with the first
+    /// `[storage] master_secret`, for testing and for operators; prints the tokenserver's JSON.
+    Token {
+        /// The user id the token grants.
+        #[arg(long)]
+        uid: u64,
+        /// Seconds the token is valid.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        #[command(flatten)]
+        sources: Sources,
+    },
 }
 
 /// Where configuration comes from: the file, then the environment, then these flags.
@@ -103,6 +115,13 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Token { uid, ttl, sources } => match sources.load() {
+            Ok(config) => print_token(&config, uid, ttl),
+            Err(e) => {
+                eprintln!("editiond: config: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Serve(sources) => {
             let config = match sources.load() {
                 Ok(c) => c,
@@ -127,6 +146,36 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn print_token(config: &Config, uid: u64, ttl: u64) -> ExitCode {
+    if !config.storage.enabled() {
+        eprintln!("editiond: token: [storage] master_secret is not set");
+        return ExitCode::from(2);
+    }
+    let node = config.public_url();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let secrets = editiond::storage::token::Secrets::new(&config.storage.secrets());
+    match secrets.mint(uid, &node, ttl, now) {
+        Some((id, key)) => {
+            let out = serde_json::json!({
+                "id": id,
+                "key": key,
+                "uid": uid,
+                "api_endpoint": format!("{node}/1.5/{uid}"),
+                "duration": ttl,
+                "hashalg": "sha256",
+            });
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!("editiond: token: no randomness for the salt");
+            ExitCode::FAILURE
         }
     }
 }

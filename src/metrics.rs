@@ -101,7 +101,8 @@ impl Metrics {
         self.closes.with_label_values(&[code.to_string()]).inc();
     }
 
-    /// Adds a metric another module owns (the KICK scheduler's), under the same prefix.
+    /// Adds a metric another module owns (the KICK scheduler's, the storage API's), under the
+    /// same registry.
     pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) -> prometheus::Result<()> {
         self.registry.register(collector)
     }

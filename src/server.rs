@@ -38,6 +38,8 @@ pub enum StartError {
     Redis(StoreError),
     #[error("{0}")]
     Kick(#[from] crate::kick::SetupError),
+    #[error("{0}")]
+    Storage(#[from] crate::storage::OpenError),
 }
 
 /// An opened node, not yet serving: its state and, on Redis, the inbox its routing listens to.
@@ -115,7 +117,16 @@ impl Node {
             None => (None, None),
         };
         let kick_keys = crate::push::wake::load_keys(&config, &store).await?;
-        let state = Arc::new(AppState::new(config, keys, store, routes));
+        let storage = {
+            let config = config.clone();
+            blocking(move || crate::storage::Storage::open(&config)).await?
+        };
+        let mut state = AppState::new(config, keys, store, routes);
+        if let Some(storage) = &storage {
+            storage.register_metrics(&state.metrics);
+        }
+        state.storage = storage;
+        let state = Arc::new(state);
         crate::push::wake::install(&state, &kick_keys)?;
         Ok(Node { state, inbox })
     }
@@ -140,6 +151,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::web::routes(&state.config.web))
         .merge(crate::kick::routes(crate::push::wake::drivers(&state)))
+        .merge(crate::storage::routes(state.storage.clone()))
         .fallback(|| async { HttpError::NotFound })
         .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
         .layer(axum::middleware::from_fn(crate::web::cors))

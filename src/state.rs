@@ -41,6 +41,8 @@ pub struct AppState {
     /// The KICK drivers and their scheduler, set once at start-up by `push::wake::install`
     /// (their hooks need this state's address); unset, every kick is unsupported.
     pub kicks: OnceLock<crate::kick::Kicks>,
+    /// The Sync 1.5 storage API, when `[storage] master_secret` is set (set by the wiring).
+    pub storage: Option<Arc<crate::storage::Storage>>,
     /// Flips to `true` once to tell every socket and poll to finish.
     shutdown: watch::Sender<bool>,
     /// Wakes every WebSocket when `shutdown` flips: a socket waits on this (a future kept
@@ -60,6 +62,7 @@ impl AppState {
             public_url: config.public_url(),
             put_limit,
             kicks: OnceLock::new(),
+            storage: None,
             config,
             keys,
             store,

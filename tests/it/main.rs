@@ -5,6 +5,9 @@
 mod common;
 #[macro_use]
 mod store_suite;
+#[macro_use]
+mod storage_store_suite;
+mod storage_support;
 
 mod ack_durability;
 mod bad_input;
@@ -18,4 +21,6 @@ mod multinode;
 mod proto_examples;
 mod redis_cluster;
 mod redis_store;
+mod storage;
+mod storage_store;
 mod store_conformance;
