@@ -22,9 +22,10 @@ use crate::server::AppState;
 use crate::session::authenticate_all;
 use crate::store::{now_ms, Store, StoreError};
 
+/// A poll request's body (pub for the fuzz harness).
 #[derive(Deserialize)]
-struct PollBody {
-    uaids: Vec<Credential>,
+pub struct PollBody {
+    pub uaids: Vec<Credential>,
 }
 
 #[derive(Deserialize)]
@@ -32,10 +33,11 @@ pub struct PollQuery {
     wait: Option<u64>,
 }
 
+/// An ack request's body (pub for the fuzz harness).
 #[derive(Deserialize)]
-struct AckBody {
-    uaids: Vec<Credential>,
-    updates: HashMap<String, HashMap<String, u64>>,
+pub struct AckBody {
+    pub uaids: Vec<Credential>,
+    pub updates: HashMap<String, HashMap<String, u64>>,
 }
 
 fn unavailable(state: &AppState) -> impl Fn(StoreError) -> HttpError + '_ {
@@ -47,7 +49,8 @@ fn unavailable(state: &AppState) -> impl Fn(StoreError) -> HttpError + '_ {
     }
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HttpError> {
+/// Parses a request body (pub for the fuzz harness).
+pub fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HttpError> {
     serde_json::from_slice(body).map_err(|e| HttpError::InvalidBody(e.to_string()))
 }
 
