@@ -15,14 +15,56 @@ use std::time::{Duration, Instant};
 
 /// Tokens the mutator splices in: the grammar of every input the targets read.
 const DICTIONARY: &[&str] = &[
-    "{", "}", "[", "]", ":", ",", "\"", "\\u0000", "\\ud800", "null", "true", "-1", "1e999",
-    "18446744073709551616", "0.5", "\"type\"", "\"hello\"", "\"claim\"", "\"register\"",
-    "\"ack\"", "\"ping\"", "\"uaids\"", "\"uaid\"", "\"secret\"", "\"appid\"", "\"kick\"",
-    "\"updates\"", "\"version\"", "version=", "&", "6f2a3c1e-9b4d-4e8f-a1b2-c3d4e5f60718",
-    "6F2A3C1E-9B4D-4E8F-A1B2-C3D4E5F60718", "[server]", "[limits]", "[store]", "[keys]",
-    " = ", "\n", "\0", "listen", "public_url", "\"https://x/\"", "max_frame_bytes",
-    "LIMITS__MAX_FRAME_BYTES=", "SERVER__LISTEN=", "STORE__CLUSTER_URLS=", "[[a]]",
-    "9223372036854775808", "\u{feff}", "é",
+    "{",
+    "}",
+    "[",
+    "]",
+    ":",
+    ",",
+    "\"",
+    "\\u0000",
+    "\\ud800",
+    "null",
+    "true",
+    "-1",
+    "1e999",
+    "18446744073709551616",
+    "0.5",
+    "\"type\"",
+    "\"hello\"",
+    "\"claim\"",
+    "\"register\"",
+    "\"ack\"",
+    "\"ping\"",
+    "\"uaids\"",
+    "\"uaid\"",
+    "\"secret\"",
+    "\"appid\"",
+    "\"kick\"",
+    "\"updates\"",
+    "\"version\"",
+    "version=",
+    "&",
+    "6f2a3c1e-9b4d-4e8f-a1b2-c3d4e5f60718",
+    "6F2A3C1E-9B4D-4E8F-A1B2-C3D4E5F60718",
+    "[server]",
+    "[limits]",
+    "[store]",
+    "[keys]",
+    " = ",
+    "\n",
+    "\0",
+    "listen",
+    "public_url",
+    "\"https://x/\"",
+    "max_frame_bytes",
+    "LIMITS__MAX_FRAME_BYTES=",
+    "SERVER__LISTEN=",
+    "STORE__CLUSTER_URLS=",
+    "[[a]]",
+    "9223372036854775808",
+    "\u{feff}",
+    "é",
 ];
 
 /// xorshift64*: enough randomness for a mutator, and reproducible from its seed.
@@ -130,7 +172,10 @@ fn smoke(name: &str) {
                 .map_or(1, |d| d.as_nanos() as u64)
                 | 1
         });
-    eprintln!("{name}: {} kept inputs passed; mutating with EDITIOND_FUZZ_SEED={seed}", corpus.len());
+    eprintln!(
+        "{name}: {} kept inputs passed; mutating with EDITIOND_FUZZ_SEED={seed}",
+        corpus.len()
+    );
     let mut rng = Rng(seed);
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut runs = 0u64;
@@ -173,7 +218,10 @@ fn every_target_has_a_smoke_test_and_a_libfuzzer_entry() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let this = std::fs::read_to_string(root.join("tests/fuzz_smoke.rs")).expect("read self");
     for (name, _) in targets::TARGETS {
-        assert!(this.contains(&format!("smoke(\"{name}\")")), "{name} has no smoke test");
+        assert!(
+            this.contains(&format!("smoke(\"{name}\")")),
+            "{name} has no smoke test"
+        );
         assert!(
             root.join(format!("fuzz/fuzz_targets/{name}.rs")).exists(),
             "{name} has no libFuzzer entry"

@@ -14,8 +14,11 @@ use editiond::ids::{Appid, Uaid};
 use editiond::keys::{Keys, TokenId};
 use editiond::proto::{self, ClientMessage, Credential};
 
+/// A fuzz target: panics when an input breaks what it checks.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name, for the smoke test and for replaying kept inputs.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("client_frame", client_frame),
     ("put_request", put_request),
     ("endpoint_token", endpoint_token),
@@ -43,7 +46,11 @@ fn check_credentials(entries: &[Credential]) {
         }
     }
     let added = proto::uaids_added(entries, |_| false);
-    assert!(added <= entries.len(), "{added} added from {} entries", entries.len());
+    assert!(
+        added <= entries.len(),
+        "{added} added from {} entries",
+        entries.len()
+    );
     // Holding everything adds only the entries that ask for a new UAID.
     let new = entries.iter().filter(|c| c.uaid.is_none()).count();
     let invalid = entries
@@ -92,7 +99,11 @@ pub fn client_frame(data: &[u8]) {
         },
         Err(e) => {
             let frame = e.frame();
-            assert!(frame.len() <= MAX_ERROR_FRAME, "error frame of {} bytes", frame.len());
+            assert!(
+                frame.len() <= MAX_ERROR_FRAME,
+                "error frame of {} bytes",
+                frame.len()
+            );
             let v: serde_json::Value = serde_json::from_str(&frame).expect("an error frame is JSON");
             assert_eq!(v["type"], "error");
             assert_eq!(v["status"], e.status());
@@ -124,7 +135,10 @@ pub fn put_request(data: &[u8]) {
     let v = u64::from_le_bytes(eight);
     let parse = editiond::endpoint::parse_version;
     assert_eq!(parse(format!("version={v}").as_bytes()).ok(), Some(Some(v)));
-    assert_eq!(parse(format!("{{\"version\":{v}}}").as_bytes()).ok(), Some(Some(v)));
+    assert_eq!(
+        parse(format!("{{\"version\":{v}}}").as_bytes()).ok(),
+        Some(Some(v))
+    );
 
     let [default, max] = bounds else {
         return;
@@ -138,7 +152,10 @@ pub fn put_request(data: &[u8]) {
     }
     let (default, max) = (u64::from(*default), u64::from(*max));
     if let Ok(ttl) = editiond::endpoint::parse_ttl(&headers, default, max) {
-        assert!(ttl.as_secs() >= 1 && ttl.as_secs() <= max.max(1), "{ttl:?} outside [1, {max}]");
+        assert!(
+            ttl.as_secs() >= 1 && ttl.as_secs() <= max.max(1),
+            "{ttl:?} outside [1, {max}]"
+        );
     } else {
         assert!(cut.is_some(), "a missing TTL header takes the default");
     }
@@ -209,7 +226,12 @@ pub fn config_load(data: &[u8]) {
     let vars: Vec<(String, String)> = String::from_utf8_lossy(env)
         .lines()
         .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (format!("EDITIOND_{}", k.trim_start_matches("EDITIOND_")), v.to_owned()))
+        .map(|(k, v)| {
+            (
+                format!("EDITIOND_{}", k.trim_start_matches("EDITIOND_")),
+                v.to_owned(),
+            )
+        })
         .collect();
     let path = scratch_file(file);
     let Ok(config) = Config::load(Some(&path), vars, &Flags::default()) else {
