@@ -110,7 +110,11 @@ pub fn client_frame(data: &[u8]) {
             let v: serde_json::Value = serde_json::from_str(&frame).expect("an error frame is JSON");
             assert_eq!(v["type"], "error");
             let message = v["message"].as_str().expect("a message");
-            assert!(message.len() <= MAX_ERROR_MESSAGE, "message of {} bytes", message.len());
+            assert!(
+                message.len() <= MAX_ERROR_MESSAGE,
+                "message of {} bytes",
+                message.len()
+            );
             assert_eq!(v["status"], e.status());
             assert!((400..600).contains(&e.status()));
             assert!((1000..5000).contains(&e.close_code()));
