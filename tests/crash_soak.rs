@@ -36,10 +36,13 @@ const IDLE_UAIDS: usize = 4;
 const APPIDS_PER_UAID: usize = 5;
 const PUT_TASKS: usize = 16;
 
-/// The frame-rate limit would close a busy acker; this is about durability, not abuse.
+/// The frame-rate limit would close a busy acker, and the per-registration PUT limit would
+/// answer 429 to the storm (a long run on an idle machine reached it): this is about
+/// durability, not abuse.
 const ENV: &[(&str, &str)] = &[
     ("EDITIOND_LIMITS__WS_FRAMES_PER_SEC", "1000000"),
     ("EDITIOND_LIMITS__WS_FRAMES_BURST", "1000000"),
+    ("EDITIOND_LIMITS__PUT_RATE_PER_SEC", "0"),
 ];
 
 /// SplitMix64, seeded per run and printed for reproduction.
