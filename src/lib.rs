@@ -13,7 +13,7 @@
 pub mod config;
 pub(crate) mod http;
 pub mod ids;
-pub(crate) mod keys;
+pub mod keys;
 pub mod kick;
 pub(crate) mod metrics;
 pub mod push;

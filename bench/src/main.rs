@@ -10,6 +10,7 @@ mod baseline;
 mod client;
 mod fleet;
 mod hist;
+mod hostile;
 mod http;
 mod idle;
 mod load;
@@ -63,6 +64,7 @@ enum Scenario {
     Idle,
     Put,
     Storm,
+    Hostile,
 }
 
 #[derive(clap::Args)]
@@ -91,7 +93,8 @@ struct RunArgs {
     /// none is given: --save "" --appendonly yes --appendfsync everysec.
     #[arg(long = "redis-arg", allow_hyphen_values = true)]
     redis_args: Vec<String>,
-    /// Scenarios to run, comma-separated; they always run in the order baseline, idle, put, storm.
+    /// Scenarios to run, comma-separated; they always run in the order baseline, idle, put, storm,
+    /// hostile (hostile only when named: attacks at one rate, see src/hostile.rs).
     #[arg(long, value_delimiter = ',', default_value = "baseline,idle,put,storm")]
     scenarios: Vec<Scenario>,
     /// Every scenario in a few seconds: 100 clients, 2 apps, 1 s phases, rates 200 and max.
@@ -278,7 +281,13 @@ async fn run(args: RunArgs) -> Result<bool, BoxError> {
             s.clients
         ));
     }
-    let order = [Scenario::Baseline, Scenario::Idle, Scenario::Put, Scenario::Storm];
+    let order = [
+        Scenario::Baseline,
+        Scenario::Idle,
+        Scenario::Put,
+        Scenario::Storm,
+        Scenario::Hostile,
+    ];
     for scenario in order.into_iter().filter(|sc| args.scenarios.contains(sc)) {
         eprintln!("editiond-bench: {scenario:?} (load {})", sys::load_average());
         let result = match scenario {
@@ -292,6 +301,11 @@ async fn run(args: RunArgs) -> Result<bool, BoxError> {
                 Ok(())
             }
             Scenario::Storm => storm::run(&s, &mut targets[0], &mut report).await,
+            Scenario::Hostile if redis.is_some() => {
+                report.notes.push("hostile is run on one sled node only".into());
+                Ok(())
+            }
+            Scenario::Hostile => hostile::run(&s, &mut targets[0], &mut report).await,
         };
         if let Err(e) = result {
             report.fail(format!("{scenario:?}: {e}"));

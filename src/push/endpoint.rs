@@ -122,7 +122,7 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
 }
 
 /// The `TTL` header, clamped to `[1, max]` seconds: 0 still reaches a connected client.
-fn parse_ttl(headers: &HeaderMap, default: u64, max: u64) -> Result<Duration, HttpError> {
+pub fn parse_ttl(headers: &HeaderMap, default: u64, max: u64) -> Result<Duration, HttpError> {
     let secs = match headers.get("ttl") {
         None => default,
         Some(v) => parse_decimal(v.as_bytes().trim_ascii()).ok_or(HttpError::InvalidTtl)?,

@@ -4,13 +4,13 @@
 //! long poll ([`poll`]), both driving the protocol rules of [`session`] over the messages of
 //! [`proto`]; [`held`] is what one connection holds; [`wake`] kicks the UAIDs nobody holds.
 
-pub(crate) mod endpoint;
+pub mod endpoint;
 pub(crate) mod events;
 pub(crate) mod held;
-pub(crate) mod poll;
+pub mod poll;
 pub mod proto;
 pub(crate) mod registry;
 pub(crate) mod route;
-pub(crate) mod session;
+pub mod session;
 pub(crate) mod wake;
 pub(crate) mod ws;

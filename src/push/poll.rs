@@ -22,9 +22,10 @@ use crate::push::session::{authenticate_all, read_pending};
 use crate::state::AppState;
 use crate::store::{Store, StoreError};
 
+/// A poll request's body (pub for the fuzz harness).
 #[derive(Deserialize)]
-struct PollBody {
-    uaids: Vec<Credential>,
+pub struct PollBody {
+    pub uaids: Vec<Credential>,
 }
 
 #[derive(Deserialize)]
@@ -32,17 +33,19 @@ pub struct PollQuery {
     wait: Option<u64>,
 }
 
+/// An ack request's body (pub for the fuzz harness).
 #[derive(Deserialize)]
-struct AckBody {
-    uaids: Vec<Credential>,
-    updates: HashMap<String, HashMap<String, u64>>,
+pub struct AckBody {
+    pub uaids: Vec<Credential>,
+    pub updates: HashMap<String, HashMap<String, u64>>,
 }
 
 fn unavailable(state: &AppState) -> impl Fn(StoreError) -> HttpError + '_ {
     move |e| state.unavailable(e)
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HttpError> {
+/// Parses a request body (pub for the fuzz harness).
+pub fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HttpError> {
     serde_json::from_slice(body).map_err(|e| HttpError::InvalidBody(e.to_string()))
 }
 

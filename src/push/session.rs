@@ -485,7 +485,7 @@ async fn authenticate(
 
 /// A `kick` value must be a JSON object of bounded size; stored as its JSON text. The error
 /// closes the socket in hello and is the reply's status in register.
-fn validate_kick(kick: Option<&Value>, max_bytes: usize) -> Result<Vec<u8>, WsError> {
+pub fn validate_kick(kick: Option<&Value>, max_bytes: usize) -> Result<Vec<u8>, WsError> {
     match kick {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(v @ Value::Object(_)) => {

@@ -1,0 +1,344 @@
+//! Disk faults: a data dir that fills up or turns read-only must give 503 + `Retry-After`, never
+//! a 2xx for a write that was not stored, and the service must come back once the disk does.
+//!
+//! * Full: the data dir is a small tmpfs mounted for the test (root only: without the right to
+//!   mount, the test says so and passes, except in CI where it must run), filled to the last
+//!   byte by a filler file while app servers PUT.
+//! * Read-only: an `LD_PRELOAD` shim (its C source is below, compiled with `cc`) fails every
+//!   write, sync and truncate on a file under the data dir with `EROFS` while a flag file exists,
+//!   the way a filesystem remounted read-only after an error does. (A real `remount,ro` is
+//!   refused while the server holds its files open for writing.)
+//! * Read-only at start: the server refuses to start, saying why, instead of serving.
+//!
+//! After each fault: every version answered 2xx is delivered after a restart on the healed disk.
+//! Nothing waits on a clock: each phase runs until the server's answers show the fault.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::common::*;
+use serde_json::json;
+
+/// The shim: `FAIL_DIR` names the data dir, `FAIL_FLAG` a file whose existence turns faults on,
+/// `FAIL_ERRNO` the error (30 = EROFS, 28 = ENOSPC).
+const SHIM_C: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+static int failing(int fd) {
+    const char *flag = getenv("FAIL_FLAG"), *dir = getenv("FAIL_DIR"), *no = getenv("FAIL_ERRNO");
+    if (!flag || !dir || !no || access(flag, F_OK) != 0) return 0;
+    char link[64], path[PATH_MAX];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (n <= 0) return 0;
+    path[n] = 0;
+    if (strncmp(path, dir, strlen(dir)) != 0) return 0;
+    errno = atoi(no);
+    return 1;
+}
+#define WRAP(ret, name, params, args) \
+  ret name params { static ret (*real) params; if (!real) real = dlsym(RTLD_NEXT, #name); \
+                    if (failing(fd)) return -1; return real args; }
+WRAP(int, fsync, (int fd), (fd))
+WRAP(int, fdatasync, (int fd), (fd))
+WRAP(int, sync_file_range, (int fd, off64_t o, off64_t n, unsigned int f), (fd, o, n, f))
+WRAP(ssize_t, write, (int fd, const void *b, size_t n), (fd, b, n))
+WRAP(ssize_t, writev, (int fd, const struct iovec *v, int c), (fd, v, c))
+WRAP(ssize_t, pwrite, (int fd, const void *b, size_t n, off_t o), (fd, b, n, o))
+WRAP(ssize_t, pwrite64, (int fd, const void *b, size_t n, off64_t o), (fd, b, n, o))
+WRAP(ssize_t, pwritev, (int fd, const struct iovec *v, int c, off_t o), (fd, v, c, o))
+WRAP(ssize_t, pwritev64, (int fd, const struct iovec *v, int c, off64_t o), (fd, v, c, o))
+WRAP(int, ftruncate, (int fd, off_t n), (fd, n))
+WRAP(int, ftruncate64, (int fd, off64_t n), (fd, n))
+WRAP(int, fallocate, (int fd, int m, off_t o, off_t n), (fd, m, o, n))
+WRAP(int, fallocate64, (int fd, int m, off64_t o, off64_t n), (fd, m, o, n))
+"#;
+
+/// The shim, built once per test process into `dir`.
+fn shim(dir: &Path) -> PathBuf {
+    let source = dir.join("failwrite.c");
+    let lib = dir.join("failwrite.so");
+    std::fs::write(&source, SHIM_C).unwrap();
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&lib)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .expect("cc (gcc) is needed to build the test shim");
+    assert!(status.success(), "building the shim failed");
+    lib
+}
+
+/// A tmpfs of `size` mounted at `at`, unmounted on drop; `None` where mounting is not allowed.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            Some(Tmpfs(at.to_owned()))
+        } else if std::env::var_os("CI").is_some() {
+            panic!("CI runs as root and must be able to mount a tmpfs for this test");
+        } else {
+            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+            None
+        }
+    }
+
+    fn remount(&self, mode: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount {mode}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the filesystem holding `path` to the last byte.
+fn fill(path: &Path) {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    loop {
+        match f.write(&block) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(28) => break,
+            Err(e) => panic!("filling: {e}"),
+        }
+    }
+    // The last partial block, byte by byte.
+    while f.write(&[0]).is_ok_and(|n| n == 1) {}
+}
+
+/// What the PUTs of one phase learnt: the highest version answered 2xx per registration.
+struct Puts {
+    answered: Vec<u64>,
+    next: u64,
+}
+
+impl Puts {
+    /// PUTs to every endpoint in turn until `n503` answers are 503 (with a `Retry-After`), or
+    /// `max` PUTs. Any status other than 200/202/503 fails the test.
+    async fn until_503(
+        &mut self,
+        http: &reqwest::Client,
+        endpoints: &[String],
+        n503: usize,
+        max: usize,
+    ) -> usize {
+        let mut seen503 = 0;
+        for i in 0..max {
+            let r = i % endpoints.len();
+            let version = self.next;
+            self.next += 1;
+            let response = http
+                .put(&endpoints[r])
+                .body(format!("version={version}"))
+                .send()
+                .await
+                .expect("the server answers PUTs through a disk fault");
+            match response.status().as_u16() {
+                200 | 202 => self.answered[r] = self.answered[r].max(version),
+                503 => {
+                    let retry = response
+                        .headers()
+                        .get("retry-after")
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    let secs: u64 = retry
+                        .as_deref()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or_else(|| panic!("503 without a numeric Retry-After: {retry:?}"));
+                    assert!(secs >= 1);
+                    let body: serde_json::Value = response.json().await.expect("a 503 has a JSON body");
+                    assert_eq!(body["error"], "store_unavailable", "{body}");
+                    seen503 += 1;
+                    if seen503 >= n503 {
+                        return i + 1;
+                    }
+                }
+                other => panic!("PUT answered {other} on a failing disk"),
+            }
+        }
+        panic!("{max} PUTs and the disk fault never showed as 503");
+    }
+}
+
+/// Registers `n` pairs on one UAID; returns (credentials, appids, endpoints).
+async fn enroll_n(server: &Server, n: usize) -> ((String, String), Vec<String>, Vec<String>) {
+    let mut c = Client::connect(server).await;
+    let creds = c.hello_new(1).await.remove(0);
+    let mut appids = Vec::new();
+    let mut endpoints = Vec::new();
+    for _ in 0..n {
+        let appid = new_appid();
+        endpoints.push(c.register(&creds.0, &appid).await);
+        appids.push(appid);
+    }
+    (creds, appids, endpoints)
+}
+
+/// After a restart on a healed disk: every answered version (or a newer attempted one) arrives,
+/// and new PUTs are stored again.
+async fn check_delivered(server: &Server, creds: &(String, String), appids: &[String], puts: &Puts) {
+    let http = reqwest::Client::new();
+    let mut c = Client::connect(server).await;
+    c.send(json!({"type": "hello", "uaids": [{"uaid": creds.0, "secret": creds.1}]}))
+        .await;
+    assert_eq!(c.expect("hello").await["uaids"][0]["status"], 200);
+    let update = c.expect("update").await;
+    for (i, appid) in appids.iter().enumerate() {
+        let got = update["updates"][&creds.0][appid].as_u64();
+        let answered = puts.answered[i];
+        if answered > 0 {
+            let got = got.unwrap_or_else(|| panic!("version {answered} answered 2xx was lost: {update}"));
+            assert!(got >= answered, "delivered {got} < answered {answered}");
+            assert!(got < puts.next, "a version nobody sent");
+        }
+    }
+    c.ack(&[&creds.0]).await;
+    c.barrier().await;
+    // And the disk takes writes again.
+    let endpoint = c.register(&creds.0, &appids[0]).await;
+    assert_eq!(put_version(&http, &endpoint, puts.next).await, 202);
+    assert_eq!(
+        c.expect("update").await["updates"][&creds.0][&appids[0]],
+        puts.next
+    );
+}
+
+/// `/health` status.
+async fn health(server: &Server) -> u16 {
+    reqwest::get(server.url("/health"))
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn full_disk_answers_503_never_a_false_2xx_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&dir.path().join("mnt"), "24m") else {
+        return;
+    };
+    let mut server = Server::start(&fs.0).await;
+    let (creds, appids, endpoints) = enroll_n(&server, 8).await;
+    let http = reqwest::Client::new();
+    let mut puts = Puts {
+        answered: vec![0; endpoints.len()],
+        next: 1,
+    };
+    // Some writes succeed first, so there is something to lose.
+    for (i, e) in endpoints.iter().enumerate() {
+        assert_eq!(put_version(&http, e, puts.next).await, 202);
+        puts.answered[i] = puts.next;
+        puts.next += 1;
+    }
+    let filler = fs.0.join("filler");
+    fill(&filler);
+    let n = puts.until_503(&http, &endpoints, 5, 100_000).await;
+    eprintln!("full disk: 503 after {n} PUTs");
+    assert_eq!(health(&server).await, 503, "/health tells a load balancer");
+
+    // Space returns. A failed commit is final in this process (README, "Durability"): the
+    // server keeps answering 503 until restarted, and says so on /health.
+    std::fs::remove_file(&filler).unwrap();
+    puts.until_503(&http, &endpoints, 1, 1000).await;
+    assert_eq!(health(&server).await, 503);
+    server.restart().await;
+    assert_eq!(health(&server).await, 200);
+    check_delivered(&server, &creds, &appids, &puts).await;
+    drop(server);
+    drop(fs);
+}
+
+#[tokio::test]
+async fn read_only_disk_answers_503_never_a_false_2xx_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let shim = shim(dir.path());
+    let flag = dir.path().join("fail-now");
+    let data = dir.path().join("data");
+    let env = [
+        ("LD_PRELOAD", shim.to_str().unwrap()),
+        ("FAIL_FLAG", flag.to_str().unwrap()),
+        ("FAIL_DIR", data.to_str().unwrap()),
+        ("FAIL_ERRNO", "30"),
+    ];
+    let mut server = Server::start_with(dir.path(), &env).await;
+    assert_eq!(server.data_dir, data);
+    let (creds, appids, endpoints) = enroll_n(&server, 8).await;
+    let http = reqwest::Client::new();
+    let mut puts = Puts {
+        answered: vec![0; endpoints.len()],
+        next: 1,
+    };
+    for (i, e) in endpoints.iter().enumerate() {
+        assert_eq!(put_version(&http, e, puts.next).await, 202);
+        puts.answered[i] = puts.next;
+        puts.next += 1;
+    }
+    std::fs::write(&flag, b"").unwrap();
+    let n = puts.until_503(&http, &endpoints, 5, 100_000).await;
+    eprintln!("read-only disk: 503 after {n} PUTs");
+    assert_eq!(health(&server).await, 503);
+    std::fs::remove_file(&flag).unwrap();
+    puts.until_503(&http, &endpoints, 1, 1000).await;
+    server.restart().await;
+    assert_eq!(health(&server).await, 200);
+    check_delivered(&server, &creds, &appids, &puts).await;
+}
+
+#[tokio::test]
+async fn read_only_data_dir_at_start_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&dir.path().join("mnt"), "24m") else {
+        return;
+    };
+    // A data dir with a store in it, then the filesystem turns read-only.
+    let mut server = Server::start(&fs.0).await;
+    let (_creds, _appids, endpoints) = enroll_n(&server, 1).await;
+    assert_eq!(put_version(&reqwest::Client::new(), &endpoints[0], 1).await, 202);
+    server.kill();
+    fs.remount("ro");
+    let out = Command::new(env!("CARGO_BIN_EXE_editiond"))
+        .arg("serve")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--data-dir")
+        .arg(fs.0.join("data"))
+        .arg("--config")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("read-only start: {}", stderr.trim());
+    assert!(!out.status.success(), "started on a read-only data dir");
+    assert!(
+        stderr.to_lowercase().contains("read-only"),
+        "the reason is named: {stderr}"
+    );
+    fs.remount("rw");
+}
