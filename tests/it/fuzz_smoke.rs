@@ -216,7 +216,7 @@ fn config_load() {
 #[test]
 fn every_target_has_a_smoke_test_and_a_libfuzzer_entry() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let this = std::fs::read_to_string(root.join("tests/fuzz_smoke.rs")).expect("read self");
+    let this = std::fs::read_to_string(root.join("tests/it/fuzz_smoke.rs")).expect("read self");
     for (name, _) in targets::TARGETS {
         assert!(
             this.contains(&format!("smoke(\"{name}\")")),
