@@ -38,6 +38,10 @@ pub struct ServerConfig {
     pub log: String,
     /// Seconds a graceful shutdown waits for sockets to close before it stops anyway.
     pub shutdown_grace_secs: u64,
+    /// A header set by a trusted reverse proxy that names the client's address (e.g.
+    /// `x-forwarded-for`, whose last entry counts); empty: the peer address. For per-client
+    /// limits (`uaid_rate_per_sec`).
+    pub trusted_proxy_header: String,
 }
 
 /// Every bound the server enforces. A limit is a named value here, never a number in a handler.
@@ -96,6 +100,21 @@ pub struct Limits {
     pub uaid_idle_days: u64,
     /// Seconds between sweeps that delete expired events and tombstones.
     pub sweep_interval_secs: u64,
+    /// Seconds an HTTP connection may wait for the first byte of a request (after connecting or
+    /// after its previous answer) before it is closed.
+    pub http_idle_timeout_secs: u64,
+    /// Seconds from a request's first byte until its headers are complete; slower: closed.
+    pub http_header_timeout_secs: u64,
+    /// Seconds from a request's headers until its whole body has arrived; slower: 408.
+    pub http_body_timeout_secs: u64,
+    /// Open client connections (HTTP and WebSocket) at most; beyond it a new connection gets 503
+    /// and is closed. 0: the open-file limit less 256.
+    pub max_connections: usize,
+    /// New UAIDs one client address may create per second on average (hello, claim, poll); 0:
+    /// no limit. Beyond it and the burst: 429 with `Retry-After`.
+    pub uaid_rate_per_sec: u32,
+    /// New UAIDs one client address may create at once above that average.
+    pub uaid_burst: u32,
 }
 
 /// Where durable state lives (`store.backend`).
@@ -188,6 +207,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("data"),
             log: "info".into(),
             shutdown_grace_secs: 10,
+            trusted_proxy_header: String::new(),
         }
     }
 }
@@ -216,6 +236,12 @@ impl Default for Limits {
             gone_ttl_secs: 30 * 24 * 3600,
             uaid_idle_days: 90,
             sweep_interval_secs: 60,
+            http_idle_timeout_secs: 60,
+            http_header_timeout_secs: 10,
+            http_body_timeout_secs: 30,
+            max_connections: 0,
+            uaid_rate_per_sec: 10,
+            uaid_burst: 1000,
         }
     }
 }
