@@ -27,7 +27,9 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Address the one HTTP + WebSocket port listens on.
+    /// Address the one HTTP + WebSocket port listens on: `IP:PORT`, `HOST:PORT` (resolved
+    /// once at start-up) or `:PORT` (every interface).
+    #[serde(deserialize_with = "deserialize_listen")]
     pub listen: SocketAddr,
     /// Base URL that endpoints are built from, as app servers reach this node. Empty means
     /// `http://<listen>`.
@@ -262,13 +264,69 @@ impl Default for StoreConfig {
     }
 }
 
-/// What went wrong while assembling the configuration.
+/// What went wrong while assembling the configuration. The display names the source (the file,
+/// the environment variable or the flag) first, once.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{origin}: {message}")]
     Invalid { origin: String, message: String },
+}
+
+/// `IP:PORT`, `HOST:PORT` (resolved now; the first address wins) or `:PORT` (every IPv4
+/// interface, as `0.0.0.0:PORT`).
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    let full = match text.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => text.to_owned(),
+    };
+    if let Ok(addr) = full.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let expected = "expected IP:PORT, HOST:PORT or :PORT";
+    let Some((host, port)) = full.rsplit_once(':') else {
+        return Err(format!("{text:?}: {expected}"));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("{text:?}: {expected}"));
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(&full)
+        .map_err(|e| format!("{text:?}: cannot resolve {host:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{text:?}: {host:?} has no address"))
+}
+
+fn deserialize_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_listen(&text).map_err(serde::de::Error::custom)
+}
+
+/// Checks a `tracing` filter (`server.log`, `RUST_LOG`): it must parse, and a directive without
+/// `=` must be a level. (tracing reads a bare word as a target to trace, so `log = "verbose"`
+/// would silently print nothing.)
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains('=') && !directive.contains('[') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "invalid log filter {filter:?}: {directive:?} is no level (off, error, warn, info, \
+                 debug, trace); for one module write MODULE=LEVEL"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(drop)
+        .map_err(|e| format!("invalid log filter {filter:?}: {e}"))
+}
+
+/// What `editiond config` prints for a secret: `(set)`, or empty when it is not set.
+pub fn redact(secret: &mut String) {
+    if !secret.is_empty() {
+        *secret = "(set)".to_owned();
+    }
 }
 
 /// Overrides given as command-line flags; `None` leaves the lower layers alone.
@@ -298,34 +356,46 @@ impl Config {
             None => toml::Table::new(),
         };
         let file_origin = file.map_or("defaults".into(), |p| p.display().to_string());
+        // Who set each key, so that a value refused below names its source.
+        let mut origins = Origins::default();
+        leaf_paths(&doc, "", &mut |key| origins.set(key, &file_origin));
         // The file alone first, so that its errors name it and an env error names its variable.
         doc.clone()
             .try_into::<Config>()
             .map_err(|e| invalid(&file_origin, e))?;
         let defaults = toml::Table::try_from(Config::default()).map_err(|e| invalid("defaults", e))?;
         for (name, value) in vars {
-            if !apply_env(&mut doc, &defaults, &name, &value)? {
+            let Some(key) = apply_env(&mut doc, &defaults, &name, &value)? else {
                 continue;
-            }
+            };
             doc.clone().try_into::<Config>().map_err(|e| invalid(&name, e))?;
+            origins.set(&key, &name);
         }
         let mut config: Config = doc.try_into().map_err(|e| invalid("environment", e))?;
         if let Some(listen) = flags.listen {
             config.server.listen = listen;
+            origins.set("server.listen", "--listen");
         }
         if let Some(dir) = &flags.data_dir {
             config.server.data_dir = dir.clone();
+            origins.set("server.data_dir", "--data-dir");
         }
         if let Some(url) = &flags.public_url {
             config.server.public_url = url.clone();
+            origins.set("server.public_url", "--public-url");
         }
-        config.validate()?;
+        // `http://host/` and `http://host` are the same base; endpoints append `/v1/e/…`.
+        let trimmed = config.server.public_url.trim_end_matches('/').len();
+        config.server.public_url.truncate(trimmed);
+        config.validate(&origins)?;
         Ok(config)
     }
 
-    /// Removes what must never be printed: the keys, and passwords in Redis URLs.
+    /// Replaces what must never be printed: set keys and secrets become `(set)`, passwords in
+    /// Redis URLs `***`.
     pub fn redact_secrets(&mut self) {
-        self.keys = KeysConfig::default();
+        redact(&mut self.keys.endpoint_key);
+        redact(&mut self.keys.secret_key);
         self.kick.redact_secrets();
         self.store.url = redact_url(&self.store.url);
         for url in &mut self.store.cluster_urls {
@@ -342,9 +412,32 @@ impl Config {
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self, origins: &Origins) -> Result<(), ConfigError> {
         let l = &self.limits;
-        let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(invalid("config", what)) };
+        // The message starts with the key at fault; its source names the error.
+        let check = |ok: bool, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(invalid(&origins.of_message(what), what))
+            }
+        };
+        check_log_filter(&self.server.log)
+            .map_err(|e| invalid(&origins.of("server.log"), format!("server.log: {e}")))?;
+        check(
+            self.server.trusted_proxy_header.is_empty()
+                || axum::http::HeaderName::try_from(self.server.trusted_proxy_header.as_str()).is_ok(),
+            "server.trusted_proxy_header must be a header name (or empty)",
+        )?;
+        check(
+            l.http_idle_timeout_secs >= 1 && l.http_header_timeout_secs >= 1 && l.http_body_timeout_secs >= 1,
+            "limits.http_idle_timeout_secs, http_header_timeout_secs and http_body_timeout_secs must be at least 1",
+        )?;
+        check(
+            l.uaid_rate_per_sec == 0 || l.uaid_burst as usize >= l.max_uaids_per_frame,
+            "limits.uaid_burst must be at least limits.max_uaids_per_frame unless limits.uaid_rate_per_sec is 0 \
+             (a hello of new UAIDs takes its tokens at once)",
+        )?;
         let url = &self.server.public_url;
         check(
             url.is_empty() || url.starts_with("http://") || url.starts_with("https://"),
@@ -436,12 +529,12 @@ fn apply_env(
     defaults: &toml::Table,
     name: &str,
     value: &str,
-) -> Result<bool, ConfigError> {
+) -> Result<Option<String>, ConfigError> {
     let Some(rest) = name.strip_prefix("EDITIOND_") else {
-        return Ok(false);
+        return Ok(None);
     };
     if rest == "CONFIG" {
-        return Ok(false);
+        return Ok(None);
     }
     let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
     let Some((key, tables)) = path.split_last() else {
@@ -464,13 +557,70 @@ fn apply_env(
             .ok_or_else(|| invalid(name, format!("{part} is not a table")))?;
     }
     table.insert(key.clone(), parsed);
-    Ok(true)
+    Ok(Some(path.join(".")))
+}
+
+/// Which source set each key (dotted path), the last one winning.
+#[derive(Default)]
+struct Origins(Vec<(String, String)>);
+
+impl Origins {
+    fn set(&mut self, key: &str, origin: &str) {
+        self.0.retain(|(k, _)| k != key);
+        self.0.push((key.to_owned(), origin.to_owned()));
+    }
+
+    /// The source of `key`, or `defaults`.
+    fn of(&self, key: &str) -> String {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or_else(|| "defaults".to_owned(), |(_, o)| o.clone())
+    }
+
+    /// The source of the first key a validation message names that was set somewhere (a
+    /// default can be refused only because another key moved).
+    fn of_message(&self, message: &str) -> String {
+        let mut section = "";
+        for word in message.split(|c: char| c.is_whitespace() || c == ',') {
+            let key = match word.split_once('.') {
+                Some((s, _)) if !s.is_empty() && word.chars().all(|c| c.is_ascii_lowercase() || c == '_' || c == '.') => {
+                    section = s;
+                    word.to_owned()
+                }
+                // "limits.a, b and c": b and c are keys of the same section.
+                None if !section.is_empty() && word.contains('_') && word.chars().all(|c| c.is_ascii_lowercase() || c == '_') => {
+                    format!("{section}.{word}")
+                }
+                _ => continue,
+            };
+            if let Some((_, origin)) = self.0.iter().find(|(k, _)| *k == key) {
+                return origin.clone();
+            }
+        }
+        "defaults".to_owned()
+    }
+}
+
+/// Calls `f` with the dotted path of every value in `table` that is not a table.
+fn leaf_paths(table: &toml::Table, prefix: &str, f: &mut impl FnMut(&str)) {
+    for (key, value) in table {
+        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        match value {
+            toml::Value::Table(t) => leaf_paths(t, &path, f),
+            _ => f(&path),
+        }
+    }
 }
 
 fn invalid(origin: &str, message: impl std::fmt::Display) -> ConfigError {
+    // TOML errors span lines (a quoted source line, `in \`limits\``): one line reads better
+    // after `editiond: ORIGIN: `.
+    let message = message.to_string();
+    let message = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
     ConfigError::Invalid {
         origin: origin.to_owned(),
-        message: message.to_string(),
+        message,
     }
 }
 
@@ -587,9 +737,14 @@ mod tests {
             .parse()
             .unwrap();
         let mut doc = toml::Table::new();
-        assert!(apply_env(&mut doc, &defaults, "EDITIOND_KICK__WEBHOOK__SECRET", "whsec_x").unwrap());
-        assert!(apply_env(&mut doc, &defaults, "EDITIOND_KICK__MIN_INTERVAL_SECS", "5").unwrap());
-        assert!(!apply_env(&mut doc, &defaults, "HOME", "/root").unwrap());
+        assert_eq!(
+            apply_env(&mut doc, &defaults, "EDITIOND_KICK__WEBHOOK__SECRET", "whsec_x").unwrap(),
+            Some("kick.webhook.secret".to_owned())
+        );
+        assert!(apply_env(&mut doc, &defaults, "EDITIOND_KICK__MIN_INTERVAL_SECS", "5")
+            .unwrap()
+            .is_some());
+        assert_eq!(apply_env(&mut doc, &defaults, "HOME", "/root").unwrap(), None);
         let expected: toml::Table = "[kick]\nmin_interval_secs = 5\n[kick.webhook]\nsecret = \"whsec_x\"\n"
             .parse()
             .unwrap();
@@ -627,7 +782,8 @@ mod tests {
         assert_eq!(config.kick.webhook.allow, ["127.0.0.1/32"]);
         assert_eq!(config.kick.min_interval_secs, 5);
         config.redact_secrets();
-        assert_eq!(config.kick.webhook.secret, "");
+        assert_eq!(config.kick.webhook.secret, "(set)");
+        assert_eq!(config.kick.webpush.vapid_private_key, "");
         let bad = [var("EDITIOND_KICK__WEBHOOK__NO_SUCH", "1")];
         assert!(Config::load(None, bad, &Flags::default()).is_err());
     }

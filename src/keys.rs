@@ -32,6 +32,14 @@ pub enum KeyError {
     File { path: String, source: std::io::Error },
     #[error("key file {0} is corrupt")]
     Corrupt(String),
+    #[error(
+        "{path} is missing, but the store in {store} holds data written with the keys it held, and \
+         [keys] endpoint_key and secret_key are not set. New keys would reject every endpoint and \
+         UAID secret issued so far. Restore {path} from a backup (or set both keys to the values it \
+         held), or start with --reset-keys to generate new keys (every client must then register \
+         again)"
+    )]
+    Missing { path: String, store: String },
 }
 
 /// The two server keys.
@@ -103,25 +111,64 @@ impl Keys {
     }
 
     /// Keys from config when given there, else from `<dir>/keys.toml`, created on first start.
-    pub fn load(config: &KeysConfig, dir: &Path) -> Result<Keys, KeyError> {
+    /// When `store` (a directory) exists, it holds data written with the keys of `keys.toml`, so a missing file is an error rather than a reason to make
+    /// new keys, unless `reset` (`--reset-keys`) says to start over, which also replaces an
+    /// existing file (kept as `keys.toml.replaced-<unix seconds>`).
+    pub fn load_for(config: &KeysConfig, dir: &Path, store: Option<&Path>, reset: bool) -> Result<Keys, KeyError> {
         if let Some(keys) = Keys::from_config(config)? {
+            if reset {
+                tracing::warn!("--reset-keys does nothing: the keys are set in [keys]");
+            }
             return Ok(keys);
         }
         let path = dir.join("keys.toml");
+        let shown = path.display().to_string();
+        let file_err = |source| KeyError::File {
+            path: shown.clone(),
+            source,
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) if !reset => Keys::from_text(&text, &shown),
+            Ok(_) => {
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let kept = dir.join(format!("keys.toml.replaced-{secs}"));
+                std::fs::rename(&path, &kept).map_err(file_err)?;
+                tracing::warn!(
+                    old = %kept.display(),
+                    "--reset-keys: new keys; every endpoint and UAID secret issued so far is void"
+                );
+                Keys::create(dir, &path)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(store) = store.filter(|s| s.exists()) {
+                    if !reset {
+                        return Err(KeyError::Missing {
+                            path: shown,
+                            store: store.display().to_string(),
+                        });
+                    }
+                    tracing::warn!(
+                        "--reset-keys: new keys; every endpoint and UAID secret issued so far is void"
+                    );
+                }
+                Keys::create(dir, &path)
+            }
+            Err(e) => Err(file_err(e)),
+        }
+    }
+
+    /// Generates keys into `path` (in `dir`), durably.
+    fn create(dir: &Path, path: &Path) -> Result<Keys, KeyError> {
         let file_err = |source| KeyError::File {
             path: path.display().to_string(),
             source,
         };
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Keys::from_text(&text, &path.display().to_string()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let text = Keys::generate_text();
-                std::fs::create_dir_all(dir).map_err(file_err)?;
-                write_private(&path, text.as_bytes()).map_err(file_err)?;
-                Keys::from_text(&text, &path.display().to_string())
-            }
-            Err(e) => Err(file_err(e)),
-        }
+        let text = Keys::generate_text();
+        std::fs::create_dir_all(dir).map_err(file_err)?;
+        write_private(path, text.as_bytes()).map_err(file_err)?;
+        Keys::from_text(&text, &path.display().to_string())
     }
 
     /// The secret bound to `uaid`.
@@ -231,10 +278,33 @@ mod tests {
     }
 
     #[test]
+    fn a_store_without_its_keys_file_is_refused_unless_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("sled");
+        let k1 = Keys::load_for(&KeysConfig::default(), dir.path(), Some(&store), false).unwrap();
+        std::fs::create_dir(&store).unwrap();
+        std::fs::remove_file(dir.path().join("keys.toml")).unwrap();
+        let err = Keys::load_for(&KeysConfig::default(), dir.path(), Some(&store), false).unwrap_err();
+        assert!(matches!(err, KeyError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("--reset-keys"), "{err}");
+        let k2 = Keys::load_for(&KeysConfig::default(), dir.path(), Some(&store), true).unwrap();
+        let u = Uaid::random();
+        assert_ne!(k1.uaid_secret(&u), k2.uaid_secret(&u));
+        // A reset with the file present replaces it and keeps the old one aside.
+        let k3 = Keys::load_for(&KeysConfig::default(), dir.path(), Some(&store), true).unwrap();
+        assert_ne!(k2.uaid_secret(&u), k3.uaid_secret(&u));
+        let kept = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("keys.toml.replaced-"))
+            .count();
+        assert_eq!(kept, 1);
+    }
+
+    #[test]
     fn generated_keys_persist() {
         let dir = tempfile::tempdir().unwrap();
-        let k1 = Keys::load(&KeysConfig::default(), dir.path()).unwrap();
-        let k2 = Keys::load(&KeysConfig::default(), dir.path()).unwrap();
+        let k1 = Keys::load_for(&KeysConfig::default(), dir.path(), None, false).unwrap();
+        let k2 = Keys::load_for(&KeysConfig::default(), dir.path(), None, false).unwrap();
         let u = Uaid::random();
         assert_eq!(k1.uaid_secret(&u), k2.uaid_secret(&u));
     }

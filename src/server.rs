@@ -52,6 +52,12 @@ impl Node {
     /// Opens keys and store for `config` (and, on Redis, subscribes for routing). Must run
     /// inside the Tokio runtime.
     pub async fn open(config: Config) -> Result<Node, StartError> {
+        Node::open_with(config, false).await
+    }
+
+    /// [`Node::open`]; `reset_keys` (`serve --reset-keys`) generates new keys even though the
+    /// store holds data written with others (see `Keys::load_for`).
+    pub async fn open_with(config: Config, reset_keys: bool) -> Result<Node, StartError> {
         let (keys, store, routes) = match config.store.backend {
             Backend::Redis => {
                 let target = RedisTarget {
@@ -86,7 +92,8 @@ impl Node {
                             path: dir.display().to_string(),
                             source,
                         })?;
-                        Ok(Keys::load(&keys_config, &dir)?)
+                        let store = dir.join("sled");
+                        Ok(Keys::load_for(&keys_config, &dir, Some(&store), reset_keys)?)
                     })
                     .await?
                 };
