@@ -69,8 +69,11 @@ struct ConnMetrics {
 impl ConnMetrics {
     fn register(state: &AppState) -> ConnMetrics {
         let m = ConnMetrics {
-            open: IntGauge::new("tcp_connections", "Open client TCP connections (HTTP and WebSocket)")
-                .expect("valid metric"),
+            open: IntGauge::new(
+                "tcp_connections",
+                "Open client TCP connections (HTTP and WebSocket)",
+            )
+            .expect("valid metric"),
             refused: IntCounter::new(
                 "connections_refused_total",
                 "Connections answered 503 and closed because limits.max_connections were open",
@@ -206,7 +209,11 @@ impl Drop for GaugeGuard {
 }
 
 impl AsyncRead for Counted {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let result = Pin::new(&mut this.tcp).poll_read(cx, buf);
@@ -271,7 +278,9 @@ impl http_body::Body for TimedBody {
             Poll::Pending => {
                 // The timer is allocated only for a body that keeps a reader waiting.
                 let deadline = this.deadline;
-                let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout(this.secs))))),
                     Poll::Pending => Poll::Pending,
@@ -356,7 +365,12 @@ pub async fn serve(
             accepted = acceptor.listener.accept() => acceptor.accepted(accepted).await,
         }
     }
-    let Acceptor { listener, phase, tasks, .. } = acceptor;
+    let Acceptor {
+        listener,
+        phase,
+        tasks,
+        ..
+    } = acceptor;
     drop(listener);
     phase.send_replace(Phase::Closing);
     let mut left = tasks.subscribe();
@@ -432,7 +446,10 @@ impl Acceptor {
         let out_of_files = matches!(e.raw_os_error(), Some(EMFILE | ENFILE));
         let now = Instant::now();
         // At most one line a second: a full descriptor table fails every accept.
-        if self.last_error_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+        if self
+            .last_error_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
             self.last_error_log = Some(now);
             if out_of_files {
                 tracing::error!(
@@ -497,7 +514,9 @@ async fn connection(
         .timer(TokioTimer::new())
         .header_read_timeout(timeouts.idle + timeouts.header)
         .keep_alive(serving);
-    let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
     tokio::pin!(conn);
     let mut closing = !serving;
     loop {

@@ -309,7 +309,10 @@ fn deserialize_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAd
 pub fn check_log_filter(filter: &str) -> Result<(), String> {
     const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
     for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        if !directive.contains('=') && !directive.contains('[') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+        if !directive.contains('=')
+            && !directive.contains('[')
+            && !LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+        {
             return Err(format!(
                 "invalid log filter {filter:?}: {directive:?} is no level (off, error, warn, info, \
                  debug, trace); for one module write MODULE=LEVEL"
@@ -584,12 +587,20 @@ impl Origins {
         let mut section = "";
         for word in message.split(|c: char| c.is_whitespace() || c == ',') {
             let key = match word.split_once('.') {
-                Some((s, _)) if !s.is_empty() && word.chars().all(|c| c.is_ascii_lowercase() || c == '_' || c == '.') => {
+                Some((s, _))
+                    if !s.is_empty()
+                        && word
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c == '_' || c == '.') =>
+                {
                     section = s;
                     word.to_owned()
                 }
                 // "limits.a, b and c": b and c are keys of the same section.
-                None if !section.is_empty() && word.contains('_') && word.chars().all(|c| c.is_ascii_lowercase() || c == '_') => {
+                None if !section.is_empty()
+                    && word.contains('_')
+                    && word.chars().all(|c| c.is_ascii_lowercase() || c == '_') =>
+                {
                     format!("{section}.{word}")
                 }
                 _ => continue,
@@ -605,7 +616,11 @@ impl Origins {
 /// Calls `f` with the dotted path of every value in `table` that is not a table.
 fn leaf_paths(table: &toml::Table, prefix: &str, f: &mut impl FnMut(&str)) {
     for (key, value) in table {
-        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
         match value {
             toml::Value::Table(t) => leaf_paths(t, &path, f),
             _ => f(&path),
@@ -617,7 +632,12 @@ fn invalid(origin: &str, message: impl std::fmt::Display) -> ConfigError {
     // TOML errors span lines (a quoted source line, `in \`limits\``): one line reads better
     // after `editiond: ORIGIN: `.
     let message = message.to_string();
-    let message = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+    let message = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
     ConfigError::Invalid {
         origin: origin.to_owned(),
         message,
@@ -741,9 +761,11 @@ mod tests {
             apply_env(&mut doc, &defaults, "EDITIOND_KICK__WEBHOOK__SECRET", "whsec_x").unwrap(),
             Some("kick.webhook.secret".to_owned())
         );
-        assert!(apply_env(&mut doc, &defaults, "EDITIOND_KICK__MIN_INTERVAL_SECS", "5")
-            .unwrap()
-            .is_some());
+        assert!(
+            apply_env(&mut doc, &defaults, "EDITIOND_KICK__MIN_INTERVAL_SECS", "5")
+                .unwrap()
+                .is_some()
+        );
         assert_eq!(apply_env(&mut doc, &defaults, "HOME", "/root").unwrap(), None);
         let expected: toml::Table = "[kick]\nmin_interval_secs = 5\n[kick.webhook]\nsecret = \"whsec_x\"\n"
             .parse()
@@ -786,6 +808,75 @@ mod tests {
         assert_eq!(config.kick.webpush.vapid_private_key, "");
         let bad = [var("EDITIOND_KICK__WEBHOOK__NO_SUCH", "1")];
         assert!(Config::load(None, bad, &Flags::default()).is_err());
+    }
+
+    #[test]
+    fn validation_errors_name_the_source_of_the_key_once() {
+        let var = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let load = |vars: Vec<(String, String)>, flags: &Flags| {
+            Config::load(None, vars, flags).unwrap_err().to_string()
+        };
+        let err = load(
+            vec![var("EDITIOND_LIMITS__MAX_FRAME_BYTES", "10")],
+            &Flags::default(),
+        );
+        assert_eq!(
+            err,
+            "EDITIOND_LIMITS__MAX_FRAME_BYTES: limits.max_frame_bytes must be at least 1024"
+        );
+        // A default refused because another key moved names the key that moved.
+        let err = load(
+            vec![var("EDITIOND_LIMITS__MAX_FRAME_BYTES", "2000000")],
+            &Flags::default(),
+        );
+        assert!(
+            err.starts_with("EDITIOND_LIMITS__MAX_FRAME_BYTES: limits.max_write_buffer_bytes"),
+            "{err}"
+        );
+        let flags = Flags {
+            public_url: Some("push.example.com".into()),
+            ..Flags::default()
+        };
+        let err = load(vec![var("EDITIOND_SERVER__PUBLIC_URL", "https://x")], &flags);
+        assert!(err.starts_with("--public-url: server.public_url"), "{err}");
+        let err = load(
+            vec![var("EDITIOND_LIMITS__HTTP_BODY_TIMEOUT_SECS", "0")],
+            &Flags::default(),
+        );
+        assert!(
+            err.starts_with("EDITIOND_LIMITS__HTTP_BODY_TIMEOUT_SECS: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn listen_takes_ip_host_or_bare_port() {
+        assert_eq!(
+            parse_listen("127.0.0.1:80").unwrap(),
+            SocketAddr::from(([127, 0, 0, 1], 80))
+        );
+        assert_eq!(
+            parse_listen(":8093").unwrap(),
+            SocketAddr::from(([0, 0, 0, 0], 8093))
+        );
+        assert!(parse_listen("localhost:8093").unwrap().ip().is_loopback());
+        assert_eq!(parse_listen("[::1]:9").unwrap().port(), 9);
+        for bad in ["", "8093", "localhost", "localhost:x", ":", "a b:1"] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
+        }
+        let vars = [("EDITIOND_SERVER__LISTEN".to_owned(), ":9000".to_owned())];
+        let config = Config::load(None, vars, &Flags::default()).unwrap();
+        assert_eq!(config.server.listen, SocketAddr::from(([0, 0, 0, 0], 9000)));
+    }
+
+    #[test]
+    fn log_filters_that_print_nothing_are_refused() {
+        for good in ["info", "warn,editiond=debug", "editiond::push=trace", "OFF", ""] {
+            assert!(check_log_filter(good).is_ok(), "{good}");
+        }
+        for bad in ["loud", "verbose", "editiond=loud", "info,editiond"] {
+            assert!(check_log_filter(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

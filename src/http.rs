@@ -74,7 +74,9 @@ impl HttpError {
                 StatusCode::from_u16(error.status()).unwrap_or(StatusCode::BAD_REQUEST)
             }
             HttpError::UaidNotAuthenticated(_) => StatusCode::FORBIDDEN,
-            HttpError::RateLimited { .. } | HttpError::UaidRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            HttpError::RateLimited { .. } | HttpError::UaidRateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             HttpError::StoreUnavailable { .. } | HttpError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             HttpError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -170,15 +172,28 @@ fn find_cause<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error 
 /// The client's address for per-client limits: the last entry of `trusted_proxy_header` when
 /// configured (what the nearest proxy saw; earlier entries are the client's own word), else
 /// the peer of the TCP connection.
-pub fn client_ip(trusted_proxy_header: &str, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<IpAddr> {
+pub fn client_ip(
+    trusted_proxy_header: &str,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+) -> Option<IpAddr> {
     let forwarded = || {
-        let value = headers.get_all(trusted_proxy_header).iter().last()?.to_str().ok()?;
+        let value = headers
+            .get_all(trusted_proxy_header)
+            .iter()
+            .next_back()?
+            .to_str()
+            .ok()?;
         let last = value.rsplit(',').next()?.trim();
         last.parse::<IpAddr>()
             .ok()
             .or_else(|| last.parse::<SocketAddr>().ok().map(|a| a.ip()))
     };
-    let from_proxy = if trusted_proxy_header.is_empty() { None } else { forwarded() };
+    let from_proxy = if trusted_proxy_header.is_empty() {
+        None
+    } else {
+        forwarded()
+    };
     from_proxy.or(peer.map(|p| p.ip()))
 }
 

@@ -114,7 +114,12 @@ impl Keys {
     /// When `store` (a directory) exists, it holds data written with the keys of `keys.toml`, so a missing file is an error rather than a reason to make
     /// new keys, unless `reset` (`--reset-keys`) says to start over, which also replaces an
     /// existing file (kept as `keys.toml.replaced-<unix seconds>`).
-    pub fn load_for(config: &KeysConfig, dir: &Path, store: Option<&Path>, reset: bool) -> Result<Keys, KeyError> {
+    pub fn load_for(
+        config: &KeysConfig,
+        dir: &Path,
+        store: Option<&Path>,
+        reset: bool,
+    ) -> Result<Keys, KeyError> {
         if let Some(keys) = Keys::from_config(config)? {
             if reset {
                 tracing::warn!("--reset-keys does nothing: the keys are set in [keys]");
@@ -295,7 +300,13 @@ mod tests {
         assert_ne!(k2.uaid_secret(&u), k3.uaid_secret(&u));
         let kept = std::fs::read_dir(dir.path())
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("keys.toml.replaced-"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("keys.toml.replaced-")
+            })
             .count();
         assert_eq!(kept, 1);
     }

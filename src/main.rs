@@ -175,7 +175,9 @@ async fn serve(config: Config, reset_keys: bool) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let node = Node::open_with(config, reset_keys).await.map_err(|e| e.to_string())?;
+    let node = Node::open_with(config, reset_keys)
+        .await
+        .map_err(|e| e.to_string())?;
     tracing::info!(%addr, public_url = %node.public_url(), "editiond listening");
     server::run(listener, node, shutdown_signal())
         .await

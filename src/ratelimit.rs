@@ -240,7 +240,10 @@ mod tests {
         // Two left: four are refused whole, and the wait is for the two missing.
         assert_eq!(wait_us(b.take_n(rate, 4, start)), 200_000);
         assert!(b.take_n(rate, 2, start).is_ok());
-        assert_eq!(b.take_n(rate, 6, start + Duration::from_secs(60)), Err(Duration::MAX));
+        assert_eq!(
+            b.take_n(rate, 6, start + Duration::from_secs(60)),
+            Err(Duration::MAX)
+        );
     }
 
     #[test]

@@ -293,8 +293,8 @@ pub async fn run(
     state.begin_shutdown();
     // Background tasks were told at the start of the drain: what is left of the grace period
     // (and the short force-close bound) is theirs; then a task stuck on Redis is cut off.
-    let deadline = began.get().copied().unwrap_or_else(tokio::time::Instant::now) + grace
-        + crate::accept::FORCE_CLOSE;
+    let deadline =
+        began.get().copied().unwrap_or_else(tokio::time::Instant::now) + grace + crate::accept::FORCE_CLOSE;
     let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
     match tokio::time::timeout_at(deadline, futures_util::future::join_all(tasks)).await {
         Ok(ended) => {
