@@ -320,6 +320,11 @@ pub async fn serve(
         idle: Duration::from_secs(limits.http_idle_timeout_secs),
     };
     let cap = connection_cap(limits);
+    tracing::info!(
+        max_connections = cap,
+        open_file_limit = open_file_limit(),
+        "accepting connections"
+    );
     let mut acceptor = Acceptor {
         listener,
         app,

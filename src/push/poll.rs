@@ -55,9 +55,13 @@ async fn authenticate(
     client: Option<IpAddr>,
 ) -> Result<(Vec<UaidStatus>, Vec<Uaid>), HttpError> {
     let limits = &state.config.limits;
-    // One request is one frame's worth: a relay polls in chunks (DESIGN.md, "Relay").
-    let limit = limits.max_uaids_per_frame.min(limits.max_uaids_per_connection);
-    if entries.len() > limit {
+    // One request carries a frame's worth of entries, as a hello does: a relay polls in chunks
+    // (DESIGN.md, "Relay"). Checked first: it also bounds the work of counting distinct UAIDs.
+    if entries.len() > limits.max_uaids_per_frame {
+        return Err(HttpError::TooManyUaids(limits.max_uaids_per_frame));
+    }
+    let limit = limits.max_uaids_per_connection;
+    if proto::uaids_added(entries, |_| false) > limit {
         return Err(HttpError::TooManyUaids(limit));
     }
     state
