@@ -53,10 +53,11 @@ enum Command {
 struct ServeArgs {
     #[command(flatten)]
     sources: Sources,
-    /// Start over with new keys although the store holds data written with the old ones (whose
-    /// keys.toml is lost): every endpoint and UAID secret issued so far stops working, and
-    /// clients must register again. An existing keys.toml is kept as keys.toml.replaced-<time>.
-    /// Without it, a data dir whose store exists but whose keys.toml is missing refuses to start.
+    /// Start over with new keys although the store holds data written with others (its
+    /// keys.toml lost, or [keys] changed): every endpoint and UAID secret issued so far stops
+    /// working, and clients must register again. An existing keys.toml is kept as
+    /// keys.toml.replaced-<time>. Without it, a data dir whose store exists refuses to start
+    /// when its keys.toml is missing or the keys are not those recorded in keys.id.
     #[arg(long)]
     reset_keys: bool,
 }
