@@ -28,7 +28,9 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Address the one HTTP + WebSocket port listens on.
+    /// Address the one HTTP + WebSocket port listens on: `IP:PORT`, `HOST:PORT` (resolved
+    /// once at start-up) or `:PORT` (every interface).
+    #[serde(deserialize_with = "deserialize_listen")]
     pub listen: SocketAddr,
     /// Base URL that endpoints are built from, as app servers reach this node. Empty means
     /// `http://<listen>`.
@@ -39,6 +41,10 @@ pub struct ServerConfig {
     pub log: String,
     /// Seconds a graceful shutdown waits for sockets to close before it stops anyway.
     pub shutdown_grace_secs: u64,
+    /// A header set by a trusted reverse proxy that names the client's address (e.g.
+    /// `x-forwarded-for`, whose last entry counts); empty: the peer address. For per-client
+    /// limits (`uaid_rate_per_sec`).
+    pub trusted_proxy_header: String,
 }
 
 /// Every bound the server enforces. A limit is a named value here, never a number in a handler.
@@ -97,6 +103,21 @@ pub struct Limits {
     pub uaid_idle_days: u64,
     /// Seconds between sweeps that delete expired events and tombstones.
     pub sweep_interval_secs: u64,
+    /// Seconds an HTTP connection may wait for the first byte of a request (after connecting or
+    /// after its previous answer) before it is closed.
+    pub http_idle_timeout_secs: u64,
+    /// Seconds from a request's first byte until its headers are complete; slower: closed.
+    pub http_header_timeout_secs: u64,
+    /// Seconds from a request's headers until its whole body has arrived; slower: 408.
+    pub http_body_timeout_secs: u64,
+    /// Open client connections (HTTP and WebSocket) at most; beyond it a new connection gets 503
+    /// and is closed. 0: the open-file limit less 256.
+    pub max_connections: usize,
+    /// New UAIDs one client address may create per second on average (hello, claim, poll); 0:
+    /// no limit. Beyond it and the burst: 429 with `Retry-After`.
+    pub uaid_rate_per_sec: u32,
+    /// New UAIDs one client address may create at once above that average.
+    pub uaid_burst: u32,
 }
 
 /// Where durable state lives (`store.backend`).
@@ -189,6 +210,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("data"),
             log: "info".into(),
             shutdown_grace_secs: 10,
+            trusted_proxy_header: String::new(),
         }
     }
 }
@@ -217,6 +239,12 @@ impl Default for Limits {
             gone_ttl_secs: 30 * 24 * 3600,
             uaid_idle_days: 90,
             sweep_interval_secs: 60,
+            http_idle_timeout_secs: 60,
+            http_header_timeout_secs: 10,
+            http_body_timeout_secs: 30,
+            max_connections: 0,
+            uaid_rate_per_sec: 10,
+            uaid_burst: 1000,
         }
     }
 }
@@ -237,13 +265,72 @@ impl Default for StoreConfig {
     }
 }
 
-/// What went wrong while assembling the configuration.
+/// What went wrong while assembling the configuration. The display names the source (the file,
+/// the environment variable or the flag) first, once.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{origin}: {message}")]
     Invalid { origin: String, message: String },
+}
+
+/// `IP:PORT`, `HOST:PORT` (resolved now; the first address wins) or `:PORT` (every IPv4
+/// interface, as `0.0.0.0:PORT`).
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    let full = match text.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => text.to_owned(),
+    };
+    if let Ok(addr) = full.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let expected = "expected IP:PORT, HOST:PORT or :PORT";
+    let Some((host, port)) = full.rsplit_once(':') else {
+        return Err(format!("{text:?}: {expected}"));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("{text:?}: {expected}"));
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(&full)
+        .map_err(|e| format!("{text:?}: cannot resolve {host:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{text:?}: {host:?} has no address"))
+}
+
+fn deserialize_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_listen(&text).map_err(serde::de::Error::custom)
+}
+
+/// Checks a `tracing` filter (`server.log`, `RUST_LOG`): it must parse, and a directive without
+/// `=` must be a level. (tracing reads a bare word as a target to trace, so `log = "verbose"`
+/// would silently print nothing.)
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains('=')
+            && !directive.contains('[')
+            && !LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+        {
+            return Err(format!(
+                "invalid log filter {filter:?}: {directive:?} is no level (off, error, warn, info, \
+                 debug, trace); for one module write MODULE=LEVEL"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(drop)
+        .map_err(|e| format!("invalid log filter {filter:?}: {e}"))
+}
+
+/// What `editiond config` prints for a secret: `(set)`, or empty when it is not set.
+pub fn redact(secret: &mut String) {
+    if !secret.is_empty() {
+        *secret = "(set)".to_owned();
+    }
 }
 
 /// Overrides given as command-line flags; `None` leaves the lower layers alone.
@@ -273,34 +360,46 @@ impl Config {
             None => toml::Table::new(),
         };
         let file_origin = file.map_or("defaults".into(), |p| p.display().to_string());
+        // Who set each key, so that a value refused below names its source.
+        let mut origins = Origins::default();
+        leaf_paths(&doc, "", &mut |key| origins.set(key, &file_origin));
         // The file alone first, so that its errors name it and an env error names its variable.
         doc.clone()
             .try_into::<Config>()
             .map_err(|e| invalid(&file_origin, e))?;
         let defaults = toml::Table::try_from(Config::default()).map_err(|e| invalid("defaults", e))?;
         for (name, value) in vars {
-            if !apply_env(&mut doc, &defaults, &name, &value)? {
+            let Some(key) = apply_env(&mut doc, &defaults, &name, &value)? else {
                 continue;
-            }
+            };
             doc.clone().try_into::<Config>().map_err(|e| invalid(&name, e))?;
+            origins.set(&key, &name);
         }
         let mut config: Config = doc.try_into().map_err(|e| invalid("environment", e))?;
         if let Some(listen) = flags.listen {
             config.server.listen = listen;
+            origins.set("server.listen", "--listen");
         }
         if let Some(dir) = &flags.data_dir {
             config.server.data_dir = dir.clone();
+            origins.set("server.data_dir", "--data-dir");
         }
         if let Some(url) = &flags.public_url {
             config.server.public_url = url.clone();
+            origins.set("server.public_url", "--public-url");
         }
-        config.validate()?;
+        // `http://host/` and `http://host` are the same base; endpoints append `/v1/e/…`.
+        let trimmed = config.server.public_url.trim_end_matches('/').len();
+        config.server.public_url.truncate(trimmed);
+        config.validate(&origins)?;
         Ok(config)
     }
 
-    /// Removes what must never be printed: the keys, and passwords in Redis URLs.
+    /// Replaces what must never be printed: set keys and secrets become `(set)`, passwords in
+    /// Redis URLs `***`.
     pub fn redact_secrets(&mut self) {
-        self.keys = KeysConfig::default();
+        redact(&mut self.keys.endpoint_key);
+        redact(&mut self.keys.secret_key);
         self.kick.redact_secrets();
         self.storage.redact_secrets();
         self.store.url = redact_url(&self.store.url);
@@ -318,9 +417,32 @@ impl Config {
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self, origins: &Origins) -> Result<(), ConfigError> {
         let l = &self.limits;
-        let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(invalid("config", what)) };
+        // The message starts with the key at fault; its source names the error.
+        let check = |ok: bool, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(invalid(&origins.of_message(what), what))
+            }
+        };
+        check_log_filter(&self.server.log)
+            .map_err(|e| invalid(&origins.of("server.log"), format!("server.log: {e}")))?;
+        check(
+            self.server.trusted_proxy_header.is_empty()
+                || axum::http::HeaderName::try_from(self.server.trusted_proxy_header.as_str()).is_ok(),
+            "server.trusted_proxy_header must be a header name (or empty)",
+        )?;
+        check(
+            l.http_idle_timeout_secs >= 1 && l.http_header_timeout_secs >= 1 && l.http_body_timeout_secs >= 1,
+            "limits.http_idle_timeout_secs, http_header_timeout_secs and http_body_timeout_secs must be at least 1",
+        )?;
+        check(
+            l.uaid_rate_per_sec == 0 || l.uaid_burst as usize >= l.max_uaids_per_frame,
+            "limits.uaid_burst must be at least limits.max_uaids_per_frame unless limits.uaid_rate_per_sec is 0 \
+             (a hello of new UAIDs takes its tokens at once)",
+        )?;
         let url = &self.server.public_url;
         check(
             url.is_empty() || url.starts_with("http://") || url.starts_with("https://"),
@@ -415,12 +537,12 @@ fn apply_env(
     defaults: &toml::Table,
     name: &str,
     value: &str,
-) -> Result<bool, ConfigError> {
+) -> Result<Option<String>, ConfigError> {
     let Some(rest) = name.strip_prefix("EDITIOND_") else {
-        return Ok(false);
+        return Ok(None);
     };
     if rest == "CONFIG" {
-        return Ok(false);
+        return Ok(None);
     }
     let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
     let Some((key, tables)) = path.split_last() else {
@@ -443,13 +565,87 @@ fn apply_env(
             .ok_or_else(|| invalid(name, format!("{part} is not a table")))?;
     }
     table.insert(key.clone(), parsed);
-    Ok(true)
+    Ok(Some(path.join(".")))
+}
+
+/// Which source set each key (dotted path), the last one winning.
+#[derive(Default)]
+struct Origins(Vec<(String, String)>);
+
+impl Origins {
+    fn set(&mut self, key: &str, origin: &str) {
+        self.0.retain(|(k, _)| k != key);
+        self.0.push((key.to_owned(), origin.to_owned()));
+    }
+
+    /// The source of `key`, or `defaults`.
+    fn of(&self, key: &str) -> String {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or_else(|| "defaults".to_owned(), |(_, o)| o.clone())
+    }
+
+    /// The source of the first key a validation message names that was set somewhere (a
+    /// default can be refused only because another key moved).
+    fn of_message(&self, message: &str) -> String {
+        let mut section = "";
+        for word in message.split(|c: char| c.is_whitespace() || c == ',') {
+            let key = match word.split_once('.') {
+                Some((s, _))
+                    if !s.is_empty()
+                        && word
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c == '_' || c == '.') =>
+                {
+                    section = s;
+                    word.to_owned()
+                }
+                // "limits.a, b and c": b and c are keys of the same section.
+                None if !section.is_empty()
+                    && word.contains('_')
+                    && word.chars().all(|c| c.is_ascii_lowercase() || c == '_') =>
+                {
+                    format!("{section}.{word}")
+                }
+                _ => continue,
+            };
+            if let Some((_, origin)) = self.0.iter().find(|(k, _)| *k == key) {
+                return origin.clone();
+            }
+        }
+        "defaults".to_owned()
+    }
+}
+
+/// Calls `f` with the dotted path of every value in `table` that is not a table.
+fn leaf_paths(table: &toml::Table, prefix: &str, f: &mut impl FnMut(&str)) {
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Table(t) => leaf_paths(t, &path, f),
+            _ => f(&path),
+        }
+    }
 }
 
 fn invalid(origin: &str, message: impl std::fmt::Display) -> ConfigError {
+    // TOML errors span lines (a quoted source line, `in \`limits\``): one line reads better
+    // after `editiond: ORIGIN: `.
+    let message = message.to_string();
+    let message = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
     ConfigError::Invalid {
         origin: origin.to_owned(),
-        message: message.to_string(),
+        message,
     }
 }
 
@@ -566,9 +762,16 @@ mod tests {
             .parse()
             .unwrap();
         let mut doc = toml::Table::new();
-        assert!(apply_env(&mut doc, &defaults, "EDITIOND_KICK__WEBHOOK__SECRET", "whsec_x").unwrap());
-        assert!(apply_env(&mut doc, &defaults, "EDITIOND_KICK__MIN_INTERVAL_SECS", "5").unwrap());
-        assert!(!apply_env(&mut doc, &defaults, "HOME", "/root").unwrap());
+        assert_eq!(
+            apply_env(&mut doc, &defaults, "EDITIOND_KICK__WEBHOOK__SECRET", "whsec_x").unwrap(),
+            Some("kick.webhook.secret".to_owned())
+        );
+        assert!(
+            apply_env(&mut doc, &defaults, "EDITIOND_KICK__MIN_INTERVAL_SECS", "5")
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(apply_env(&mut doc, &defaults, "HOME", "/root").unwrap(), None);
         let expected: toml::Table = "[kick]\nmin_interval_secs = 5\n[kick.webhook]\nsecret = \"whsec_x\"\n"
             .parse()
             .unwrap();
@@ -606,9 +809,79 @@ mod tests {
         assert_eq!(config.kick.webhook.allow, ["127.0.0.1/32"]);
         assert_eq!(config.kick.min_interval_secs, 5);
         config.redact_secrets();
-        assert_eq!(config.kick.webhook.secret, "");
+        assert_eq!(config.kick.webhook.secret, "(set)");
+        assert_eq!(config.kick.webpush.vapid_private_key, "");
         let bad = [var("EDITIOND_KICK__WEBHOOK__NO_SUCH", "1")];
         assert!(Config::load(None, bad, &Flags::default()).is_err());
+    }
+
+    #[test]
+    fn validation_errors_name_the_source_of_the_key_once() {
+        let var = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let load = |vars: Vec<(String, String)>, flags: &Flags| {
+            Config::load(None, vars, flags).unwrap_err().to_string()
+        };
+        let err = load(
+            vec![var("EDITIOND_LIMITS__MAX_FRAME_BYTES", "10")],
+            &Flags::default(),
+        );
+        assert_eq!(
+            err,
+            "EDITIOND_LIMITS__MAX_FRAME_BYTES: limits.max_frame_bytes must be at least 1024"
+        );
+        // A default refused because another key moved names the key that moved.
+        let err = load(
+            vec![var("EDITIOND_LIMITS__MAX_FRAME_BYTES", "2000000")],
+            &Flags::default(),
+        );
+        assert!(
+            err.starts_with("EDITIOND_LIMITS__MAX_FRAME_BYTES: limits.max_write_buffer_bytes"),
+            "{err}"
+        );
+        let flags = Flags {
+            public_url: Some("push.example.com".into()),
+            ..Flags::default()
+        };
+        let err = load(vec![var("EDITIOND_SERVER__PUBLIC_URL", "https://x")], &flags);
+        assert!(err.starts_with("--public-url: server.public_url"), "{err}");
+        let err = load(
+            vec![var("EDITIOND_LIMITS__HTTP_BODY_TIMEOUT_SECS", "0")],
+            &Flags::default(),
+        );
+        assert!(
+            err.starts_with("EDITIOND_LIMITS__HTTP_BODY_TIMEOUT_SECS: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn listen_takes_ip_host_or_bare_port() {
+        assert_eq!(
+            parse_listen("127.0.0.1:80").unwrap(),
+            SocketAddr::from(([127, 0, 0, 1], 80))
+        );
+        assert_eq!(
+            parse_listen(":8093").unwrap(),
+            SocketAddr::from(([0, 0, 0, 0], 8093))
+        );
+        assert!(parse_listen("localhost:8093").unwrap().ip().is_loopback());
+        assert_eq!(parse_listen("[::1]:9").unwrap().port(), 9);
+        for bad in ["", "8093", "localhost", "localhost:x", ":", "a b:1"] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
+        }
+        let vars = [("EDITIOND_SERVER__LISTEN".to_owned(), ":9000".to_owned())];
+        let config = Config::load(None, vars, &Flags::default()).unwrap();
+        assert_eq!(config.server.listen, SocketAddr::from(([0, 0, 0, 0], 9000)));
+    }
+
+    #[test]
+    fn log_filters_that_print_nothing_are_refused() {
+        for good in ["info", "warn,editiond=debug", "editiond::push=trace", "OFF", ""] {
+            assert!(check_log_filter(good).is_ok(), "{good}");
+        }
+        for bad in ["loud", "verbose", "editiond=loud", "info,editiond"] {
+            assert!(check_log_filter(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::push::proto::EntryError;
 
@@ -37,6 +38,8 @@ pub enum HttpError {
     UaidNotAuthenticated(String),
     #[error("too many PUTs to this endpoint: retry in {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
+    #[error("too many new UAIDs from this address: retry in {retry_after_secs} s")]
+    UaidRateLimited { retry_after_secs: u64 },
     #[error("the store cannot take the request now")]
     StoreUnavailable { retry_after_secs: u64 },
     #[error("the server is shutting down")]
@@ -47,6 +50,8 @@ pub enum HttpError {
     MethodNotAllowed,
     #[error("could not read the request body")]
     BodyRead,
+    #[error("the request body did not arrive within {0} s")]
+    BodyTimeout(u64),
     #[error("not a WebSocket handshake: {0}")]
     InvalidUpgrade(String),
 }
@@ -63,12 +68,15 @@ impl HttpError {
             | HttpError::InvalidQuery(_)
             | HttpError::BodyRead
             | HttpError::InvalidUpgrade(_) => StatusCode::BAD_REQUEST,
+            HttpError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             HttpError::VersionExhausted => StatusCode::CONFLICT,
             HttpError::Credentials { error, .. } => {
                 StatusCode::from_u16(error.status()).unwrap_or(StatusCode::BAD_REQUEST)
             }
             HttpError::UaidNotAuthenticated(_) => StatusCode::FORBIDDEN,
-            HttpError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            HttpError::RateLimited { .. } | HttpError::UaidRateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             HttpError::StoreUnavailable { .. } | HttpError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             HttpError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -88,11 +96,13 @@ impl HttpError {
             HttpError::Credentials { error, .. } => error.slug(),
             HttpError::UaidNotAuthenticated(_) => "uaid_not_authenticated",
             HttpError::RateLimited { .. } => "rate_limited",
+            HttpError::UaidRateLimited { .. } => "uaid_rate_limited",
             HttpError::StoreUnavailable { .. } => "store_unavailable",
             HttpError::ShuttingDown => "shutting_down",
             HttpError::NotFound => "not_found",
             HttpError::MethodNotAllowed => "method_not_allowed",
             HttpError::BodyRead => "body_read_failed",
+            HttpError::BodyTimeout(_) => "body_timeout",
             HttpError::InvalidUpgrade(_) => "invalid_upgrade",
         }
     }
@@ -109,7 +119,8 @@ impl IntoResponse for HttpError {
         let mut response = (status, axum::Json(body)).into_response();
         let retry_after = match self {
             HttpError::StoreUnavailable { retry_after_secs }
-            | HttpError::RateLimited { retry_after_secs } => Some(retry_after_secs),
+            | HttpError::RateLimited { retry_after_secs }
+            | HttpError::UaidRateLimited { retry_after_secs } => Some(retry_after_secs),
             HttpError::ShuttingDown => Some(1),
             _ => None,
         };
@@ -132,14 +143,58 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
         return Err(HttpError::BodyTooLarge(limit));
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large =
-            std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
+        if caused_by::<http_body_util::LengthLimitError>(&e) {
             HttpError::BodyTooLarge(limit)
+        } else if let Some(t) = find_cause::<crate::accept::BodyTimeout>(&e) {
+            HttpError::BodyTimeout(t.0)
         } else {
             HttpError::BodyRead
         }
     })
+}
+
+/// Whether `T` is among the causes of `e` (bodies wrap their errors a layer or two deep).
+fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    find_cause::<T>(e).is_some()
+}
+
+fn find_cause<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(t) = c.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// The client's address for per-client limits: the last entry of `trusted_proxy_header` when
+/// configured (what the nearest proxy saw; earlier entries are the client's own word), else
+/// the peer of the TCP connection.
+pub fn client_ip(
+    trusted_proxy_header: &str,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+) -> Option<IpAddr> {
+    let forwarded = || {
+        let value = headers
+            .get_all(trusted_proxy_header)
+            .iter()
+            .next_back()?
+            .to_str()
+            .ok()?;
+        let last = value.rsplit(',').next()?.trim();
+        last.parse::<IpAddr>()
+            .ok()
+            .or_else(|| last.parse::<SocketAddr>().ok().map(|a| a.ip()))
+    };
+    let from_proxy = if trusted_proxy_header.is_empty() {
+        None
+    } else {
+        forwarded()
+    };
+    from_proxy.or(peer.map(|p| p.ip()))
 }
 
 /// A JSON answer with a status.

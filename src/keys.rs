@@ -32,6 +32,26 @@ pub enum KeyError {
     File { path: String, source: std::io::Error },
     #[error("key file {0} is corrupt")]
     Corrupt(String),
+    #[error(
+        "{path} is missing, but the store in {store} holds data written with the keys it held, and \
+         [keys] endpoint_key and secret_key are not set. New keys would reject every endpoint and \
+         UAID secret issued so far. Restore {path} from a backup (or set both keys to the values it \
+         held), or start with --reset-keys to generate new keys (every client must then register \
+         again)"
+    )]
+    Missing { path: String, store: String },
+    #[error(
+        "the keys from {from} are not the keys the store in {store} was written with (key id \
+         {id}; the store's is {recorded}, recorded in keys.id beside keys.toml): they would reject \
+         every endpoint and UAID secret issued so far. Use the keys the store was written with, \
+         or start with --reset-keys to keep these (every client must then register again)"
+    )]
+    Mismatch {
+        from: String,
+        store: String,
+        id: String,
+        recorded: String,
+    },
 }
 
 /// The two server keys.
@@ -103,25 +123,125 @@ impl Keys {
     }
 
     /// Keys from config when given there, else from `<dir>/keys.toml`, created on first start.
-    pub fn load(config: &KeysConfig, dir: &Path) -> Result<Keys, KeyError> {
-        if let Some(keys) = Keys::from_config(config)? {
+    ///
+    /// `store` is the store these keys serve. When it exists it holds data written with some
+    /// keys: a missing `keys.toml` is then an error rather than a reason to make new keys, and
+    /// keys that are not the ones it was written with (a changed `[keys]`, another instance's
+    /// file) are refused; `<dir>/keys.id` records which keys those are (a digest of each, not
+    /// the keys). `reset` (`--reset-keys`) starts over: new keys (unless `[keys]` sets them), the
+    /// old file kept as `keys.toml.replaced-<unix seconds>`, and the store's record renewed.
+    pub fn load_for(
+        config: &KeysConfig,
+        dir: &Path,
+        store: Option<&Path>,
+        reset: bool,
+    ) -> Result<Keys, KeyError> {
+        let (keys, source) = Keys::load_file(config, dir, store, reset)?;
+        let Some(store) = store else {
             return Ok(keys);
+        };
+        let id_path = dir.join("keys.id");
+        let id = keys.id();
+        let recorded = match std::fs::read_to_string(&id_path) {
+            Ok(text) => Some(text.trim().to_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(KeyError::File {
+                    path: id_path.display().to_string(),
+                    source,
+                })
+            }
+        };
+        match recorded {
+            Some(recorded) if recorded == id => Ok(keys),
+            // Data written before this record existed cannot be checked: record it now.
+            Some(recorded) if store.exists() && !reset => Err(KeyError::Mismatch {
+                from: source,
+                store: store.display().to_string(),
+                id,
+                recorded,
+            }),
+            _ => {
+                write_private(&id_path, format!("{id}\n").as_bytes()).map_err(|source| KeyError::File {
+                    path: id_path.display().to_string(),
+                    source,
+                })?;
+                Ok(keys)
+            }
+        }
+    }
+
+    /// A digest naming these keys without revealing them: `endpoint:secret`, 8 bytes each.
+    fn id(&self) -> String {
+        let digest = |mac: &HmacSha256| {
+            let mut mac = mac.clone();
+            mac.update(b"key-id\0");
+            let bytes = mac.finalize().into_bytes();
+            bytes[..8].iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        format!("{}:{}", digest(&self.endpoint), digest(&self.secret))
+    }
+
+    /// The keys and where they came from (for errors), without the `keys.id` check.
+    fn load_file(
+        config: &KeysConfig,
+        dir: &Path,
+        store: Option<&Path>,
+        reset: bool,
+    ) -> Result<(Keys, String), KeyError> {
+        if let Some(keys) = Keys::from_config(config)? {
+            return Ok((keys, "[keys] endpoint_key and secret_key".to_owned()));
         }
         let path = dir.join("keys.toml");
+        let shown = path.display().to_string();
+        let file_err = |source| KeyError::File {
+            path: shown.clone(),
+            source,
+        };
+        let source = shown.clone();
+        let keys = match std::fs::read_to_string(&path) {
+            Ok(text) if !reset => Keys::from_text(&text, &shown),
+            Ok(_) => {
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let kept = dir.join(format!("keys.toml.replaced-{secs}"));
+                std::fs::rename(&path, &kept).map_err(file_err)?;
+                tracing::warn!(
+                    old = %kept.display(),
+                    "--reset-keys: new keys; every endpoint and UAID secret issued so far is void"
+                );
+                Keys::create(dir, &path)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(store) = store.filter(|s| s.exists()) {
+                    if !reset {
+                        return Err(KeyError::Missing {
+                            path: shown,
+                            store: store.display().to_string(),
+                        });
+                    }
+                    tracing::warn!(
+                        "--reset-keys: new keys; every endpoint and UAID secret issued so far is void"
+                    );
+                }
+                Keys::create(dir, &path)
+            }
+            Err(e) => Err(file_err(e)),
+        }?;
+        Ok((keys, source))
+    }
+
+    /// Generates keys into `path` (in `dir`), durably.
+    fn create(dir: &Path, path: &Path) -> Result<Keys, KeyError> {
         let file_err = |source| KeyError::File {
             path: path.display().to_string(),
             source,
         };
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Keys::from_text(&text, &path.display().to_string()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let text = Keys::generate_text();
-                std::fs::create_dir_all(dir).map_err(file_err)?;
-                write_private(&path, text.as_bytes()).map_err(file_err)?;
-                Keys::from_text(&text, &path.display().to_string())
-            }
-            Err(e) => Err(file_err(e)),
-        }
+        let text = Keys::generate_text();
+        std::fs::create_dir_all(dir).map_err(file_err)?;
+        write_private(path, text.as_bytes()).map_err(file_err)?;
+        Keys::from_text(&text, &path.display().to_string())
     }
 
     /// The secret bound to `uaid`.
@@ -231,10 +351,67 @@ mod tests {
     }
 
     #[test]
+    fn a_store_without_its_keys_file_is_refused_unless_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("sled");
+        let k1 = Keys::load_for(&KeysConfig::default(), dir.path(), Some(&store), false).unwrap();
+        std::fs::create_dir(&store).unwrap();
+        std::fs::remove_file(dir.path().join("keys.toml")).unwrap();
+        let err = Keys::load_for(&KeysConfig::default(), dir.path(), Some(&store), false).unwrap_err();
+        assert!(matches!(err, KeyError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("--reset-keys"), "{err}");
+        let k2 = Keys::load_for(&KeysConfig::default(), dir.path(), Some(&store), true).unwrap();
+        let u = Uaid::random();
+        assert_ne!(k1.uaid_secret(&u), k2.uaid_secret(&u));
+        // A reset with the file present replaces it and keeps the old one aside.
+        let k3 = Keys::load_for(&KeysConfig::default(), dir.path(), Some(&store), true).unwrap();
+        assert_ne!(k2.uaid_secret(&u), k3.uaid_secret(&u));
+        let kept = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("keys.toml.replaced-")
+            })
+            .count();
+        assert_eq!(kept, 1);
+    }
+
+    #[test]
+    fn keys_other_than_the_stores_are_refused_unless_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("sled");
+        let pinned = |byte: u8| KeysConfig {
+            endpoint_key: B64.encode([byte; 32]),
+            secret_key: B64.encode([byte + 1; 32]),
+        };
+        Keys::load_for(&pinned(1), dir.path(), Some(&store), false).unwrap();
+        std::fs::create_dir(&store).unwrap();
+        Keys::load_for(&pinned(1), dir.path(), Some(&store), false).unwrap();
+        let err = Keys::load_for(&pinned(3), dir.path(), Some(&store), false).unwrap_err();
+        assert!(matches!(err, KeyError::Mismatch { .. }), "{err}");
+        assert!(err.to_string().contains("[keys]"), "{err}");
+        let id = std::fs::read_to_string(dir.path().join("keys.id")).unwrap();
+        assert!(!id.contains(&B64.encode([1u8; 32])), "{id}");
+        Keys::load_for(&pinned(3), dir.path(), Some(&store), true).unwrap();
+        Keys::load_for(&pinned(3), dir.path(), Some(&store), false).unwrap();
+        // Generated keys are recorded too: another instance's keys.toml is refused.
+        std::fs::remove_file(dir.path().join("keys.id")).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        Keys::load_for(&KeysConfig::default(), other.path(), None, false).unwrap();
+        Keys::load_for(&KeysConfig::default(), dir.path(), Some(&store), true).unwrap();
+        std::fs::copy(other.path().join("keys.toml"), dir.path().join("keys.toml")).unwrap();
+        let err = Keys::load_for(&KeysConfig::default(), dir.path(), Some(&store), false).unwrap_err();
+        assert!(matches!(err, KeyError::Mismatch { .. }), "{err}");
+    }
+
+    #[test]
     fn generated_keys_persist() {
         let dir = tempfile::tempdir().unwrap();
-        let k1 = Keys::load(&KeysConfig::default(), dir.path()).unwrap();
-        let k2 = Keys::load(&KeysConfig::default(), dir.path()).unwrap();
+        let k1 = Keys::load_for(&KeysConfig::default(), dir.path(), None, false).unwrap();
+        let k2 = Keys::load_for(&KeysConfig::default(), dir.path(), None, false).unwrap();
         let u = Uaid::random();
         assert_eq!(k1.uaid_secret(&u), k2.uaid_secret(&u));
     }

@@ -7,9 +7,11 @@
 //! [`config`], [`ids`], [`keys`] (tokens and secrets), [`kick`] (waking clients that are away),
 //! [`storage`] (the Sync 1.5 storage API), [`ratelimit`] (token buckets),
 //! [`metrics`], [`http`] (errors and bodies), [`web`] (the browser client, the demo page, CORS),
-//! and [`server`] (wiring and shutdown; nothing imports it back).
+//! [`accept`] (connections: timeouts, the cap, the bounded drain), and [`server`] (wiring and
+//! shutdown; nothing imports it back).
 #![forbid(unsafe_code)]
 
+pub(crate) mod accept;
 pub mod config;
 pub(crate) mod http;
 pub mod ids;

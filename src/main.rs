@@ -43,7 +43,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (HTTP and WebSocket on one port).
-    Serve(Sources),
+    Serve(ServeArgs),
     /// Print the effective configuration (after file, environment and flags) as TOML and exit.
     /// Keys are never printed.
     Config(Sources),
@@ -61,14 +61,28 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    sources: Sources,
+    /// Start over with new keys although the store holds data written with others (its
+    /// keys.toml lost, or [keys] changed): every endpoint and UAID secret issued so far stops
+    /// working, and clients must register again. An existing keys.toml is kept as
+    /// keys.toml.replaced-<time>. Without it, a data dir whose store exists refuses to start
+    /// when its keys.toml is missing or the keys are not those recorded in keys.id.
+    #[arg(long)]
+    reset_keys: bool,
+}
+
 /// Where configuration comes from: the file, then the environment, then these flags.
 #[derive(clap::Args)]
 struct Sources {
     /// Config file. Default: ./config.toml if it exists, else built-in defaults.
     #[arg(long, env = "EDITIOND_CONFIG")]
     config: Option<PathBuf>,
-    /// Address to listen on (server.listen), e.g. 127.0.0.1:8080.
-    #[arg(long)]
+    /// Address to listen on (server.listen): IP:PORT, HOST:PORT or :PORT (every interface),
+    /// e.g. 127.0.0.1:8080, localhost:8080, :8080.
+    #[arg(long, value_parser = editiond::config::parse_listen)]
     listen: Option<SocketAddr>,
     /// Directory for the store and generated keys (server.data_dir).
     #[arg(long)]
@@ -111,26 +125,29 @@ fn main() -> ExitCode {
                 }
             }
             Err(e) => {
-                eprintln!("editiond: config: {e}");
+                eprintln!("editiond: {e}");
                 ExitCode::from(2)
             }
         },
         Command::Token { uid, ttl, sources } => match sources.load() {
             Ok(config) => print_token(&config, uid, ttl),
             Err(e) => {
-                eprintln!("editiond: config: {e}");
+                eprintln!("editiond: {e}");
                 ExitCode::from(2)
             }
         },
-        Command::Serve(sources) => {
+        Command::Serve(ServeArgs { sources, reset_keys }) => {
             let config = match sources.load() {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("editiond: config: {e}");
+                    eprintln!("editiond: {e}");
                     return ExitCode::from(2);
                 }
             };
-            init_logging(&config.server.log);
+            if let Err(e) = init_logging(&config.server.log) {
+                eprintln!("editiond: {e}");
+                return ExitCode::from(2);
+            }
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -138,10 +155,10 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(config)) {
+            // Printed once, on stderr (where the log goes too).
+            match runtime.block_on(serve(config, reset_keys)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e}");
                     eprintln!("editiond: {e}");
                     ExitCode::FAILURE
                 }
@@ -180,9 +197,19 @@ fn print_token(config: &Config, uid: u64, ttl: u64) -> ExitCode {
     }
 }
 
-fn init_logging(default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+/// Logging on stderr with `RUST_LOG` if set, else `server.log` (checked by config). A filter
+/// that would silently print nothing is an error, not a quiet server.
+fn init_logging(default_filter: &str) -> Result<(), String> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.trim().is_empty() => {
+            editiond::config::check_log_filter(&env).map_err(|e| format!("RUST_LOG: {e}"))?;
+            env
+        }
+        _ => default_filter.to_owned(),
+    };
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .parse(&filter)
+        .map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
     // Colours only for a terminal: log files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
@@ -190,14 +217,17 @@ fn init_logging(default_filter: &str) {
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
+    Ok(())
 }
 
-async fn serve(config: Config) -> Result<(), String> {
+async fn serve(config: Config, reset_keys: bool) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let node = Node::open(config).await.map_err(|e| e.to_string())?;
+    let node = Node::open_with(config, reset_keys)
+        .await
+        .map_err(|e| e.to_string())?;
     tracing::info!(%addr, public_url = %node.public_url(), "editiond listening");
     server::run(listener, node, shutdown_signal())
         .await

@@ -1,8 +1,9 @@
 //! Token buckets: the one implementation of "so many per second on average, so many at once".
 //!
-//! Two limits use it: frames per WebSocket connection (`ws_frames_per_sec`, a [`Bucket`] the
-//! session owns) and PUTs per registration (`put_rate_per_sec`, [`Buckets`] keyed by endpoint
-//! token and shared by every request on the node). Keyed buckets are created on first use and
+//! Three limits use it: frames per WebSocket connection (`ws_frames_per_sec`, a [`Bucket`] the
+//! session owns), PUTs per registration (`put_rate_per_sec`, [`Buckets`] keyed by endpoint
+//! token and shared by every request on the node) and new UAIDs per client address
+//! (`uaid_rate_per_sec`, [`Buckets`] keyed by IP address). Keyed buckets are created on first use and
 //! dropped by [`Buckets::prune`] once full again, since a full bucket limits nothing: memory
 //! follows the registrations PUT to within the last refill time, not every one ever seen.
 //! Time is passed in, so the arithmetic is tested without a clock.
@@ -60,15 +61,24 @@ impl Bucket {
 
     /// Takes one token, or says how long until one is available.
     pub fn take(&mut self, rate: Rate, now: Instant) -> Result<(), Duration> {
+        self.take_n(rate, 1, now)
+    }
+
+    /// Takes `n` tokens at once, or none and says how long until `n` are available (never, as
+    /// `Duration::MAX`, when `n` exceeds the burst).
+    pub fn take_n(&mut self, rate: Rate, n: u32, now: Instant) -> Result<(), Duration> {
         self.tokens = self.tokens_at(rate, now);
         // Callers on several threads may hand in instants slightly out of order: never go back,
         // or the next call would count the same time twice.
         self.last = self.last.max(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let n = f64::from(n);
+        if self.tokens >= n {
+            self.tokens -= n;
             Ok(())
+        } else if n > rate.burst {
+            Err(Duration::MAX)
         } else {
-            let wait = (1.0 - self.tokens) / rate.per_sec;
+            let wait = (n - self.tokens) / rate.per_sec;
             Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX))
         }
     }
@@ -111,6 +121,15 @@ impl<K: Eq + Hash> Buckets<K> {
             .entry(key)
             .or_insert_with(|| Bucket::full(rate, now))
             .take(rate, now)
+    }
+
+    /// Takes `n` tokens at once from `key`'s bucket (see [`Bucket::take_n`]).
+    pub fn take_n(&self, key: K, n: u32, now: Instant) -> Result<(), Duration> {
+        let rate = self.rate;
+        self.map
+            .entry(key)
+            .or_insert_with(|| Bucket::full(rate, now))
+            .take_n(rate, n, now)
     }
 
     /// Forgets every bucket that is full again; returns how many were dropped.
@@ -210,6 +229,21 @@ mod tests {
         assert_eq!(buckets.prune(start + 2000 * MS), 1);
         assert!(buckets.is_empty());
         assert_eq!(buckets.rate().refill_time(), 1500 * MS);
+    }
+
+    #[test]
+    fn take_n_takes_all_or_nothing() {
+        let start = Instant::now();
+        let rate = Rate::new(10, 5);
+        let mut b = Bucket::full(rate, start);
+        assert!(b.take_n(rate, 3, start).is_ok());
+        // Two left: four are refused whole, and the wait is for the two missing.
+        assert_eq!(wait_us(b.take_n(rate, 4, start)), 200_000);
+        assert!(b.take_n(rate, 2, start).is_ok());
+        assert_eq!(
+            b.take_n(rate, 6, start + Duration::from_secs(60)),
+            Err(Duration::MAX)
+        );
     }
 
     #[test]

@@ -12,7 +12,6 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -57,6 +56,12 @@ impl Node {
     /// Opens keys and store for `config` (and, on Redis, subscribes for routing). Must run
     /// inside the Tokio runtime.
     pub async fn open(config: Config) -> Result<Node, StartError> {
+        Node::open_with(config, false).await
+    }
+
+    /// [`Node::open`]; `reset_keys` (`serve --reset-keys`) generates new keys even though the
+    /// store holds data written with others (see `Keys::load_for`).
+    pub async fn open_with(config: Config, reset_keys: bool) -> Result<Node, StartError> {
         let (keys, store, routes) = match config.store.backend {
             Backend::Redis => {
                 let target = RedisTarget {
@@ -91,7 +96,8 @@ impl Node {
                             path: dir.display().to_string(),
                             source,
                         })?;
-                        Ok(Keys::load(&keys_config, &dir)?)
+                        let store = dir.join("sled");
+                        Ok(Keys::load_for(&keys_config, &dir, Some(&store), reset_keys)?)
                     })
                     .await?
                 };
@@ -223,6 +229,9 @@ async fn sweep_loop(state: Arc<AppState>) {
                     buckets.prune(Instant::now());
                 }
                 crate::push::wake::prune(&state);
+                if let Some(buckets) = &state.uaid_limit {
+                    buckets.prune(Instant::now());
+                }
             }
             _ = &mut stopping => return,
         }
@@ -265,9 +274,10 @@ async fn sweep_store(state: &AppState) {
     }
 }
 
-/// Serves until `shutdown` completes, then stops accepting, closes every socket with 1001
-/// (going away), waits up to the grace period for them, waits for the background tasks, and
-/// flushes the store.
+/// Serves until `shutdown` completes, then closes every socket with 1001 (going away) and every
+/// HTTP connection after its request, keeps the port open (answering 503 `shutting_down`) until
+/// they have gone or the grace period is over, drops what is left, waits for the background
+/// tasks within the same grace period, and flushes the store.
 pub async fn run(
     listener: TcpListener,
     node: Node,
@@ -287,37 +297,24 @@ pub async fn run(
             routes,
         )));
     }
-    let listener = listener.tap_io(|tcp| {
-        // Updates are small and latency matters more than packet count.
-        let _ = tcp.set_nodelay(true);
-    });
-    let signal_state = state.clone();
     let grace = Duration::from_secs(state.config.server.shutdown_grace_secs);
-    // The listener stays open while sockets drain, so a load balancer's health check sees
-    // `/health` answer 503 `shutting_down` (and a late client is told to go) instead of a
-    // refused connection; it closes once every socket has gone or the grace period is over.
-    axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(async move {
+    let began = Arc::new(std::sync::OnceLock::new());
+    let shutdown = {
+        let began = began.clone();
+        async move {
             shutdown.await;
-            tracing::info!("shutting down: closing sockets");
-            signal_state.begin_shutdown();
-            let mut sockets = signal_state.sockets();
-            if tokio::time::timeout(grace, sockets.wait_for(|n| *n == 0))
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    open = *sockets.borrow(),
-                    "sockets still open after the grace period"
-                );
-            }
-        })
-        .await?;
-    // Normally ended already; after an accept error, serve returns before shutdown began.
+            let _ = began.set(tokio::time::Instant::now());
+        }
+    };
+    // Drains within the grace period whatever clients do (see `accept`).
+    crate::accept::serve(listener, router(state.clone()), state.clone(), shutdown).await;
     state.begin_shutdown();
-    // Bounded like the socket drain: a task stuck on an unreachable Redis is cut off.
+    // Background tasks were told at the start of the drain: what is left of the grace period
+    // (and the short force-close bound) is theirs; then a task stuck on Redis is cut off.
+    let deadline =
+        began.get().copied().unwrap_or_else(tokio::time::Instant::now) + grace + crate::accept::FORCE_CLOSE;
     let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
-    match tokio::time::timeout(grace, futures_util::future::join_all(tasks)).await {
+    match tokio::time::timeout_at(deadline, futures_util::future::join_all(tasks)).await {
         Ok(ended) => {
             for e in ended.into_iter().filter_map(Result::err) {
                 tracing::warn!(error = %e, "background task failed");

@@ -5,6 +5,7 @@
 //! imports the wiring back.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -43,6 +44,9 @@ pub struct AppState {
     pub kicks: OnceLock<crate::kick::Kicks>,
     /// The Sync 1.5 storage API, when `[storage] master_secret` is set (set by the wiring).
     pub storage: Option<Arc<crate::storage::Storage>>,
+    /// New UAIDs per client address (`uaid_rate_per_sec`), on this node only; `None` when 0.
+    /// Pruned with `put_limit`.
+    pub uaid_limit: Option<Buckets<IpAddr>>,
     /// Flips to `true` once to tell every socket and poll to finish.
     shutdown: watch::Sender<bool>,
     /// Wakes every WebSocket when `shutdown` flips: a socket waits on this (a future kept
@@ -58,11 +62,14 @@ impl AppState {
         let limits = &config.limits;
         let put_limit = (limits.put_rate_per_sec > 0)
             .then(|| Buckets::new(Rate::new(limits.put_rate_per_sec, limits.put_burst)));
+        let uaid_limit = (limits.uaid_rate_per_sec > 0)
+            .then(|| Buckets::new(Rate::new(limits.uaid_rate_per_sec, limits.uaid_burst)));
         AppState {
             public_url: config.public_url(),
             put_limit,
             kicks: OnceLock::new(),
             storage: None,
+            uaid_limit,
             config,
             keys,
             store,
@@ -130,6 +137,19 @@ impl AppState {
         HttpError::StoreUnavailable {
             retry_after_secs: self.config.store.retry_after_secs,
         }
+    }
+
+    /// Lets `client` create `n` new UAIDs, or says in how many seconds it may (`Retry-After`).
+    /// A client whose address is unknown is not limited.
+    pub fn admit_new_uaids(&self, client: Option<IpAddr>, n: usize) -> Result<(), u64> {
+        let (Some(buckets), Some(ip), true) = (&self.uaid_limit, client, n > 0) else {
+            return Ok(());
+        };
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        buckets.take_n(ip, n, Instant::now()).map_err(|wait| {
+            tracing::debug!(%ip, n, "new UAIDs refused: over limits.uaid_rate_per_sec");
+            crate::ratelimit::retry_after_secs(wait)
+        })
     }
 
     /// The store's durability barrier, timed for `/metrics`.

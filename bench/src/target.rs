@@ -68,7 +68,10 @@ impl Target {
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::inherit())
+            // Every bench client comes from 127.0.0.1 and asks for a new UAID: the per-address
+            // limit on new UAIDs would measure itself (`--server-env` may set it back).
+            .env("EDITIOND_LIMITS__UAID_RATE_PER_SEC", "0");
         for (k, v) in env {
             cmd.env(k, v);
         }

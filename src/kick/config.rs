@@ -123,7 +123,7 @@ impl std::fmt::Debug for WebpushConfig {
 impl KickConfig {
     /// Blanks the secrets, for printing the effective configuration.
     pub fn redact_secrets(&mut self) {
-        self.webhook.secret.clear();
-        self.webpush.vapid_private_key.clear();
+        crate::config::redact(&mut self.webhook.secret);
+        crate::config::redact(&mut self.webpush.vapid_private_key);
     }
 }

@@ -5,11 +5,13 @@
 //! in flight: the client ACKs with the exact versions it received.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::rejection::ExtensionRejection;
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -53,11 +55,21 @@ pub fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HttpError
 async fn authenticate(
     state: &AppState,
     entries: &[Credential],
+    client: Option<IpAddr>,
 ) -> Result<(Vec<UaidStatus>, Vec<Uaid>), HttpError> {
-    let limit = state.config.limits.max_uaids_per_connection;
-    if crate::push::proto::uaids_added(entries, |_| false) > limit {
+    let limits = &state.config.limits;
+    // One request carries a frame's worth of entries, as a hello does: a relay polls in chunks
+    // (DESIGN.md, "Relay"). Checked first: it also bounds the work of counting distinct UAIDs.
+    if entries.len() > limits.max_uaids_per_frame {
+        return Err(HttpError::TooManyUaids(limits.max_uaids_per_frame));
+    }
+    let limit = limits.max_uaids_per_connection;
+    if proto::uaids_added(entries, |_| false) > limit {
         return Err(HttpError::TooManyUaids(limit));
     }
+    state
+        .admit_new_uaids(client, proto::uaids_requested(entries))
+        .map_err(|retry_after_secs| HttpError::UaidRateLimited { retry_after_secs })?;
     let (statuses, uaids) = authenticate_all(state, entries)
         .await
         .map_err(unavailable(state))?;
@@ -87,11 +99,14 @@ impl Drop for Claims<'_> {
 
 pub async fn poll(
     State(state): State<Arc<AppState>>,
+    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
     query: Result<Query<PollQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match poll_inner(&state, query, &headers, body).await {
+    let peer = peer.ok().map(|ConnectInfo(addr)| addr);
+    let client = crate::http::client_ip(&state.config.server.trusted_proxy_header, &headers, peer);
+    match poll_inner(&state, query, &headers, body, client).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
@@ -102,6 +117,7 @@ async fn poll_inner(
     query: Result<Query<PollQuery>, axum::extract::rejection::QueryRejection>,
     headers: &HeaderMap,
     body: Body,
+    client: Option<IpAddr>,
 ) -> Result<Response, HttpError> {
     let Query(query) = query.map_err(|e| HttpError::InvalidQuery(e.body_text()))?;
     let limits = &state.config.limits;
@@ -111,7 +127,7 @@ async fn poll_inner(
     if state.is_stopping() {
         return Err(HttpError::ShuttingDown);
     }
-    let (statuses, uaids) = authenticate(state, &request.uaids).await?;
+    let (statuses, uaids) = authenticate(state, &request.uaids, client).await?;
     let wait = Duration::from_secs(query.wait.unwrap_or(0).min(limits.max_poll_wait_secs));
     // New secrets go back at once: the client must learn them even if nothing is pending.
     let issued = statuses.iter().any(|s| s.secret.is_some());
@@ -187,7 +203,8 @@ async fn ack_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
             uaid: entry.uaid.clone().unwrap_or_default(),
         });
     }
-    let (_, uaids) = authenticate(state, &request.uaids).await?;
+    // Every entry carries a secret (checked above): nothing new to limit.
+    let (_, uaids) = authenticate(state, &request.uaids, None).await?;
     let mut acks = Vec::new();
     for (uaid_s, apps) in &request.updates {
         let uaid =

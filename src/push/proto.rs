@@ -108,6 +108,8 @@ pub enum WsError {
     TooManyUaids(usize),
     #[error("more than {0} frames per second")]
     RateLimited(u32),
+    #[error("too many new UAIDs from this address: retry in {0} s")]
+    UaidRateLimited(u64),
     #[error("no hello within {0} seconds")]
     HelloTimeout(u64),
     #[error("no frame within {0} seconds")]
@@ -138,7 +140,7 @@ impl WsError {
             | WsError::TooManyUaids(_) => 413,
             WsError::HelloRequired => 401,
             WsError::DuplicateHello => 409,
-            WsError::RateLimited(_) => 429,
+            WsError::RateLimited(_) | WsError::UaidRateLimited(_) => 429,
             WsError::HelloTimeout(_) | WsError::IdleTimeout(_) => 408,
             WsError::Replaced => 410,
             WsError::StoreUnavailable | WsError::ShuttingDown => 503,
@@ -164,6 +166,7 @@ impl WsError {
             WsError::TooManyUaidsInFrame(_) => "too_many_uaids_in_frame",
             WsError::TooManyUaids(_) => "too_many_uaids",
             WsError::RateLimited(_) => "rate_limited",
+            WsError::UaidRateLimited(_) => "uaid_rate_limited",
             WsError::HelloTimeout(_) => "hello_timeout",
             WsError::IdleTimeout(_) => "idle_timeout",
             WsError::Replaced => "replaced",
@@ -221,6 +224,15 @@ pub fn uaids_added(entries: &[Credential], held: impl Fn(&Uaid) -> bool) -> usiz
         }
     }
     added
+}
+
+/// How many of `entries` may create a UAID (no UAID, or a UAID without a secret), for the
+/// per-address limit on new UAIDs; a UAID that turns out to be bound creates none, but counts.
+pub fn uaids_requested(entries: &[Credential]) -> usize {
+    entries
+        .iter()
+        .filter(|e| e.uaid.is_none() || e.secret.is_none())
+        .count()
 }
 
 /// Parses one text frame, telling malformed JSON, a missing or unknown type and bad fields apart.

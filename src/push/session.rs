@@ -5,6 +5,7 @@
 //! register/unregister, at most one UPDATE in flight per UAID, ACKs clearing exactly what was
 //! sent. Because it never touches a socket, the rules read top to bottom in this file.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -42,6 +43,8 @@ pub struct Session {
     frames: Bucket,
     /// The commit asked for by this connection's last ACK, until a frame has waited for it.
     unsettled: Option<CommitTicket>,
+    /// The client's address, for the limit on new UAIDs per address.
+    client: Option<IpAddr>,
 }
 
 impl Session {
@@ -57,8 +60,14 @@ impl Session {
             frame_rate,
             frames: Bucket::full(frame_rate, Instant::now()),
             unsettled: None,
+            client: None,
             state,
         }
+    }
+
+    /// Names the client's address (see `crate::http::client_ip`).
+    pub fn set_client(&mut self, client: Option<IpAddr>) {
+        self.client = client;
     }
 
     pub fn state(&self) -> &Arc<AppState> {
@@ -87,9 +96,16 @@ impl Session {
 
     /// Handles one text frame. An `Err` is a protocol violation: send its frame, then close.
     pub async fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> Result<(), WsError> {
-        self.count_frame()?;
+        let msg = proto::parse_client(text);
+        // An ACK that answers an UPDATE in flight is the client keeping up with the server, not
+        // a frame of its own: it takes no token (a relay ACKs as fast as PUTs arrive). Each UPDATE
+        // earns at most one such ACK, so the free frames are bounded by what the server sent.
+        let answers = matches!(&msg, Ok(ClientMessage::Ack { uaids }) if self.answers_update(uaids));
+        if !answers {
+            self.count_frame()?;
+        }
+        let msg = msg?;
         let limits = &self.state.config.limits;
-        let msg = proto::parse_client(text)?;
         match (self.greeted, msg) {
             (false, ClientMessage::Hello { uaids, kick }) => {
                 self.kick = validate_kick(kick.as_ref(), limits.max_kick_bytes)?;
@@ -118,8 +134,19 @@ impl Session {
         }
     }
 
-    /// Counts a frame against `ws_frames_per_sec`; WebSocket pings and pongs count too, so a
-    /// flood of them is closed like any other.
+    /// Whether an ACK naming `uaids` acknowledges at least one UPDATE in flight.
+    fn answers_update(&self, uaids: &[String]) -> bool {
+        uaids.iter().any(|s| {
+            Uaid::parse(s)
+                .ok()
+                .and_then(|u| self.held.get(&u))
+                .is_some_and(|slot| slot.in_flight.is_some())
+        })
+    }
+
+    /// Counts a frame against `ws_frames_per_sec`; WebSocket pings and pongs count too (the
+    /// server sends no pings, so every pong is unsolicited), so a flood of them is closed like
+    /// any other. ACKs answering an UPDATE do not come here (see [`Self::on_text`]).
     pub fn count_frame(&mut self) -> Result<(), WsError> {
         if self.frames.take(self.frame_rate, Instant::now()).is_ok() {
             Ok(())
@@ -166,6 +193,9 @@ impl Session {
         if self.held.len() + adding > limits.max_uaids_per_connection {
             return Err(WsError::TooManyUaids(limits.max_uaids_per_connection));
         }
+        self.state
+            .admit_new_uaids(self.client, proto::uaids_requested(&entries))
+            .map_err(WsError::UaidRateLimited)?;
         let (statuses, claimed) = authenticate_all(&self.state, &entries).await?;
         for uaid in &claimed {
             // Held first, so that Drop releases it even if routing it fails below.

@@ -4,12 +4,15 @@
 //! frame, no write batching, and a hard cap on what may queue for a client that does not read.
 //! A send that blocks longer than `send_timeout_secs` drops that client alone.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::ExtensionRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
 use tokio::time::{sleep_until, timeout, Instant};
@@ -23,6 +26,8 @@ use crate::state::AppState;
 /// gets a JSON error like every other HTTP error.
 pub async fn upgrade(
     State(state): State<Arc<AppState>>,
+    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
+    headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let ws = match ws {
@@ -33,13 +38,15 @@ pub async fn upgrade(
     if state.is_stopping() {
         return HttpError::ShuttingDown.into_response();
     }
+    let peer = peer.ok().map(|ConnectInfo(addr)| addr);
+    let client = crate::http::client_ip(&state.config.server.trusted_proxy_header, &headers, peer);
     let limits = &state.config.limits;
     ws.read_buffer_size(limits.read_buffer_bytes)
         .write_buffer_size(0)
         .max_write_buffer_size(limits.max_write_buffer_bytes)
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
-        .on_upgrade(move |socket| serve(state, Box::new(socket)))
+        .on_upgrade(move |socket| serve(state, Box::new(socket), client))
 }
 
 /// Why the loop ended: the peer closed (answer its close), the peer left or stopped reading
@@ -57,10 +64,11 @@ const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 /// lifetime, so it holds only what the idle wait needs, and everything the loop does when woken
 /// (handling a frame, sending, closing) runs boxed, on the heap only while it runs. The task went
 /// from 2,576 to 1,024 bytes this way (measured with -Zprint-type-sizes; see bench/RESULTS.md).
-async fn serve(state: Arc<AppState>, mut socket: Box<WebSocket>) {
+async fn serve(state: Arc<AppState>, mut socket: Box<WebSocket>, client: Option<IpAddr>) {
     let _open = state.open_socket();
     let limits = &state.config.limits;
     let mut session = Session::new(state.clone());
+    session.set_client(client);
     let mailbox = session.mailbox().clone();
     let stopping = state.stop_notified();
     tokio::pin!(stopping);

@@ -89,7 +89,17 @@ impl SledDb {
             .path(dir)
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
-            .open()?;
+            .open()
+            .map_err(|e| match e {
+                // sled words a held lock as an I/O error quoting `WouldBlock`.
+                sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock") => {
+                    StoreError::Io(format!(
+                        "another editiond is using {} (its lock is held)",
+                        dir.display()
+                    ))
+                }
+                e => e.into(),
+            })?;
         let io = |what: &str, e: std::io::Error| StoreError::Io(format!("{what} {}: {e}", dir.display()));
         let log = std::fs::File::open(dir.join("db")).map_err(|e| io("open log file in", e))?;
         // The log file's directory entry must be durable too (it is new on first start).

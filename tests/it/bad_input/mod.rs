@@ -16,9 +16,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 
+mod abuse;
 mod garbage_storm;
+mod http_conn;
 mod http_poll;
 mod http_put;
+mod ops;
 mod slow_clients;
 mod ws_credentials;
 mod ws_frames;
