@@ -43,6 +43,9 @@ pub struct AppState {
     pub kicks: OnceLock<crate::kick::Kicks>,
     /// The Sync 1.5 storage API, when `[storage] master_secret` is set (set by the wiring).
     pub storage: Option<Arc<crate::storage::Storage>>,
+    /// Which registrations watch which storage collections (instant sync); set by the wiring
+    /// with `storage`.
+    pub watches: Option<crate::push::watch::Watches>,
     /// Flips to `true` once to tell every socket and poll to finish.
     shutdown: watch::Sender<bool>,
     /// Wakes every WebSocket when `shutdown` flips: a socket waits on this (a future kept
@@ -63,6 +66,7 @@ impl AppState {
             put_limit,
             kicks: OnceLock::new(),
             storage: None,
+            watches: None,
             config,
             keys,
             store,

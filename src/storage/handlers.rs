@@ -316,8 +316,13 @@ impl Storage {
         }
         if let Some(observer) = self.observer.get().filter(|_| outcome.data) {
             for change in &outcome.changes {
-                if let Change::SetCollectionModified { collection, modified } = change {
-                    observer(uid, collection, *modified);
+                match change {
+                    Change::SetCollectionModified { collection, modified } => {
+                        observer(uid, collection, *modified);
+                    }
+                    // A deleted collection has no time of its own: the write's.
+                    Change::DeleteCollection { collection } => observer(uid, collection, ts),
+                    _ => {}
                 }
             }
         }
