@@ -284,7 +284,9 @@ pub enum EntryError {
     NotRegistered,
     #[error("the UAID already has the maximum number of registrations")]
     TooManyRegistrations,
-    #[error("\"watch\" must be an object with a string \"token\" and 1 to max_watch_collections collection names")]
+    #[error(
+        "\"watch\" must be an object with a string \"token\" and 1 to max_watch_collections collection names"
+    )]
     InvalidWatch,
     #[error("the watch token is not a valid, unexpired storage token for this node")]
     BadWatchToken,

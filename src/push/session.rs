@@ -106,12 +106,15 @@ impl Session {
             (true, ClientMessage::Hello { .. }) => Err(WsError::DuplicateHello),
             (true, ClientMessage::Claim { uaids }) => self.claim("claim", uaids, out).await,
             (true, ClientMessage::Release { uaids }) => self.release(uaids, out),
-            (true, ClientMessage::Register {
-                uaid,
-                appid,
-                kick,
-                watch,
-            }) => {
+            (
+                true,
+                ClientMessage::Register {
+                    uaid,
+                    appid,
+                    kick,
+                    watch,
+                },
+            ) => {
                 self.register(&uaid, &appid, kick.as_ref(), watch.as_ref(), out)
                     .await
             }

@@ -226,7 +226,12 @@ fn encode(token: TokenId, watch: &Watch) -> Vec<u8> {
 fn decode(bytes: &[u8]) -> Result<(TokenId, Watch), StoreError> {
     let bad = || StoreError::Corrupt("watch");
     let token = TokenId(bytes.get(..16).and_then(|b| b.try_into().ok()).ok_or_else(bad)?);
-    let uid = u64::from_be_bytes(bytes.get(16..24).and_then(|b| b.try_into().ok()).ok_or_else(bad)?);
+    let uid = u64::from_be_bytes(
+        bytes
+            .get(16..24)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(bad)?,
+    );
     let names = std::str::from_utf8(&bytes[24..]).map_err(|_| bad())?;
     let collections = names.split('\0').map(str::to_owned).collect();
     Ok((token, Watch { uid, collections }))
@@ -266,7 +271,8 @@ impl Watches {
                     return Ok(false);
                 }
                 if let Some(old) = old {
-                    let (_, watch) = decode(&old).map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                    let (_, watch) =
+                        decode(&old).map_err(sled::transaction::ConflictableTransactionError::Abort)?;
                     for c in &watch.collections {
                         tx.remove(index_key(watch.uid, c, uaid, appid))?;
                     }
@@ -285,7 +291,10 @@ impl Watches {
 
     /// The registration's token and watch, if it has one.
     pub fn get(&self, uaid: Uaid, appid: Appid) -> Result<Option<(TokenId, Watch)>, StoreError> {
-        self.tree.get(reg_key(uaid, appid))?.map(|v| decode(&v)).transpose()
+        self.tree
+            .get(reg_key(uaid, appid))?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     /// Removes the registration's watch if it still names `token` (a register may have replaced
@@ -364,10 +373,19 @@ mod tests {
         assert_eq!(apps("history"), vec![appid]);
         assert_eq!(apps("passwords"), vec![appid]);
         assert!(watches.watchers(8, "history").unwrap().is_empty(), "other uid");
-        assert!(watches.watchers(7, "histor").unwrap().is_empty(), "a prefix is not a name");
-        assert_eq!(watches.get(uaid, appid).unwrap(), Some((token, watch(7, &["history", "passwords"]))));
+        assert!(
+            watches.watchers(7, "histor").unwrap().is_empty(),
+            "a prefix is not a name"
+        );
+        assert_eq!(
+            watches.get(uaid, appid).unwrap(),
+            Some((token, watch(7, &["history", "passwords"])))
+        );
 
-        assert!(!watches.remove_if(uaid, appid, TokenId::random()).unwrap(), "another token");
+        assert!(
+            !watches.remove_if(uaid, appid, TokenId::random()).unwrap(),
+            "another token"
+        );
         assert!(watches.remove_if(uaid, appid, token).unwrap());
         assert!(apps("history").is_empty() && apps("passwords").is_empty());
         assert!(watches.set(uaid, other, None).unwrap());

@@ -24,3 +24,4 @@ mod redis_store;
 mod storage;
 mod storage_store;
 mod store_conformance;
+mod watch;
