@@ -237,3 +237,51 @@ async fn a_watching_device_that_is_away_is_kicked() {
         a.ack(&[&uaid]).await;
     }
 }
+
+/// On Redis (storage pinned to one node, its watches in that node's sled), a device that
+/// registered its watch there and now connects to another node still gets the event: the
+/// raise goes through Redis routing like a PUT's.
+#[tokio::test]
+async fn on_redis_the_event_reaches_a_device_held_by_another_node() {
+    use crate::common::redis_harness::{redis_available, RedisServer};
+    if !redis_available("on_redis_the_event_reaches_a_device_held_by_another_node") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let common = [
+        ("EDITIOND_STORE__BACKEND", "redis"),
+        ("EDITIOND_STORE__URL", url.as_str()),
+    ];
+    let mut with_storage = common.to_vec();
+    with_storage.extend([
+        ("EDITIOND_STORAGE__MASTER_SECRET", SECRET),
+        ("EDITIOND_STORAGE__PINNED", "true"),
+    ]);
+    let storage_node = Server::start_with(&dir.path().join("s"), &with_storage).await;
+    let other_node = Server::start_with(&dir.path().join("o"), &common).await;
+
+    let mut a = Client::connect(&storage_node).await;
+    let creds = a.hello_new(1).await;
+    let uaid = creds[0].0.clone();
+    let appid = new_appid();
+    let watch = json!({"watch": {"token": token(&storage_node), "collections": ["bookmarks"]}});
+    assert_eq!(
+        register(&mut a, &uaid, &appid, watch.clone()).await["status"],
+        200
+    );
+    // A node without the storage API cannot vouch for a watch token.
+    let mut o = Client::connect(&other_node).await;
+    o.hello(&creds).await;
+    let refused = register(&mut o, &uaid, &new_appid(), watch).await;
+    assert_eq!(refused["error"], "bad_watch_token", "{refused}");
+
+    // `o` took the UAID over from `a`; the storage node's write reaches it.
+    let b = Sync::new(&base(&storage_node), SECRET, UID);
+    let ts = written(
+        &b.post("storage/bookmarks", json!([{"id": "b1", "payload": "x"}]))
+            .await,
+    );
+    expect_update(&mut o, &uaid, &appid, ts).await;
+}
