@@ -133,6 +133,7 @@ pub fn install(state: &Arc<AppState>) {
         return;
     };
     let weak = Arc::downgrade(state);
+    tokio::spawn(sweep_loop(weak.clone()));
     storage.set_observer(Arc::new(move |uid, collection: &str, modified| {
         let Some(state) = weak.upgrade() else { return };
         let collection = collection.to_owned();
@@ -140,6 +141,60 @@ pub fn install(state: &Arc<AppState>) {
         tokio::spawn(async move { raise_watchers(&state, uid, &collection, modified).await });
     }));
 }
+
+/// Every `sweep_interval_secs` until shutdown, drops the watches whose registration is gone:
+/// expired as idle (the store's sweep knows nothing of watches), or unregistered where
+/// [`forget`] did not run. Holds the state only while it sweeps.
+async fn sweep_loop(state: std::sync::Weak<AppState>) {
+    let Some(every) = state
+        .upgrade()
+        .map(|s| std::time::Duration::from_secs(s.config.limits.sweep_interval_secs.max(1)))
+    else {
+        return;
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(state) = state.upgrade().filter(|s| !s.is_stopping()) else {
+            return;
+        };
+        match sweep(&state).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(watches = n, "dropped the watches of gone registrations"),
+            Err(e) => tracing::warn!(error = %e, "sweeping watches failed"),
+        }
+    }
+}
+
+/// Drops every watch whose token no longer points at its registration; returns how many.
+pub async fn sweep(state: &AppState) -> Result<u64, StoreError> {
+    let Some(watches) = &state.watches else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    let mut after = None;
+    loop {
+        let (batch, next) = watches.registrations(after.as_deref(), SWEEP_BATCH)?;
+        for w in batch {
+            let live = match state.store.lookup_token(w.token).await? {
+                TokenTarget::Active(uaid, appid) => (uaid, appid) == (w.uaid, w.appid),
+                TokenTarget::Gone | TokenTarget::Unknown => false,
+            };
+            if !live && watches.remove_if(w.uaid, w.appid, w.token)? {
+                removed += 1;
+            }
+        }
+        match next {
+            Some(key) => after = Some(key),
+            None => return Ok(removed),
+        }
+    }
+}
+
+/// Watches one step of [`sweep`] reads at once.
+const SWEEP_BATCH: usize = 1024;
 
 /// Raises `modified` for every registration watching (`uid`, `collection`).
 async fn raise_watchers(state: &Arc<AppState>, uid: u64, collection: &str, modified: u64) {
@@ -327,6 +382,41 @@ impl Watches {
         Ok(out)
     }
 
+    /// Up to `n` registrations with a watch, in key order, after the key `after` (from the
+    /// start if `None`), and the key to continue after if there may be more.
+    #[allow(clippy::type_complexity)]
+    pub fn registrations(
+        &self,
+        after: Option<&[u8]>,
+        n: usize,
+    ) -> Result<(Vec<Watcher>, Option<Vec<u8>>), StoreError> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(key) => Bound::Excluded(key.to_vec()),
+            None => Bound::Included(vec![REG]),
+        };
+        let mut out = Vec::new();
+        for item in self
+            .tree
+            .range::<Vec<u8>, _>((start, Bound::Excluded(vec![REG + 1])))
+        {
+            let (key, value) = item?;
+            if key.len() != 33 {
+                return Err(StoreError::Corrupt("watch key"));
+            }
+            let (token, _) = decode(&value)?;
+            out.push(Watcher {
+                uaid: Uaid(id16(&key[1..17])?),
+                appid: Appid(id16(&key[17..])?),
+                token,
+            });
+            if out.len() == n {
+                return Ok((out, Some(key.to_vec())));
+            }
+        }
+        Ok((out, None))
+    }
+
     /// Makes every change so far durable (the database's group commit).
     pub async fn sync(&self) -> Result<(), StoreError> {
         self.db.committed(self.db.request_commit()).await
@@ -343,6 +433,52 @@ mod tests {
             uid,
             collections: collections.iter().map(|c| c.to_string()).collect(),
         }
+    }
+
+    /// The sweep keeps the watches of live registrations and drops the others, across batches.
+    #[tokio::test]
+    async fn the_sweep_drops_only_watches_whose_registration_is_gone() {
+        use crate::keys::Keys;
+        use crate::store::{AnyStore, KickChange, MemoryStore, Registered};
+        let dir = tempfile::tempdir().unwrap();
+        let db = SledDb::open(dir.path(), 1 << 20, Duration::from_secs(30)).unwrap();
+        let keys = Keys::from_text(&Keys::generate_text(), "test").unwrap();
+        let store = AnyStore::Memory(MemoryStore::new());
+        let mut state = AppState::new(crate::config::Config::default(), keys, store, None);
+        state.watches = Some(Watches::open(&db).unwrap());
+        let watches = state.watches.clone().unwrap();
+        let w = watch(1, &["bookmarks"]);
+        let mut live = Vec::new();
+        for i in 0..(SWEEP_BATCH + 5) {
+            let (uaid, appid) = (Uaid::random(), Appid::random());
+            let token = if i % 2 == 0 {
+                let registered = state
+                    .store
+                    .register(uaid, appid, TokenId::random(), KickChange::Keep, 10)
+                    .await
+                    .unwrap();
+                let Registered::Token(token) = registered else {
+                    panic!()
+                };
+                live.push(appid);
+                token
+            } else {
+                TokenId::random()
+            };
+            watches.set(uaid, appid, Some((token, &w))).unwrap();
+        }
+        let gone = SWEEP_BATCH + 5 - live.len();
+        assert_eq!(sweep(&state).await.unwrap(), gone as u64);
+        let mut left: Vec<Appid> = watches
+            .watchers(1, "bookmarks")
+            .unwrap()
+            .iter()
+            .map(|w| w.appid)
+            .collect();
+        left.sort_by_key(|a| *a.as_bytes());
+        live.sort_by_key(|a| *a.as_bytes());
+        assert_eq!(left, live);
+        assert_eq!(sweep(&state).await.unwrap(), 0);
     }
 
     #[tokio::test]
