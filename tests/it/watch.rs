@@ -271,13 +271,30 @@ async fn on_redis_the_event_reaches_a_device_held_by_another_node() {
         register(&mut a, &uaid, &appid, watch.clone()).await["status"],
         200
     );
-    // A node without the storage API cannot vouch for a watch token.
+    // The device leaves the storage node (which lets go of the UAID) and connects to the other.
+    a.ws.close(None).await.unwrap();
+    drop(a);
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = storage_node.metrics(&http).await;
+        let held = text
+            .lines()
+            .find_map(|l| l.strip_prefix("editiond_held_uaids "))
+            .expect("the held_uaids gauge");
+        if held.trim() == "0" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the UAID is still held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut o = Client::connect(&other_node).await;
-    o.hello(&creds).await;
+    assert_eq!(o.hello(&creds).await["uaids"][0]["status"], 200);
+    // A node without the storage API cannot vouch for a watch token.
     let refused = register(&mut o, &uaid, &new_appid(), watch).await;
     assert_eq!(refused["error"], "bad_watch_token", "{refused}");
 
-    // `o` took the UAID over from `a`; the storage node's write reaches it.
+    // The storage node's write reaches the device through Redis routing.
     let b = Sync::new(&base(&storage_node), SECRET, UID);
     let ts = written(
         &b.post("storage/bookmarks", json!([{"id": "b1", "payload": "x"}]))
