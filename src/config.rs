@@ -63,6 +63,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest `kick` object accepted in hello or register, in serialised bytes.
     pub max_kick_bytes: usize,
+    /// Collections one register's `watch` may name (instant sync, proto/storage.md).
+    pub max_watch_collections: usize,
     /// Frames per second a connection may send on average before it is closed (4429).
     pub ws_frames_per_sec: u32,
     /// Burst of frames allowed above that average.
@@ -224,6 +226,7 @@ impl Default for Limits {
             max_appids_per_uaid: 1000,
             max_body_bytes: 64 * 1024,
             max_kick_bytes: 2048,
+            max_watch_collections: 64,
             ws_frames_per_sec: 100,
             ws_frames_burst: 200,
             put_rate_per_sec: 10,

@@ -123,19 +123,56 @@ impl Node {
             None => (None, None),
         };
         let kick_keys = crate::push::wake::load_keys(&config, &store).await?;
-        let storage = {
-            let config = config.clone();
-            blocking(move || crate::storage::Storage::open(&config)).await?
+        let storage = if config.storage.enabled() {
+            Some(open_storage(&config, &store).await?)
+        } else {
+            None
         };
         let mut state = AppState::new(config, keys, store, routes);
-        if let Some(storage) = &storage {
+        if let Some((storage, watches)) = storage {
             storage.register_metrics(&state.metrics);
+            state.storage = Some(storage);
+            state.watches = Some(watches);
         }
-        state.storage = storage;
         let state = Arc::new(state);
         crate::push::wake::install(&state, &kick_keys)?;
+        crate::push::watch::install(&state);
         Ok(Node { state, inbox })
     }
+}
+
+/// Opens the storage API and its watches on the node's sled database: the edition store's on
+/// the sled backend (one group commit for both), one of storage's own at `data_dir/storage` on
+/// Redis (where config validation has storage pinned to this node).
+async fn open_storage(
+    config: &Config,
+    store: &AnyStore,
+) -> Result<(Arc<crate::storage::Storage>, crate::push::watch::Watches), StartError> {
+    let db = match store {
+        AnyStore::Sled(store) => store.db().clone(),
+        AnyStore::Redis(_) | AnyStore::Memory(_) => {
+            let dir = config.server.data_dir.join("storage");
+            let (cache_bytes, timeout) = (
+                config.store.cache_bytes,
+                Duration::from_millis(config.store.write_timeout_ms),
+            );
+            let opened = {
+                let dir = dir.clone();
+                blocking(move || SledDb::open(&dir, cache_bytes, timeout)).await
+            };
+            opened.map_err(|source| StartError::Store {
+                path: dir.display().to_string(),
+                source,
+            })?
+        }
+    };
+    let watches = crate::push::watch::Watches::open(&db).map_err(|source| StartError::Store {
+        path: config.server.data_dir.display().to_string(),
+        source,
+    })?;
+    let config = config.clone();
+    let storage = blocking(move || crate::storage::Storage::open(&config, &db)).await?;
+    Ok((storage, watches))
 }
 
 /// Runs `f` on the blocking pool (start-up file and tree work off the async workers).

@@ -47,6 +47,9 @@ pub struct AppState {
     /// New UAIDs per client address (`uaid_rate_per_sec`), on this node only; `None` when 0.
     /// Pruned with `put_limit`.
     pub uaid_limit: Option<Buckets<IpAddr>>,
+    /// Which registrations watch which storage collections (instant sync); set by the wiring
+    /// with `storage`.
+    pub watches: Option<crate::push::watch::Watches>,
     /// Flips to `true` once to tell every socket and poll to finish.
     shutdown: watch::Sender<bool>,
     /// Wakes every WebSocket when `shutdown` flips: a socket waits on this (a future kept
@@ -70,6 +73,7 @@ impl AppState {
             kicks: OnceLock::new(),
             storage: None,
             uaid_limit,
+            watches: None,
             config,
             keys,
             store,

@@ -83,7 +83,9 @@ pub fn client_frame(data: &[u8]) {
             ClientMessage::Release { uaids } | ClientMessage::Ack { uaids } => {
                 uaids.iter().for_each(|u| check_id(u))
             }
-            ClientMessage::Register { uaid, appid, kick } => {
+            ClientMessage::Register {
+                uaid, appid, kick, ..
+            } => {
                 check_id(&uaid);
                 check_id(&appid);
                 if let Ok(bytes) = editiond::push::session::validate_kick(kick.as_ref(), 2048) {

@@ -2,7 +2,8 @@
 //! event is stored and raised ([`events`]); the connection holding its UAID ([`registry`] on
 //! this node, [`route`] across nodes on Redis) gets an UPDATE over a WebSocket ([`ws`]) or a
 //! long poll ([`poll`]), both driving the protocol rules of [`session`] over the messages of
-//! [`proto`]; [`held`] is what one connection holds; [`wake`] kicks the UAIDs nobody holds.
+//! [`proto`]; [`held`] is what one connection holds; [`wake`] kicks the UAIDs nobody holds; [`watch`] raises events for writes to watched
+//! Sync storage collections.
 
 pub mod endpoint;
 pub(crate) mod events;
@@ -13,4 +14,5 @@ pub(crate) mod registry;
 pub(crate) mod route;
 pub mod session;
 pub(crate) mod wake;
+pub mod watch;
 pub(crate) mod ws;

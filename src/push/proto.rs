@@ -42,6 +42,9 @@ pub enum ClientMessage {
         /// `Some(Value::Null)` for `"kick":null` (removes the stored kick), unlike other fields.
         #[serde(default, deserialize_with = "present")]
         kick: Option<Value>,
+        /// Instant sync (proto/storage.md); `Some(Value::Null)` for `"watch":null`, like `kick`.
+        #[serde(default, deserialize_with = "present")]
+        watch: Option<Value>,
     },
     Unregister {
         uaid: String,
@@ -293,13 +296,22 @@ pub enum EntryError {
     NotRegistered,
     #[error("the UAID already has the maximum number of registrations")]
     TooManyRegistrations,
+    #[error(
+        "\"watch\" must be an object with a string \"token\" and 1 to max_watch_collections collection names"
+    )]
+    InvalidWatch,
+    #[error("the watch token is not a valid, unexpired storage token for this node")]
+    BadWatchToken,
 }
 
 impl EntryError {
     pub fn status(&self) -> u16 {
         match self {
-            EntryError::InvalidUaid | EntryError::InvalidAppid | EntryError::InvalidKick => 400,
-            EntryError::SecretRequired | EntryError::BadSecret => 401,
+            EntryError::InvalidUaid
+            | EntryError::InvalidAppid
+            | EntryError::InvalidKick
+            | EntryError::InvalidWatch => 400,
+            EntryError::SecretRequired | EntryError::BadSecret | EntryError::BadWatchToken => 401,
             EntryError::UaidNotHeld => 403,
             EntryError::NotRegistered => 404,
             EntryError::KickTooLarge | EntryError::TooManyRegistrations => 413,
@@ -317,6 +329,8 @@ impl EntryError {
             EntryError::KickTooLarge => "kick_too_large",
             EntryError::NotRegistered => "not_registered",
             EntryError::TooManyRegistrations => "too_many_registrations",
+            EntryError::InvalidWatch => "invalid_watch",
+            EntryError::BadWatchToken => "bad_watch_token",
         }
     }
 

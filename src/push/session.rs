@@ -16,7 +16,7 @@ use crate::ids::{Appid, Uaid};
 use crate::push::held::Held;
 use crate::push::proto::{self, ClientMessage, Credential, EntryError, UaidStatus, WsError};
 use crate::push::registry::{Delivery, Mailbox};
-use crate::push::wake;
+use crate::push::{wake, watch};
 use crate::ratelimit::{Bucket, Rate};
 use crate::state::AppState;
 use crate::store::{now_ms, CommitTicket, KickChange, Registered, Store, StoreError};
@@ -122,8 +122,17 @@ impl Session {
             (true, ClientMessage::Hello { .. }) => Err(WsError::DuplicateHello),
             (true, ClientMessage::Claim { uaids }) => self.claim("claim", uaids, out).await,
             (true, ClientMessage::Release { uaids }) => self.release(uaids, out),
-            (true, ClientMessage::Register { uaid, appid, kick }) => {
-                self.register(&uaid, &appid, kick.as_ref(), out).await
+            (
+                true,
+                ClientMessage::Register {
+                    uaid,
+                    appid,
+                    kick,
+                    watch,
+                },
+            ) => {
+                self.register(&uaid, &appid, kick.as_ref(), watch.as_ref(), out)
+                    .await
             }
             (true, ClientMessage::Unregister { uaid, appid }) => self.unregister(&uaid, &appid, out).await,
             (true, ClientMessage::Ack { uaids }) => self.ack(uaids, out).await,
@@ -238,6 +247,7 @@ impl Session {
         uaid_s: &str,
         appid_s: &str,
         kick: Option<&Value>,
+        watch_field: Option<&Value>,
         out: &mut Vec<String>,
     ) -> Result<(), WsError> {
         let state = self.state.clone();
@@ -269,6 +279,13 @@ impl Session {
                 }
             }
         }
+        let watch = match watch::check(&state, watch_field) {
+            Ok(watch) => watch,
+            Err(e) => {
+                out.push(reply(Err(e)));
+                return Ok(());
+            }
+        };
         // DESIGN.md "KICK drivers": carried or inherited replaces, null removes, neither keeps.
         let change = match kick_field {
             Some(Value::Null) => KickChange::Clear,
@@ -282,6 +299,7 @@ impl Session {
             .await?;
         match registered {
             Registered::Token(id) => {
+                watch::apply(&state, uaid, appid, id, &watch).await?;
                 state.sync().await?;
                 let endpoint = format!("{}/v1/e/{}", state.public_url, state.keys.seal_token(&id));
                 out.push(reply(Ok(Some(&endpoint))));
@@ -313,6 +331,7 @@ impl Session {
         let removed = self.state.store.unregister(uaid, appid, gone_until).await?;
         drop(unregistering);
         if removed {
+            watch::forget(&self.state, uaid, appid);
             self.state.sync().await?;
             // An UPDATE in flight may name this APPID; its ACK then clears nothing, which is right.
             out.push(reply(Ok(None)));

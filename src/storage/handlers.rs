@@ -299,6 +299,24 @@ impl Storage {
         drop(guard);
         // The commit runs to its end even if this request gives up waiting, and only then
         // stops counting as dirty.
+        // The collections whose time moved, for the observer: told once the write is durable,
+        // also when this request gave up waiting for it.
+        let observed: Vec<(String, u64)> = match self.observer.get().filter(|_| outcome.data) {
+            None => Vec::new(),
+            Some(_) => outcome
+                .changes
+                .iter()
+                .filter_map(|change| match change {
+                    Change::SetCollectionModified { collection, modified } => {
+                        Some((collection.clone(), *modified))
+                    }
+                    // A deleted collection has no time of its own: the write's.
+                    Change::DeleteCollection { collection } => Some((collection.clone(), ts)),
+                    _ => None,
+                })
+                .collect(),
+        };
+        let observer = self.observer.get().cloned();
         let (store, dirty) = (self.store.clone(), self.dirty.clone());
         let waited = self.commit_seconds.clone();
         let committed = tokio::spawn(async move {
@@ -306,6 +324,11 @@ impl Storage {
             let result = store.commit().await;
             waited.observe(started.elapsed().as_secs_f64());
             dirty[stripe].fetch_sub(1, Ordering::SeqCst);
+            if let (Ok(()), Some(observer)) = (&result, observer) {
+                for (collection, modified) in &observed {
+                    observer(uid, collection, *modified);
+                }
+            }
             result
         });
         match tokio::time::timeout_at(deadline, committed).await {
@@ -313,13 +336,6 @@ impl Storage {
             Ok(Ok(Err(e))) => return Err(store_err(e)),
             Ok(Err(e)) => return Err(StorageError::Store(format!("commit task: {e}"))),
             Err(_) => return Err(self.unavailable()),
-        }
-        if let Some(observer) = self.observer.get().filter(|_| outcome.data) {
-            for change in &outcome.changes {
-                if let Change::SetCollectionModified { collection, modified } = change {
-                    observer(uid, collection, *modified);
-                }
-            }
         }
         Ok((outcome.value, ts))
     }

@@ -31,6 +31,7 @@ use self::error::StorageError;
 use self::hawk::{NonceCache, NonceError, Signed};
 use self::store::{SledStorage, StorageStore, StorageStoreError};
 use self::token::{Secrets, TokenError};
+use crate::store::SledDb;
 
 /// Lock stripes: users hash onto this many locks. Two users sharing a stripe only wait for
 /// each other; 4096 keeps that rare at any realistic number of concurrent writers.
@@ -78,32 +79,18 @@ pub struct Storage {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("storage store at {path}: {source}")]
-    Store { path: String, source: StorageStoreError },
+    #[error("storage store: {0}")]
+    Store(StorageStoreError),
 }
 
 impl Storage {
-    /// Opens the storage API for `config` (its sled at `data_dir/storage`) and starts its
-    /// sweeper; `None` when it is not configured. Must run inside the Tokio runtime.
-    pub fn open(config: &crate::config::Config) -> Result<Option<Arc<Storage>>, OpenError> {
-        if !config.storage.enabled() {
-            return Ok(None);
-        }
-        let dir = config.server.data_dir.join("storage");
-        let err = |source| OpenError::Store {
-            path: dir.display().to_string(),
-            source,
-        };
-        let db = sled::Config::new()
-            .path(&dir)
-            .cache_capacity(config.store.cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| err(e.into()))?;
-        let store = SledStorage::open(db, &dir).map_err(err)?;
+    /// Opens the storage API for `config` on `db` (see [`SledStorage::open`]) and starts its
+    /// sweeper. Must run inside the Tokio runtime; call it only when `config.storage` is enabled.
+    pub fn open(config: &crate::config::Config, db: &SledDb) -> Result<Arc<Storage>, OpenError> {
+        let store = SledStorage::open(db).map_err(OpenError::Store)?;
         let storage = Storage::new(config.storage.clone(), &config.public_url(), Arc::new(store));
         storage.start_sweeper();
-        Ok(Some(storage))
+        Ok(storage)
     }
 
     /// A service over any store; `node` is the public URL tokens must name.

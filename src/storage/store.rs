@@ -16,10 +16,9 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use tokio::sync::watch;
+use crate::store::SledDb;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageStoreError {
@@ -540,21 +539,23 @@ impl Kv for MemoryKv {
     }
 }
 
-/// sled [`Kv`]: one tree, atomic batches, and group commit (see [`GroupCommit`]).
+/// sled [`Kv`]: one tree on the node's shared [`SledDb`] (its atomic batches, and its group
+/// commit, which every state family in that database shares: one fsync covers them all).
 pub struct SledKv {
     tree: sled::Tree,
-    commit: Arc<GroupCommit>,
+    db: SledDb,
 }
 
 pub type SledStorage = KvStorage<SledKv>;
 
 impl SledStorage {
-    /// Opens the storage tree in `db` (the wiring's handle; `dir` is where sled keeps its log,
-    /// which every commit fsyncs). Starts the commit thread.
-    pub fn open(db: sled::Db, dir: &std::path::Path) -> Result<SledStorage> {
-        let tree = db.open_tree("sync-storage")?;
-        let commit = GroupCommit::start(db, dir)?;
-        Ok(KvStorage::new(SledKv { tree, commit }))
+    /// Opens the storage tree in `db`: the edition store's database on the sled backend, a
+    /// database of storage's own in the data dir on Redis (storage is pinned to one node).
+    pub fn open(db: &SledDb) -> Result<SledStorage> {
+        let tree = db
+            .tree("sync-storage")
+            .map_err(|e| StorageStoreError::Io(e.to_string()))?;
+        Ok(KvStorage::new(SledKv { tree, db: db.clone() }))
     }
 }
 
@@ -594,114 +595,13 @@ impl Kv for SledKv {
     }
 
     fn commit(&self) -> CommitFuture<'_> {
-        let commit = self.commit.clone();
-        Box::pin(async move { commit.wait().await })
-    }
-}
-
-/// Group commit for one sled database: the durability step behind one method, [`GroupCommit::wait`].
-///
-/// A commit is `Db::flush` followed by an fsync of sled's log file (`<dir>/db`): on Linux sled's
-/// flush ends with `sync_file_range`, which flushes neither the drive's cache nor the file's
-/// metadata (see src/store/sled.rs). One thread runs commits back to back; every writer that
-/// arrives while one runs shares the next, so concurrent writers (of any users) cost about two
-/// fsyncs, not one each. A failed commit is final: later waits fail until restart, because after
-/// a failed fsync the kernel may have dropped the dirty pages. When the edition store's shared
-/// `sled::Db` + commit lands, this is the one piece to replace.
-pub struct GroupCommit {
-    db: sled::Db,
-    log: std::fs::File,
-    requested: AtomicU64,
-    /// (highest ticket covered, first ticket that failed).
-    done: watch::Sender<(u64, Option<u64>)>,
-    thread: std::sync::OnceLock<std::thread::Thread>,
-}
-
-impl GroupCommit {
-    fn start(db: sled::Db, dir: &std::path::Path) -> Result<Arc<GroupCommit>> {
-        let io =
-            |what: &str, e: std::io::Error| StorageStoreError::Io(format!("{what} {}: {e}", dir.display()));
-        let log = std::fs::File::open(dir.join("db")).map_err(|e| io("open log file in", e))?;
-        #[cfg(unix)]
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("fsync directory", e))?;
-        let commit = Arc::new(GroupCommit {
-            db,
-            log,
-            requested: AtomicU64::new(0),
-            done: watch::Sender::new((0, None)),
-            thread: std::sync::OnceLock::new(),
-        });
-        let weak = Arc::downgrade(&commit);
-        let thread = std::thread::Builder::new()
-            .name("storage-commit".into())
-            .spawn(move || committer(weak))
-            .map_err(|e| StorageStoreError::Io(format!("start the commit thread: {e}")))?;
-        let _ = commit.thread.set(thread.thread().clone());
-        Ok(commit)
-    }
-
-    /// Resolves once a commit that started after this call has finished.
-    pub async fn wait(&self) -> Result<()> {
-        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut rx = self.done.subscribe();
-        if let Some(t) = self.thread.get() {
-            t.unpark();
-        }
-        let state = rx
-            .wait_for(|(covered, failed)| *covered >= ticket || failed.is_some_and(|f| ticket >= f))
-            .await
-            .map_err(|_| StorageStoreError::Io("commit thread stopped".into()))?;
-        match state.1 {
-            Some(failed) if ticket >= failed => Err(StorageStoreError::Io("an earlier commit failed".into())),
-            _ => Ok(()),
-        }
-    }
-
-    fn run_once(&self) -> Result<()> {
-        self.db.flush()?;
-        self.log
-            .sync_all()
-            .map_err(|e| StorageStoreError::Io(format!("fsync: {e}")))
-    }
-}
-
-impl Drop for GroupCommit {
-    fn drop(&mut self) {
-        if let Some(t) = self.thread.get() {
-            t.unpark();
-        }
-    }
-}
-
-fn committer(commit: std::sync::Weak<GroupCommit>) {
-    loop {
-        let Some(c) = commit.upgrade() else { return };
-        let target = c.requested.load(Ordering::SeqCst);
-        let (covered, failed) = *c.done.borrow();
-        if target <= covered || failed.is_some() {
-            drop(c);
-            std::thread::park();
-            continue;
-        }
-        let ok = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.run_once())) {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "storage commit failed; durability is no longer promised until restart");
-                false
-            }
-            Err(_) => {
-                tracing::error!("storage commit panicked; durability is no longer promised until restart");
-                false
-            }
-        };
-        c.done.send_modify(|(covered, failed)| {
-            if ok {
-                *covered = target;
-            } else {
-                failed.get_or_insert(*covered + 1);
-            }
-        });
+        // The ticket is taken now, after the caller's writes, as the shared commit requires.
+        let ticket = self.db.request_commit();
+        Box::pin(async move {
+            self.db
+                .committed(ticket)
+                .await
+                .map_err(|e| StorageStoreError::Io(e.to_string()))
+        })
     }
 }

@@ -1,5 +1,5 @@
 //! The shared sled layer: one `sled::Db` per data dir and its group commit, for every state
-//! family kept in sled (the edition store's trees today; Sync storage's next). Each family
+//! family kept in sled (the edition store's trees, Sync storage's and its watches). Each family
 //! opens its own trees on the one [`SledDb`] and shares its commits.
 //!
 //! Durability (fsync policy): [`SledDb::committed`] waits for a commit that *started after* the

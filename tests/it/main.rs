@@ -27,3 +27,4 @@ mod redis_store;
 mod storage;
 mod storage_store;
 mod store_conformance;
+mod watch;

@@ -3,13 +3,16 @@
 //! more line.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::storage_store_suite::Fixture;
 use editiond::storage::store::{Change, MemoryStorage, SledStorage, StorageStore, StoredBso, NO_EXPIRY};
+use editiond::store::SledDb;
 
+/// The storage tree on a shared `SledDb`, as the server opens it.
 fn open_sled(dir: &std::path::Path) -> SledStorage {
-    let db = ::sled::Config::new().path(dir).open().expect("open sled");
-    SledStorage::open(db, dir).expect("open storage")
+    let db = SledDb::open(dir, 8 << 20, Duration::from_secs(30)).expect("open sled");
+    SledStorage::open(&db).expect("open storage")
 }
 
 fn sled_storage() -> Fixture {
