@@ -22,6 +22,7 @@ pub struct Config {
     pub keys: KeysConfig,
     pub web: WebConfig,
     pub kick: crate::kick::KickConfig,
+    pub relay: crate::relay::RelayConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -251,6 +252,10 @@ pub struct Flags {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub public_url: Option<String>,
+    /// `editiond relay --upstream` (relay.upstream).
+    pub relay_upstream: Option<String>,
+    /// `editiond relay --transport` (relay.transport).
+    pub relay_transport: Option<crate::relay::Transport>,
 }
 
 impl Config {
@@ -292,6 +297,12 @@ impl Config {
         }
         if let Some(url) = &flags.public_url {
             config.server.public_url = url.clone();
+        }
+        if let Some(upstream) = &flags.relay_upstream {
+            config.relay.upstream = upstream.clone();
+        }
+        if let Some(transport) = flags.relay_transport {
+            config.relay.transport = transport;
         }
         config.validate()?;
         Ok(config)
@@ -377,6 +388,11 @@ impl Config {
         check(
             l.max_write_buffer_bytes > l.max_frame_bytes,
             "limits.max_write_buffer_bytes must exceed limits.max_frame_bytes",
+        )?;
+        self.relay.check().map_err(|e| invalid("config", e))?;
+        check(
+            !self.relay.enabled() || st.backend == Backend::Sled,
+            "a relay keeps its clients' events in its own sled store: relay.upstream needs store.backend = \"sled\"",
         )?;
         check(
             self.web.client || !self.web.demo,

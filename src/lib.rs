@@ -4,7 +4,8 @@
 //! Folders by capability: [`push`] (the edition protocol: messages, session rules, WebSocket,
 //! poll, PUT endpoint, raising events, who holds which UAID) and [`store`] (durable state behind
 //! a trait: sled, Redis, memory). Beside them, shared plumbing: [`state`] (what handlers share),
-//! [`config`], [`ids`], [`keys`] (tokens and secrets), [`kick`] (waking clients that are away), [`ratelimit`] (token buckets),
+//! [`config`], [`ids`], [`keys`] (tokens and secrets), [`kick`] (waking clients that are away), [`relay`] (one
+//! client of an upstream editiond for all its own clients), [`ratelimit`] (token buckets),
 //! [`metrics`], [`http`] (errors and bodies), [`web`] (the browser client, the demo page, CORS),
 //! and [`server`] (wiring and shutdown; nothing imports it back).
 #![forbid(unsafe_code)]
@@ -17,6 +18,7 @@ pub mod kick;
 pub(crate) mod metrics;
 pub mod push;
 pub(crate) mod ratelimit;
+pub mod relay;
 pub mod server;
 pub(crate) mod state;
 pub mod store;

@@ -36,6 +36,8 @@ pub enum StartError {
     DataDir { path: String, source: std::io::Error },
     #[error("redis store: {0}")]
     Redis(StoreError),
+    #[error("relay: {0}")]
+    Relay(#[from] crate::relay::RelayError),
 }
 
 /// An opened node, not yet serving: its state and, on Redis, the inbox its routing listens to.
@@ -112,8 +114,15 @@ impl Node {
             Some((routes, inbox)) => (Some(routes), Some(inbox)),
             None => (None, None),
         };
-        let state = Arc::new(AppState::new(config, keys, store, routes));
-        Ok(Node { state, inbox })
+        let mut state = AppState::new(config, keys, store, routes);
+        if state.config.relay.enabled() {
+            let relay = crate::relay::Relay::open(&state.config, &state.store, &state.metrics)?;
+            state.relay = Some(Arc::new(relay));
+        }
+        Ok(Node {
+            state: Arc::new(state),
+            inbox,
+        })
     }
 }
 
@@ -132,6 +141,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/e/{token}", put(crate::push::endpoint::put))
         .route("/v1/poll", post(crate::push::poll::poll))
         .route("/v1/ack", post(crate::push::poll::ack))
+        .route("/v1/register", post(crate::push::poll::register))
+        .route("/v1/unregister", post(crate::push::poll::unregister))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .merge(crate::web::routes(&state.config.web))
@@ -150,11 +161,14 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     if let Err(e) = state.store.health().await {
         return state.unavailable(e).into_response();
     }
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "status": "ok",
         "store": state.store.backend(),
         "connections": *state.sockets().borrow(),
     });
+    if let Some(relay) = &state.relay {
+        body["relay"] = relay.health();
+    }
     crate::http::json(StatusCode::OK, body.to_string())
 }
 
@@ -258,6 +272,7 @@ pub async fn run(
     let Node { state, inbox } = node;
     // Each ends when shutdown begins; kept so the final flush runs after their last write.
     let mut tasks: Vec<JoinHandle<()>> = vec![tokio::spawn(sweep_loop(state.clone()))];
+    tasks.extend(crate::relay::start(&state));
     if let (Some(routes), Some(inbox)) = (state.routes.clone(), inbox) {
         tasks.push(tokio::spawn(crate::push::route::listen(
             state.clone(),

@@ -38,6 +38,9 @@ pub struct AppState {
     /// share it: a registration PUT to through N nodes may get up to N times the rate). `None`
     /// when `put_rate_per_sec` is 0. Pruned by the sweeper, so it holds only recent PUTs.
     pub put_limit: Option<Buckets<TokenId>>,
+    /// The upstream link and UAID book when this node is a relay (`relay.upstream` set); set by
+    /// the wiring once, before the state is shared.
+    pub relay: Option<Arc<crate::relay::Relay>>,
     /// Flips to `true` once to tell every socket and poll to finish.
     shutdown: watch::Sender<bool>,
     /// Wakes every WebSocket when `shutdown` flips: a socket waits on this (a future kept
@@ -61,6 +64,7 @@ impl AppState {
             store,
             registry: Registry::default(),
             routes,
+            relay: None,
             metrics: Metrics::default(),
             shutdown: watch::Sender::new(false),
             stop: Notify::new(),

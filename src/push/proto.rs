@@ -29,6 +29,10 @@ pub enum ClientMessage {
         uaids: Vec<Credential>,
         #[serde(default)]
         kick: Option<Value>,
+        /// Relays only: the node ids this link passes through (the sender and the relays
+        /// downstream of it), so a relay can refuse a loop (`proto/relay.md`).
+        #[serde(default)]
+        via: Option<Vec<String>>,
     },
     Claim {
         uaids: Vec<Credential>,
@@ -54,7 +58,7 @@ pub enum ClientMessage {
 }
 
 /// A field that is present, `null` included (absent is the `default`, `None`).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+pub(crate) fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     Value::deserialize(d).map(Some)
 }
 
@@ -114,6 +118,8 @@ pub enum WsError {
     StoreUnavailable,
     #[error("the server is shutting down; reconnect later")]
     ShuttingDown,
+    #[error("this relay link would close a loop of relays")]
+    RelayLoop,
 }
 
 impl WsError {
@@ -138,6 +144,7 @@ impl WsError {
             WsError::HelloTimeout(_) | WsError::IdleTimeout(_) => 408,
             WsError::Replaced => 410,
             WsError::StoreUnavailable | WsError::ShuttingDown => 503,
+            WsError::RelayLoop => 508,
         }
     }
 
@@ -164,6 +171,7 @@ impl WsError {
             WsError::Replaced => "replaced",
             WsError::StoreUnavailable => "store_unavailable",
             WsError::ShuttingDown => "shutting_down",
+            WsError::RelayLoop => "relay_loop",
         }
     }
 
@@ -275,6 +283,9 @@ pub enum EntryError {
     NotRegistered,
     #[error("the UAID already has the maximum number of registrations")]
     TooManyRegistrations,
+    /// A relay cannot reach its upstream for this request; the reply carries `retry_after`.
+    #[error("the relay cannot reach its upstream now; retry later")]
+    UpstreamUnavailable { retry_after_secs: u64 },
 }
 
 impl EntryError {
@@ -285,6 +296,7 @@ impl EntryError {
             EntryError::UaidNotHeld => 403,
             EntryError::NotRegistered => 404,
             EntryError::KickTooLarge | EntryError::TooManyRegistrations => 413,
+            EntryError::UpstreamUnavailable { .. } => 503,
         }
     }
 
@@ -299,6 +311,7 @@ impl EntryError {
             EntryError::KickTooLarge => "kick_too_large",
             EntryError::NotRegistered => "not_registered",
             EntryError::TooManyRegistrations => "too_many_registrations",
+            EntryError::UpstreamUnavailable { .. } => "upstream_unavailable",
         }
     }
 
@@ -307,6 +320,9 @@ impl EntryError {
         m.insert("status".into(), self.status().into());
         m.insert("error".into(), self.slug().into());
         m.insert("message".into(), self.to_string().into());
+        if let EntryError::UpstreamUnavailable { retry_after_secs } = self {
+            m.insert("retry_after".into(), (*retry_after_secs).into());
+        }
     }
 }
 
@@ -361,7 +377,16 @@ pub fn uaid_statuses(entries: &[UaidStatus]) -> Value {
 
 /// `{"type":"hello"|"claim"|"release","status":200,"uaids":[…]}`.
 pub fn uaids_reply(kind: &str, entries: &[UaidStatus]) -> String {
-    serde_json::json!({"type": kind, "status": 200, "uaids": uaid_statuses(entries)}).to_string()
+    uaids_reply_via(kind, entries, None)
+}
+
+/// [`uaids_reply`], with a relay's `via` (its node id and those upstream of it) when given.
+pub fn uaids_reply_via(kind: &str, entries: &[UaidStatus], via: Option<&[String]>) -> String {
+    let mut reply = serde_json::json!({"type": kind, "status": 200, "uaids": uaid_statuses(entries)});
+    if let Some(via) = via {
+        reply["via"] = via.into();
+    }
+    reply.to_string()
 }
 
 /// The reply to register (`Ok(Some(endpoint))`) or unregister (`Ok(None)`), or their error.
@@ -509,6 +534,9 @@ pub enum ServerMessage {
 pub struct UaidsReply {
     pub status: u16,
     pub uaids: Vec<StatusEntry>,
+    /// A relay's hello reply to a relay: its node id and those upstream of it.
+    #[serde(default)]
+    pub via: Option<Vec<String>>,
 }
 
 /// One entry of a hello, claim, release or poll reply, as on the wire.
@@ -613,7 +641,11 @@ fn typed_uaids_reply(kind: &str, r: &UaidsReply) -> String {
             Value::Object(m)
         })
         .collect();
-    serde_json::json!({"type": kind, "status": r.status, "uaids": entries}).to_string()
+    let mut reply = serde_json::json!({"type": kind, "status": r.status, "uaids": entries});
+    if let Some(via) = &r.via {
+        reply["via"] = via.clone().into();
+    }
+    reply.to_string()
 }
 
 fn typed_registration_reply(kind: &str, r: &RegistrationReply) -> String {
