@@ -17,4 +17,5 @@ mod multinode;
 mod proto_examples;
 mod redis_cluster;
 mod redis_store;
+mod relay;
 mod store_conformance;
