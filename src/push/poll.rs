@@ -267,19 +267,21 @@ async fn registration(
     let failed = |e| proto::registration_reply(kind, uaid_s, appid_s, Err(e));
     let frame = match Appid::parse(appid_s) {
         Err(_) => failed(EntryError::InvalidAppid),
-        Ok(appid) if register => match register_kick(request.kick.as_ref(), state.config.limits.max_kick_bytes) {
-            Err(e) => failed(e),
-            Ok(kick) => {
-                let change = match &request.kick {
-                    Some(serde_json::Value::Null) => KickChange::Clear,
-                    _ if !kick.is_empty() => KickChange::Set(&kick),
-                    _ => KickChange::Keep,
-                };
-                register_uaid(state, (uaid, uaid_s), (appid, appid_s), change)
-                    .await
-                    .map_err(unavailable(state))?
+        Ok(appid) if register => {
+            match register_kick(request.kick.as_ref(), state.config.limits.max_kick_bytes) {
+                Err(e) => failed(e),
+                Ok(kick) => {
+                    let change = match &request.kick {
+                        Some(serde_json::Value::Null) => KickChange::Clear,
+                        _ if !kick.is_empty() => KickChange::Set(&kick),
+                        _ => KickChange::Keep,
+                    };
+                    register_uaid(state, (uaid, uaid_s), (appid, appid_s), change)
+                        .await
+                        .map_err(unavailable(state))?
+                }
             }
-        },
+        }
         Ok(appid) => unregister_uaid(state, (uaid, uaid_s), (appid, appid_s))
             .await
             .map_err(unavailable(state))?,

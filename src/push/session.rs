@@ -172,7 +172,11 @@ impl Session {
             self.held.insert(*uaid);
         }
         self.state.hold(&claimed, self.conn_id, &self.mailbox).await?;
-        out.push(proto::uaids_reply_via(kind, &statuses, self.via_reply.take().as_deref()));
+        out.push(proto::uaids_reply_via(
+            kind,
+            &statuses,
+            self.via_reply.take().as_deref(),
+        ));
         self.send_pending(&claimed, out).await
     }
 
@@ -383,11 +387,17 @@ pub async fn register_uaid(
     change: KickChange<'_>,
 ) -> Result<String, StoreError> {
     if let Some(relay) = &state.relay {
-        return relay.register(state, (uaid, uaid_s), (appid, appid_s), change).await;
+        return relay
+            .register(state, (uaid, uaid_s), (appid, appid_s), change)
+            .await;
     }
     let reply = |result| proto::registration_reply("register", uaid_s, appid_s, result);
     let max = state.config.limits.max_appids_per_uaid;
-    match state.store.register(uaid, appid, TokenId::random(), change, max).await? {
+    match state
+        .store
+        .register(uaid, appid, TokenId::random(), change, max)
+        .await?
+    {
         Registered::Token(id) => {
             state.sync().await?;
             let endpoint = format!("{}/v1/e/{}", state.public_url, state.keys.seal_token(&id));

@@ -40,7 +40,8 @@ impl Book {
             let uaid = <[u8; 16]>::try_from(key.as_ref())
                 .map(Uaid)
                 .map_err(|_| StoreError::Corrupt("relay book key"))?;
-            let secret = String::from_utf8(value.to_vec()).map_err(|_| StoreError::Corrupt("relay book secret"))?;
+            let secret =
+                String::from_utf8(value.to_vec()).map_err(|_| StoreError::Corrupt("relay book secret"))?;
             entries.order.push(uaid);
             entries.secrets.insert(uaid, secret);
         }

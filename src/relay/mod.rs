@@ -23,8 +23,8 @@ use prometheus::IntGauge;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-pub use self::config::{RelayConfig, Transport};
 use self::book::{same_secret, Book};
+pub use self::config::{RelayConfig, Transport};
 use crate::config::Config;
 use crate::ids::{Appid, TokenId, Uaid};
 use crate::metrics::Metrics;
@@ -278,7 +278,9 @@ impl Relay {
                     None
                 }
                 (Some(_), None) => Some(UaidStatus::failed(Some(s.clone()), EntryError::SecretRequired)),
-                (Some(known), Some(given)) if same_secret(&known, given) => Some(UaidStatus::ok(s.clone(), None)),
+                (Some(known), Some(given)) if same_secret(&known, given) => {
+                    Some(UaidStatus::ok(s.clone(), None))
+                }
                 (Some(_), Some(_)) => Some(UaidStatus::failed(Some(s.clone()), EntryError::BadSecret)),
             };
         }
@@ -343,7 +345,11 @@ impl Relay {
         };
         if reply.status == 200 {
             let token = TokenId::random();
-            match state.store.register(uaid, appid, token, change, self.max_appids).await? {
+            match state
+                .store
+                .register(uaid, appid, token, change, self.max_appids)
+                .await?
+            {
                 Registered::Token(_) => state.sync().await?,
                 Registered::TooMany => return Ok(failed(EntryError::TooManyRegistrations)),
             }
@@ -386,7 +392,8 @@ impl Relay {
         match &self.transport {
             TransportHandle::Ws { requests, .. } => {
                 let (tx, rx) = oneshot::channel();
-                self.ask(requests, ws_link::Request::Claim(entry.clone(), tx), rx).await
+                self.ask(requests, ws_link::Request::Claim(entry.clone(), tx), rx)
+                    .await
             }
             TransportHandle::Poll(http) => {
                 let answer = http.claim(entry).await?;
@@ -554,7 +561,11 @@ fn backoff(config: &RelayConfig, attempt: u32) -> Duration {
 /// `scheme://user:pass@host` → `scheme://host`: the URL as logged and shown on `/health`.
 fn without_userinfo(url: &str) -> String {
     match url.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('/').map_or(rest, |(host, _)| host).rsplit_once('@') {
+        Some((scheme, rest)) => match rest
+            .split_once('/')
+            .map_or(rest, |(host, _)| host)
+            .rsplit_once('@')
+        {
             Some((_, _)) => {
                 let after = rest.split_once('@').map_or(rest, |(_, r)| r);
                 format!("{scheme}://{after}")

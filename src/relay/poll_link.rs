@@ -123,8 +123,13 @@ impl Http {
         secret: &str,
         appid: Appid,
     ) -> Result<RegistrationReply, RelayError> {
-        let path = if register { "/v1/register" } else { "/v1/unregister" };
-        let body = serde_json::json!({"uaid": uaid.to_string(), "secret": secret, "appid": appid.to_string()});
+        let path = if register {
+            "/v1/register"
+        } else {
+            "/v1/unregister"
+        };
+        let body =
+            serde_json::json!({"uaid": uaid.to_string(), "secret": secret, "appid": appid.to_string()});
         let (_, bytes) = self.post(path, &body, self.timeout).await?;
         serde_json::from_slice(&bytes).map_err(|e| RelayError::Protocol(e.to_string()))
     }
@@ -168,10 +173,13 @@ impl Http {
     }
 }
 
+/// The credentials one long poll carries.
+type Chunk = Vec<(Uaid, String)>;
+
 /// Runs the polls until shutdown: one task per chunk of the book, re-chunked as it grows.
 pub async fn run(state: Arc<AppState>, relay: Arc<Relay>, http: Arc<Http>) {
     let mut book = relay.book.watch();
-    let mut chunks: Vec<(watch::Sender<Vec<(Uaid, String)>>, JoinHandle<()>)> = Vec::new();
+    let mut chunks: Vec<(watch::Sender<Chunk>, JoinHandle<()>)> = Vec::new();
     let every = Duration::from_secs(relay.config.ping_interval_secs);
     let mut probe = tokio::time::interval(every);
     let stopping = state.stopping();
@@ -215,7 +223,7 @@ async fn chunk_loop(
     state: Arc<AppState>,
     relay: Arc<Relay>,
     http: Arc<Http>,
-    mut creds: watch::Receiver<Vec<(Uaid, String)>>,
+    mut creds: watch::Receiver<Chunk>,
 ) {
     let mut attempt = 0u32;
     loop {

@@ -199,7 +199,8 @@ async fn on_requests(
                 reply,
             } => {
                 let kind = if register { "register" } else { "unregister" };
-                let frame = serde_json::json!({"type": kind, "uaid": uaid.to_string(), "appid": appid.to_string()});
+                let frame =
+                    serde_json::json!({"type": kind, "uaid": uaid.to_string(), "appid": appid.to_string()});
                 out.send(frame.to_string()).await?;
                 awaiting.push_back(Awaiting::Registration(register, reply));
             }
@@ -265,7 +266,10 @@ async fn on_message(
         ServerMessage::Released { uaids } => {
             // Another connection (a client straight to the upstream, another relay) took them;
             // the next reconnect claims them back.
-            tracing::warn!(count = uaids.len(), "relay: the upstream gave UAIDs to a newer connection");
+            tracing::warn!(
+                count = uaids.len(),
+                "relay: the upstream gave UAIDs to a newer connection"
+            );
         }
         ServerMessage::Error { error, .. } => return Err(RelayError::Refused(error)),
         ServerMessage::Hello(_) | ServerMessage::Release(_) => return Err(unexpected("frame")),

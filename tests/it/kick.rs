@@ -4,8 +4,6 @@
 //! primitives, not the `ece` crate the sender uses). The scheduler is driven as the wiring
 //! drives it: `raised` for an away UAID, `connected` when it comes back.
 
-
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};

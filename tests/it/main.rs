@@ -7,8 +7,8 @@ mod common;
 mod store_suite;
 
 mod ack_durability;
-mod browser;
 mod bad_input;
+mod browser;
 mod crash;
 mod flow;
 mod kick;

@@ -22,7 +22,12 @@ fn local(port: u16) -> SocketAddr {
 }
 
 /// Starts a relay of `upstream` (`ws://` or `http://` by transport) on `addr`.
-async fn start_relay(dir: &std::path::Path, addr: SocketAddr, upstream: SocketAddr, transport: &str) -> Server {
+async fn start_relay(
+    dir: &std::path::Path,
+    addr: SocketAddr,
+    upstream: SocketAddr,
+    transport: &str,
+) -> Server {
     start_relay_with(dir, addr, upstream, transport, &[]).await
 }
 
@@ -83,7 +88,12 @@ async fn wait_metric(server: &Server, http: &reqwest::Client, name: &str, value:
 /// The upstream accepts these credentials (they are its own): an ACK of nothing answers 200.
 async fn upstream_accepts(upstream: &Server, http: &reqwest::Client, uaid: &str, secret: &str) -> u16 {
     let body = json!({"uaids": [{"uaid": uaid, "secret": secret}], "updates": {}});
-    let r = http.post(upstream.url("/v1/ack")).json(&body).send().await.unwrap();
+    let r = http
+        .post(upstream.url("/v1/ack"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     r.status().as_u16()
 }
 
@@ -111,7 +121,11 @@ async fn round_trip(transport: &str) {
         "the endpoint is the upstream's: {}",
         e.endpoint
     );
-    assert_eq!(upstream_accepts(&up, &http, &uaid, &secret).await, 200, "the secret is the upstream's");
+    assert_eq!(
+        upstream_accepts(&up, &http, &uaid, &secret).await,
+        200,
+        "the secret is the upstream's"
+    );
     assert_eq!(upstream_accepts(&up, &http, &uaid, "nope").await, 401);
 
     e.put_and_receive(&http, 5).await;
@@ -122,7 +136,8 @@ async fn round_trip(transport: &str) {
     e.put_and_receive(&http, 6).await;
     e.c.ack(&[&uaid]).await;
 
-    e.c.send(json!({"type": "unregister", "uaid": uaid, "appid": e.appid})).await;
+    e.c.send(json!({"type": "unregister", "uaid": uaid, "appid": e.appid}))
+        .await;
     let v = e.c.expect("unregister").await;
     assert_eq!(v["status"], 200, "{v}");
     assert_eq!(put_version(&http, &e.endpoint, 7).await, 410);
@@ -144,7 +159,9 @@ async fn poll_register_put_update_through_a_relay() {
 }
 
 /// The relay ACKed upstream and was SIGKILLed before its client took the event: after the
-/// restart the client gets it from the relay's own store, once.
+/// restart the client gets it from the relay's own store, once. And the restarted relay
+/// re-claimed the UAID from its book by itself: an event PUT while the client is still away
+/// reaches it too.
 #[tokio::test]
 async fn relay_killed_after_its_upstream_ack_still_delivers() {
     let (du, dr) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -152,9 +169,11 @@ async fn relay_killed_after_its_upstream_ack_still_delivers() {
     let up = Server::start(du.path()).await;
     let mut relay = start_relay(dr.path(), local(free_port()), up.addr, "ws").await;
     wait_link(&relay, &http, true).await;
-    let e = enroll(&relay).await;
+    let mut e = enroll(&relay).await;
     let (endpoint, appid, creds) = (e.endpoint.clone(), e.appid.clone(), e.creds.clone());
     let uaid = creds[0].0.clone();
+    let appid2 = new_appid();
+    let endpoint2 = e.c.register(&uaid, &appid2).await;
     drop(e);
     wait_metric(&relay, &http, "editiond_connections", 0.0).await;
 
@@ -163,18 +182,24 @@ async fn relay_killed_after_its_upstream_ack_still_delivers() {
     wait_metric(&up, &http, "editiond_pending_events", 0.0).await;
     wait_metric(&up, &http, "editiond_acks_total", 1.0).await;
     relay.restart().await;
+    wait_link(&relay, &http, true).await;
+    assert_eq!(put_version(&http, &endpoint2, 1).await, 202);
+    wait_metric(&up, &http, "editiond_pending_events", 0.0).await;
+    wait_metric(&up, &http, "editiond_acks_total", 2.0).await;
 
     let mut c = Client::connect(&relay).await;
     let v = c.hello(&creds).await;
-    assert_eq!(v["uaids"][0]["status"], 200, "a known UAID needs no upstream: {v}");
+    assert_eq!(v["uaids"][0]["status"], 200, "{v}");
     let update = c.expect("update").await;
-    assert_eq!(update["updates"][&uaid][&appid], 9, "{update}");
+    assert_eq!(
+        update["updates"][&uaid],
+        json!({&appid: 9, &appid2: 1}),
+        "{update}"
+    );
     c.ack(&[&uaid]).await;
     c.barrier().await;
     drop(c);
 
-    // After the restart the relay re-claimed the UAID upstream: new events still arrive.
-    wait_link(&relay, &http, true).await;
     let mut c = Client::connect(&relay).await;
     c.hello(&creds).await;
     expect_nothing_pending(&mut c).await;
@@ -208,7 +233,10 @@ async fn upstream_restart(transport: &str) {
     assert!(v["retry_after"].as_u64().is_some(), "{v}");
     let mut known = Client::connect(&relay).await;
     let v = known.hello(&e.creds).await;
-    assert_eq!(v["uaids"][0]["status"], 200, "known UAIDs work without the upstream: {v}");
+    assert_eq!(
+        v["uaids"][0]["status"], 200,
+        "known UAIDs work without the upstream: {v}"
+    );
     drop(known);
     let mut fresh = Client::connect(&relay).await;
     fresh.send(json!({"type": "hello", "uaids": [{}]})).await;
@@ -339,19 +367,39 @@ async fn http_register_and_unregister() {
     };
     let body = json!({"uaid": uaid, "secret": secret, "appid": appid});
     let (status, v) = post("/v1/register", body.clone()).await;
-    assert_eq!((status, &v["type"], &v["status"]), (200, &json!("register"), &json!(200)), "{v}");
-    assert_eq!(v["endpoint"], ws_endpoint.as_str(), "idempotent: the same endpoint");
+    assert_eq!(
+        (status, &v["type"], &v["status"]),
+        (200, &json!("register"), &json!(200)),
+        "{v}"
+    );
+    assert_eq!(
+        v["endpoint"],
+        ws_endpoint.as_str(),
+        "idempotent: the same endpoint"
+    );
     let bad = json!({"uaid": uaid, "secret": "wrong", "appid": appid});
     let (status, v) = post("/v1/register", bad).await;
     assert_eq!((status, &v["error"]), (401, &json!("bad_secret")), "{v}");
-    let (status, v) = post("/v1/register", json!({"uaid": uaid, "secret": secret, "appid": "x"})).await;
+    let (status, v) = post(
+        "/v1/register",
+        json!({"uaid": uaid, "secret": secret, "appid": "x"}),
+    )
+    .await;
     assert_eq!((status, &v["error"]), (400, &json!("invalid_appid")), "{v}");
-    let (status, v) = post("/v1/register", json!({"uaid": uaid, "secret": secret, "appid": appid, "kick": 5})).await;
+    let (status, v) = post(
+        "/v1/register",
+        json!({"uaid": uaid, "secret": secret, "appid": appid, "kick": 5}),
+    )
+    .await;
     assert_eq!((status, &v["error"]), (400, &json!("invalid_kick")), "{v}");
 
     assert_eq!(put_version(&http, &ws_endpoint, 1).await, 202);
     let (status, v) = post("/v1/unregister", body.clone()).await;
-    assert_eq!((status, &v["type"], &v["status"]), (200, &json!("unregister"), &json!(200)), "{v}");
+    assert_eq!(
+        (status, &v["type"], &v["status"]),
+        (200, &json!("unregister"), &json!(200)),
+        "{v}"
+    );
     assert_eq!(put_version(&http, &ws_endpoint, 2).await, 410);
     let (status, v) = post("/v1/unregister", body).await;
     assert_eq!((status, &v["error"]), (404, &json!("not_registered")), "{v}");

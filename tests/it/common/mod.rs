@@ -48,7 +48,12 @@ impl Server {
     }
 
     /// Starts `editiond <command…>` on `addr` (e.g. `relay --upstream ws://…`).
-    pub async fn start_command(dir: &Path, addr: SocketAddr, command: &[&str], env: &[(&str, &str)]) -> Server {
+    pub async fn start_command(
+        dir: &Path,
+        addr: SocketAddr,
+        command: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut server = Server {
             child: None,
             addr,
