@@ -313,6 +313,7 @@ impl Config {
         self.keys = KeysConfig::default();
         self.kick.redact_secrets();
         self.store.url = redact_url(&self.store.url);
+        self.relay.upstream = redact_url(&self.relay.upstream);
         for url in &mut self.store.cluster_urls {
             *url = redact_url(url);
         }
