@@ -15,6 +15,7 @@ mod idle;
 mod load;
 mod put;
 mod redis;
+mod relay;
 mod report;
 mod storm;
 mod sys;
@@ -63,6 +64,8 @@ enum Scenario {
     Idle,
     Put,
     Storm,
+    /// Clients on a relay of the server under test; PUTs to the server.
+    Relay,
 }
 
 #[derive(clap::Args)]
@@ -91,7 +94,8 @@ struct RunArgs {
     /// none is given: --save "" --appendonly yes --appendfsync everysec.
     #[arg(long = "redis-arg", allow_hyphen_values = true)]
     redis_args: Vec<String>,
-    /// Scenarios to run, comma-separated; they always run in the order baseline, idle, put, storm.
+    /// Scenarios to run, comma-separated; they always run in the order baseline, idle, put,
+    /// storm, relay (relay only when asked for: it needs --server-bin and sled).
     #[arg(long, value_delimiter = ',', default_value = "baseline,idle,put,storm")]
     scenarios: Vec<Scenario>,
     /// Every scenario in a few seconds: 100 clients, 2 apps, 1 s phases, rates 200 and max.
@@ -278,7 +282,13 @@ async fn run(args: RunArgs) -> Result<bool, BoxError> {
             s.clients
         ));
     }
-    let order = [Scenario::Baseline, Scenario::Idle, Scenario::Put, Scenario::Storm];
+    let order = [
+        Scenario::Baseline,
+        Scenario::Idle,
+        Scenario::Put,
+        Scenario::Storm,
+        Scenario::Relay,
+    ];
     for scenario in order.into_iter().filter(|sc| args.scenarios.contains(sc)) {
         eprintln!("editiond-bench: {scenario:?} (load {})", sys::load_average());
         let result = match scenario {
@@ -292,6 +302,15 @@ async fn run(args: RunArgs) -> Result<bool, BoxError> {
                 Ok(())
             }
             Scenario::Storm => storm::run(&s, &mut targets[0], &mut report).await,
+            Scenario::Relay => match (&args.server_bin, &redis) {
+                (Some(bin), None) => relay::run(&s, bin, &mut targets[0], &args.server_env, &mut report).await,
+                _ => {
+                    report
+                        .notes
+                        .push("relay runs only on one sled node started here (--server-bin)".into());
+                    Ok(())
+                }
+            },
         };
         if let Err(e) = result {
             report.fail(format!("{scenario:?}: {e}"));
