@@ -111,3 +111,40 @@ impl Book {
 pub fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledDb;
+
+    #[test]
+    fn the_book_survives_a_reopen_in_the_order_learnt() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let db = SledDb::open(dir.path(), 1 << 20, std::time::Duration::from_secs(5)).unwrap();
+            Book::open(db.tree("relay_uaids").unwrap()).unwrap()
+        };
+        let (a, b) = (Uaid::random(), Uaid::random());
+        {
+            let book = open();
+            let mut grew = book.watch();
+            assert!(book.insert(a, "sa").unwrap());
+            assert!(book.insert(b, "sb").unwrap());
+            assert!(!book.insert(a, "sa").unwrap(), "known already");
+            assert!(grew.has_changed().unwrap());
+            assert_eq!(book.all(), vec![(a, "sa".to_owned()), (b, "sb".to_owned())]);
+            book.tree.flush().unwrap();
+        }
+        let book = open();
+        assert_eq!(book.len(), 2);
+        assert_eq!(book.secret(&b).as_deref(), Some("sb"));
+        assert_eq!(book.secret(&Uaid::random()), None);
+    }
+
+    #[test]
+    fn secrets_compare_by_content() {
+        assert!(same_secret("abc", "abc"));
+        assert!(!same_secret("abc", "abd"));
+        assert!(!same_secret("abc", "abcd"));
+    }
+}

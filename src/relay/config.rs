@@ -53,6 +53,9 @@ pub struct RelayConfig {
     pub upstream_frames_burst: u32,
     /// Seconds sent in `Retry-After` (and `retry_after`) when the upstream is unreachable.
     pub retry_after_secs: u64,
+    /// Downstream requests (claims, registers, unregisters) that may wait for the upstream
+    /// WebSocket at once; more answer 503 at once instead of queueing without bound.
+    pub max_queued_requests: usize,
 }
 
 impl Default for RelayConfig {
@@ -68,6 +71,7 @@ impl Default for RelayConfig {
             upstream_frames_per_sec: 50,
             upstream_frames_burst: 100,
             retry_after_secs: 5,
+            max_queued_requests: 4096,
         }
     }
 }
@@ -90,6 +94,9 @@ impl RelayConfig {
         }
         if self.ping_interval_secs == 0 || self.request_timeout_secs == 0 {
             return Err("relay.ping_interval_secs and relay.request_timeout_secs must be at least 1");
+        }
+        if self.max_queued_requests == 0 {
+            return Err("relay.max_queued_requests must be at least 1");
         }
         if self.upstream_frames_per_sec == 0 {
             return Err("relay.upstream_frames_per_sec must be at least 1");

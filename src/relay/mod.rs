@@ -107,9 +107,6 @@ struct Hops {
     upstream: Mutex<Vec<String>>,
 }
 
-/// Requests waiting for the upstream get at most this many queued at once; more answer 503.
-const MAX_QUEUED_REQUESTS: usize = 4096;
-
 impl Relay {
     /// Opens the book in the node's sled store and registers the link metric.
     pub fn open(config: &Config, store: &AnyStore, metrics: &Metrics) -> Result<Relay, RelayError> {
@@ -128,7 +125,7 @@ impl Relay {
         let rc = config.relay.clone();
         let transport = match rc.transport {
             Transport::Ws => {
-                let (tx, rx) = mpsc::channel(MAX_QUEUED_REQUESTS);
+                let (tx, rx) = mpsc::channel(rc.max_queued_requests);
                 TransportHandle::Ws {
                     requests: tx,
                     inbox: Mutex::new(Some(rx)),

@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::{backoff, store_updates, Relay, RelayError};
+use super::{backoff, store_updates, Relay, RelayError, Updates};
 use crate::ids::{Appid, Uaid};
 use crate::push::proto::{Credential, RegistrationReply, ServerMessage, StatusEntry};
 use crate::ratelimit::{Bucket, Rate};
@@ -127,7 +127,8 @@ async fn connection(
     {
         ServerMessage::Hello(reply) => relay.note_upstream(reply.via)?,
         ServerMessage::Error { error, .. } => return Err(RelayError::Refused(error)),
-        other => return Err(RelayError::Protocol(format!("{other:?} before the hello reply"))),
+        // Named by type only: a reply's entries may carry secrets, which are never logged.
+        _ => return Err(RelayError::Protocol("a frame before the hello reply".into())),
     }
     relay.link_up();
     *attempt = 0;
@@ -155,11 +156,25 @@ async fn connection(
     let every = Duration::from_secs(relay.config.ping_interval_secs);
     let mut ping = tokio::time::interval_at(Instant::now() + every, every);
     let mut heard = Instant::now();
+    // UAIDs whose UPDATE is stored and not yet ACKed, and when the pace allows the ACK frame.
+    let mut acks = Acks::default();
     loop {
         tokio::select! {
             msg = next_message(&mut stream) => {
                 heard = Instant::now();
-                on_message(state, relay, msg?, &mut out, &mut awaiting).await?;
+                match msg? {
+                    ServerMessage::Update { updates } => {
+                        let after = store_batch(state, relay, updates, &mut stream, &mut acks).await?;
+                        out.ack(&mut acks).await?;
+                        if let Some(msg) = after {
+                            on_message(relay, msg, &mut awaiting)?;
+                        }
+                    }
+                    msg => on_message(relay, msg, &mut awaiting)?,
+                }
+            }
+            _ = tokio::time::sleep_until(acks.at.unwrap_or_else(Instant::now)), if acks.at.is_some() => {
+                out.ack(&mut acks).await?;
             }
             request = requests.recv() => {
                 let Some(request) = request else {
@@ -217,23 +232,14 @@ async fn on_requests(
 }
 
 /// Handles one frame from the upstream.
-async fn on_message(
-    state: &Arc<AppState>,
+fn on_message(
     relay: &Relay,
     msg: ServerMessage,
-    out: &mut Sender,
     awaiting: &mut VecDeque<Awaiting>,
 ) -> Result<(), RelayError> {
     let unexpected = |what: &str| RelayError::Protocol(format!("unexpected {what}"));
     match msg {
-        ServerMessage::Update { updates } => {
-            // Durable here first; only then ACKed (a crash in between redelivers, and the
-            // store's "only a newer version raises" makes the repeat a no-op).
-            store_updates(state, relay, &updates).await?;
-            let uaids: Vec<&String> = updates.keys().collect();
-            out.send(serde_json::json!({"type": "ack", "uaids": uaids}).to_string())
-                .await?;
-        }
+        ServerMessage::Update { .. } => return Err(unexpected("update")),
         ServerMessage::Claim(reply) => {
             let Some(Awaiting::Claim(entries)) = awaiting.pop_front() else {
                 return Err(unexpected("claim reply"));
@@ -275,6 +281,81 @@ async fn on_message(
         ServerMessage::Hello(_) | ServerMessage::Release(_) => return Err(unexpected("frame")),
     }
     Ok(())
+}
+
+/// UPDATEs at most stored in one commit: those already received when one arrives.
+const MAX_BATCH_FRAMES: usize = 256;
+
+/// Stores `first` and every UPDATE already received behind it in one batch (one commit for
+/// all: at a high event rate the relay keeps up with the upstream instead of paying a commit
+/// per frame), then queues their UAIDs for the ACK. Durable here first, ACKed only after: a
+/// crash in between makes the upstream send them again, and the store's "only a newer version
+/// raises" makes the repeat a no-op. Returns the first other frame met, to handle next.
+async fn store_batch(
+    state: &Arc<AppState>,
+    relay: &Relay,
+    first: Updates,
+    stream: &mut SplitStream<Socket>,
+    acks: &mut Acks,
+) -> Result<Option<ServerMessage>, RelayError> {
+    let mut batch = first;
+    let mut after = None;
+    for _ in 0..MAX_BATCH_FRAMES {
+        let Some(next) = next_message(stream).now_or_never() else {
+            break;
+        };
+        match next? {
+            ServerMessage::Update { updates } => {
+                for (uaid, apps) in updates {
+                    let entry = batch.entry(uaid).or_default();
+                    for (appid, version) in apps {
+                        let v = entry.entry(appid).or_default();
+                        *v = (*v).max(version);
+                    }
+                }
+            }
+            other => {
+                after = Some(other);
+                break;
+            }
+        }
+    }
+    store_updates(state, relay, &batch).await?;
+    acks.uaids.extend(batch.into_keys());
+    Ok(after)
+}
+
+/// ACKs owed upstream, sent together in one frame when the pace allows.
+#[derive(Default)]
+struct Acks {
+    uaids: Vec<String>,
+    /// When the next ACK frame may go, while some wait.
+    at: Option<Instant>,
+}
+
+impl Sender {
+    /// Sends one ACK frame for every UAID owed, if the pace allows one now; else sets when.
+    async fn ack(&mut self, acks: &mut Acks) -> Result<(), RelayError> {
+        if acks.uaids.is_empty() {
+            acks.at = None;
+            return Ok(());
+        }
+        match self.bucket.take(self.rate, std::time::Instant::now()) {
+            Ok(()) => {
+                let frame = serde_json::json!({"type": "ack", "uaids": acks.uaids}).to_string();
+                acks.uaids.clear();
+                acks.at = None;
+                self.sink
+                    .send(Message::Text(frame.into()))
+                    .await
+                    .map_err(|e| RelayError::Unreachable(e.to_string()))
+            }
+            Err(wait) => {
+                acks.at = Some(Instant::now() + wait);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Hands a register (`register`) or unregister reply to the request awaiting it.
