@@ -581,6 +581,41 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    fn relay(dir: &std::path::Path) -> Relay {
+        let mut config = Config::default();
+        config.relay.upstream = "ws://127.0.0.1:1".into();
+        let store = crate::store::SledStore::open(dir, 1 << 20, Duration::from_secs(5)).unwrap();
+        Relay::open(&config, &AnyStore::Sled(store), &Metrics::default()).unwrap()
+    }
+
+    /// `proto/relay.md`, "Chains and loops": a downstream `via` naming this node or one upstream
+    /// of it is refused; so is an upstream `via` naming this node or one downstream of it.
+    #[test]
+    fn hop_lists_refuse_loops_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = relay(dir.path());
+        let me = relay.node_id.clone();
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(relay.accept_downstream(1, ids(&["d1"])), Ok(vec![me.clone()]));
+        assert_eq!(relay.hello_via(), vec![me.clone(), "d1".to_owned()]);
+        relay.note_upstream(Some(ids(&["u1", "u2"]))).unwrap();
+        assert_eq!(relay.chain(), vec![me.clone(), "u1".into(), "u2".into()]);
+        assert_eq!(
+            relay.accept_downstream(2, ids(&["d2", "u2"])),
+            Err(WsError::RelayLoop)
+        );
+        assert_eq!(
+            relay.accept_downstream(3, vec![me.clone()]),
+            Err(WsError::RelayLoop)
+        );
+        assert!(matches!(
+            relay.note_upstream(Some(ids(&["u1", "d1"]))),
+            Err(RelayError::Refused(slug)) if slug == "relay_loop"
+        ));
+        relay.forget_downstream(1);
+        assert!(relay.note_upstream(Some(ids(&["u1", "d1"]))).is_ok());
+    }
+
     #[test]
     fn userinfo_is_not_shown() {
         assert_eq!(without_userinfo("wss://u:pw@host:1/x"), "wss://host:1/x");
