@@ -303,7 +303,9 @@ async fn run(args: RunArgs) -> Result<bool, BoxError> {
             }
             Scenario::Storm => storm::run(&s, &mut targets[0], &mut report).await,
             Scenario::Relay => match (&args.server_bin, &redis) {
-                (Some(bin), None) => relay::run(&s, bin, &mut targets[0], &args.server_env, &mut report).await,
+                (Some(bin), None) => {
+                    relay::run(&s, bin, &mut targets[0], &args.server_env, &mut report).await
+                }
                 _ => {
                     report
                         .notes

@@ -54,7 +54,11 @@ impl Target {
     }
 
     /// [`Target::spawn`] with another subcommand, e.g. `relay --upstream ws://…`.
-    pub async fn spawn_command(bin: &Path, command: &[&str], env: &[(String, String)]) -> Result<Target, BoxError> {
+    pub async fn spawn_command(
+        bin: &Path,
+        command: &[&str],
+        env: &[(String, String)],
+    ) -> Result<Target, BoxError> {
         // The child runs in its temp dir, so a relative path must be resolved here.
         let bin =
             std::fs::canonicalize(bin).map_err(|e| format!("editiond binary {}: {e}", bin.display()))?;

@@ -127,7 +127,7 @@ mod tests {
         let (a, b) = (Uaid::random(), Uaid::random());
         {
             let book = open();
-            let mut grew = book.watch();
+            let grew = book.watch();
             assert!(book.insert(a, "sa").unwrap());
             assert!(book.insert(b, "sb").unwrap());
             assert!(!book.insert(a, "sa").unwrap(), "known already");
