@@ -23,6 +23,7 @@ pub struct Config {
     pub web: WebConfig,
     pub kick: crate::kick::KickConfig,
     pub storage: crate::storage::StorageConfig,
+    pub relay: crate::relay::RelayConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -342,6 +343,10 @@ pub struct Flags {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub public_url: Option<String>,
+    /// `editiond relay --upstream` (relay.upstream).
+    pub relay_upstream: Option<String>,
+    /// `editiond relay --transport` (relay.transport).
+    pub relay_transport: Option<crate::relay::Transport>,
 }
 
 impl Config {
@@ -391,6 +396,14 @@ impl Config {
             config.server.public_url = url.clone();
             origins.set("server.public_url", "--public-url");
         }
+        if let Some(upstream) = &flags.relay_upstream {
+            config.relay.upstream = upstream.clone();
+            origins.set("relay.upstream", "--upstream");
+        }
+        if let Some(transport) = flags.relay_transport {
+            config.relay.transport = transport;
+            origins.set("relay.transport", "--transport");
+        }
         // `http://host/` and `http://host` are the same base; endpoints append `/v1/e/…`.
         let trimmed = config.server.public_url.trim_end_matches('/').len();
         config.server.public_url.truncate(trimmed);
@@ -406,6 +419,7 @@ impl Config {
         self.kick.redact_secrets();
         self.storage.redact_secrets();
         self.store.url = redact_url(&self.store.url);
+        self.relay.upstream = redact_url(&self.relay.upstream);
         for url in &mut self.store.cluster_urls {
             *url = redact_url(url);
         }
@@ -507,6 +521,11 @@ impl Config {
         check(
             l.max_write_buffer_bytes > l.max_frame_bytes,
             "limits.max_write_buffer_bytes must exceed limits.max_frame_bytes",
+        )?;
+        self.relay.check().map_err(|e| invalid("config", e))?;
+        check(
+            !self.relay.enabled() || st.backend == Backend::Sled,
+            "a relay keeps its clients' events in its own sled store: relay.upstream needs store.backend = \"sled\"",
         )?;
         check(
             self.web.client || !self.web.demo,

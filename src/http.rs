@@ -121,6 +121,10 @@ impl IntoResponse for HttpError {
             HttpError::StoreUnavailable { retry_after_secs }
             | HttpError::RateLimited { retry_after_secs }
             | HttpError::UaidRateLimited { retry_after_secs } => Some(retry_after_secs),
+            HttpError::Credentials {
+                error: EntryError::UpstreamUnavailable { retry_after_secs },
+                ..
+            } => Some(retry_after_secs),
             HttpError::ShuttingDown => Some(1),
             _ => None,
         };

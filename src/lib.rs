@@ -5,7 +5,8 @@
 //! poll, PUT endpoint, raising events, who holds which UAID) and [`store`] (durable state behind
 //! a trait: sled, Redis, memory). Beside them, shared plumbing: [`state`] (what handlers share),
 //! [`config`], [`ids`], [`keys`] (tokens and secrets), [`kick`] (waking clients that are away),
-//! [`storage`] (the Sync 1.5 storage API), [`ratelimit`] (token buckets),
+//! [`storage`] (the Sync 1.5 storage API), [`relay`] (one client of an upstream editiond for all
+//! its own clients), [`ratelimit`] (token buckets),
 //! [`metrics`], [`http`] (errors and bodies), [`web`] (the browser client, the demo page, CORS),
 //! [`accept`] (connections: timeouts, the cap, the bounded drain), and [`server`] (wiring and
 //! shutdown; nothing imports it back).
@@ -20,6 +21,7 @@ pub mod kick;
 pub(crate) mod metrics;
 pub mod push;
 pub(crate) mod ratelimit;
+pub mod relay;
 pub mod server;
 pub(crate) mod state;
 pub mod storage;

@@ -44,6 +44,9 @@ struct Cli {
 enum Command {
     /// Run the server (HTTP and WebSocket on one port).
     Serve(ServeArgs),
+    /// Run a relay: a server for clients inside a protected network that is itself one client
+    /// of an upstream editiond for all their UAIDs (proto/relay.md).
+    Relay(RelayArgs),
     /// Print the effective configuration (after file, environment and flags) as TOML and exit.
     /// Keys are never printed.
     Config(Sources),
@@ -74,6 +77,20 @@ struct ServeArgs {
     reset_keys: bool,
 }
 
+/// `editiond relay`: the upstream, how to reach it, and the ordinary sources.
+#[derive(clap::Args)]
+struct RelayArgs {
+    /// The upstream's base URL, ws://HOST:PORT or http://HOST:PORT (wss/https for TLS)
+    /// (relay.upstream); required here or in the config.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// ws (one WebSocket) or poll (outbound HTTP only) (relay.transport).
+    #[arg(long, value_enum)]
+    transport: Option<editiond::relay::Transport>,
+    #[command(flatten)]
+    sources: Sources,
+}
+
 /// Where configuration comes from: the file, then the environment, then these flags.
 #[derive(clap::Args)]
 struct Sources {
@@ -94,10 +111,15 @@ struct Sources {
 
 impl Sources {
     fn load(self) -> Result<Config, String> {
+        self.load_with(Flags::default())
+    }
+
+    fn load_with(self, flags: Flags) -> Result<Config, String> {
         let flags = Flags {
             listen: self.listen,
             data_dir: self.data_dir,
             public_url: self.public_url,
+            ..flags
         };
         let file = self.config.or_else(|| {
             let default = PathBuf::from("config.toml");
@@ -136,33 +158,53 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Serve(ServeArgs { sources, reset_keys }) => {
-            let config = match sources.load() {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("editiond: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            if let Err(e) = init_logging(&config.server.log) {
+        Command::Serve(ServeArgs { sources, reset_keys }) => match sources.load() {
+            Ok(config) => run_server(config, reset_keys),
+            Err(e) => {
                 eprintln!("editiond: {e}");
-                return ExitCode::from(2);
+                ExitCode::from(2)
             }
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("editiond: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+        },
+        Command::Relay(args) => {
+            let flags = Flags {
+                relay_upstream: args.upstream,
+                relay_transport: args.transport,
+                ..Flags::default()
             };
-            // Printed once, on stderr (where the log goes too).
-            match runtime.block_on(serve(config, reset_keys)) {
-                Ok(()) => ExitCode::SUCCESS,
+            match args.sources.load_with(flags) {
+                Ok(config) if config.relay.enabled() => run_server(config, false),
+                Ok(_) => {
+                    eprintln!("editiond: a relay needs --upstream URL (or relay.upstream)");
+                    ExitCode::from(2)
+                }
                 Err(e) => {
                     eprintln!("editiond: {e}");
-                    ExitCode::FAILURE
+                    ExitCode::from(2)
                 }
             }
+        }
+    }
+}
+
+/// Serves `config` until a signal; a node with `relay.upstream` set is a relay.
+fn run_server(config: Config, reset_keys: bool) -> ExitCode {
+    if let Err(e) = init_logging(&config.server.log) {
+        eprintln!("editiond: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("editiond: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Printed once, on stderr (where the log goes too).
+    match runtime.block_on(serve(config, reset_keys)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("editiond: {e}");
+            ExitCode::FAILURE
         }
     }
 }

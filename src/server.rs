@@ -39,6 +39,8 @@ pub enum StartError {
     Kick(#[from] crate::kick::SetupError),
     #[error("{0}")]
     Storage(#[from] crate::storage::OpenError),
+    #[error("relay: {0}")]
+    Relay(#[from] crate::relay::RelayError),
 }
 
 /// An opened node, not yet serving: its state and, on Redis, the inbox its routing listens to.
@@ -134,6 +136,10 @@ impl Node {
             state.storage = Some(storage);
             state.watches = Some(watches);
         }
+        if state.config.relay.enabled() {
+            let relay = crate::relay::Relay::open(&state.config, &state.store, &state.metrics)?;
+            state.relay = Some(Arc::new(relay));
+        }
         let state = Arc::new(state);
         crate::push::wake::install(&state, &kick_keys)?;
         crate::push::watch::install(&state);
@@ -190,6 +196,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/e/{token}", put(crate::push::endpoint::put))
         .route("/v1/poll", post(crate::push::poll::poll))
         .route("/v1/ack", post(crate::push::poll::ack))
+        .route("/v1/register", post(crate::push::poll::register))
+        .route("/v1/unregister", post(crate::push::poll::unregister))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .merge(crate::web::routes(&state.config.web))
@@ -210,11 +218,14 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     if let Err(e) = state.store.health().await {
         return state.unavailable(e).into_response();
     }
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "status": "ok",
         "store": state.store.backend(),
         "connections": *state.sockets().borrow(),
     });
+    if let Some(relay) = &state.relay {
+        body["relay"] = relay.health();
+    }
     crate::http::json(StatusCode::OK, body.to_string())
 }
 
@@ -323,6 +334,7 @@ pub async fn run(
     let Node { state, inbox } = node;
     // Each ends when shutdown begins; kept so the final flush runs after their last write.
     let mut tasks: Vec<JoinHandle<()>> = vec![tokio::spawn(sweep_loop(state.clone()))];
+    tasks.extend(crate::relay::start(&state));
     if let (Some(routes), Some(inbox)) = (state.routes.clone(), inbox) {
         tasks.push(tokio::spawn(crate::push::route::listen(
             state.clone(),

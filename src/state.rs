@@ -50,6 +50,9 @@ pub struct AppState {
     /// Which registrations watch which storage collections (instant sync); set by the wiring
     /// with `storage`.
     pub watches: Option<crate::push::watch::Watches>,
+    /// The upstream link and UAID book when this node is a relay (`relay.upstream` set); set by
+    /// the wiring once, before the state is shared.
+    pub relay: Option<Arc<crate::relay::Relay>>,
     /// Flips to `true` once to tell every socket and poll to finish.
     shutdown: watch::Sender<bool>,
     /// Wakes every WebSocket when `shutdown` flips: a socket waits on this (a future kept
@@ -79,6 +82,7 @@ impl AppState {
             store,
             registry: Registry::default(),
             routes,
+            relay: None,
             metrics: Metrics::default(),
             shutdown: watch::Sender::new(false),
             stop: Notify::new(),

@@ -16,6 +16,7 @@ mod idle;
 mod load;
 mod put;
 mod redis;
+mod relay;
 mod report;
 mod storm;
 mod sys;
@@ -65,6 +66,8 @@ enum Scenario {
     Put,
     Storm,
     Hostile,
+    /// Clients on a relay of the server under test; PUTs to the server.
+    Relay,
 }
 
 #[derive(clap::Args)]
@@ -94,7 +97,8 @@ struct RunArgs {
     #[arg(long = "redis-arg", allow_hyphen_values = true)]
     redis_args: Vec<String>,
     /// Scenarios to run, comma-separated; they always run in the order baseline, idle, put, storm,
-    /// hostile (hostile only when named: attacks at one rate, see src/hostile.rs).
+    /// hostile, relay (hostile only when named: attacks at one rate, see src/hostile.rs; relay only
+    /// when named: it needs --server-bin and sled).
     #[arg(long, value_delimiter = ',', default_value = "baseline,idle,put,storm")]
     scenarios: Vec<Scenario>,
     /// Every scenario in a few seconds: 100 clients, 2 apps, 1 s phases, rates 200 and max.
@@ -287,6 +291,7 @@ async fn run(args: RunArgs) -> Result<bool, BoxError> {
         Scenario::Put,
         Scenario::Storm,
         Scenario::Hostile,
+        Scenario::Relay,
     ];
     for scenario in order.into_iter().filter(|sc| args.scenarios.contains(sc)) {
         eprintln!("editiond-bench: {scenario:?} (load {})", sys::load_average());
@@ -306,6 +311,17 @@ async fn run(args: RunArgs) -> Result<bool, BoxError> {
                 Ok(())
             }
             Scenario::Hostile => hostile::run(&s, &mut targets[0], &mut report).await,
+            Scenario::Relay => match (&args.server_bin, &redis) {
+                (Some(bin), None) => {
+                    relay::run(&s, bin, &mut targets[0], &args.server_env, &mut report).await
+                }
+                _ => {
+                    report
+                        .notes
+                        .push("relay runs only on one sled node started here (--server-bin)".into());
+                    Ok(())
+                }
+            },
         };
         if let Err(e) = result {
             report.fail(format!("{scenario:?}: {e}"));

@@ -50,13 +50,22 @@ impl Target {
     /// Starts `bin serve` on a free port with a temp data dir and built-in defaults (it runs in
     /// that dir, so no config.toml is picked up); `env` adds `EDITIOND_*` overrides.
     pub async fn spawn(bin: &Path, env: &[(String, String)]) -> Result<Target, BoxError> {
+        Target::spawn_command(bin, &["serve"], env).await
+    }
+
+    /// [`Target::spawn`] with another subcommand, e.g. `relay --upstream ws://…`.
+    pub async fn spawn_command(
+        bin: &Path,
+        command: &[&str],
+        env: &[(String, String)],
+    ) -> Result<Target, BoxError> {
         // The child runs in its temp dir, so a relative path must be resolved here.
         let bin =
             std::fs::canonicalize(bin).map_err(|e| format!("editiond binary {}: {e}", bin.display()))?;
         let dir = temp_dir("server")?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let mut cmd = Command::new(&bin);
-        cmd.arg("serve")
+        cmd.args(command)
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--data-dir")

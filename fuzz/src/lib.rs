@@ -75,7 +75,7 @@ pub fn client_frame(data: &[u8]) {
     };
     match proto::parse_client(text) {
         Ok(message) => match message {
-            ClientMessage::Hello { uaids, kick } => {
+            ClientMessage::Hello { uaids, kick, .. } => {
                 check_credentials(&uaids);
                 let _ = editiond::push::session::validate_kick(kick.as_ref(), 2048);
             }

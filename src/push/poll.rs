@@ -1,8 +1,11 @@
-//! `POST /v1/poll` and `POST /v1/ack`: the protocol for clients that cannot hold a WebSocket.
+//! `POST /v1/poll`, `POST /v1/ack`, `POST /v1/register` and `POST /v1/unregister`: the protocol
+//! for clients (and relays) that cannot hold a WebSocket.
 //!
 //! A poll authenticates like hello, holds its UAIDs like a connection for as long as it waits
 //! (so a PUT wakes it at once), and answers 200 with the pending events or 204. It keeps nothing
-//! in flight: the client ACKs with the exact versions it received.
+//! in flight: the client ACKs with the exact versions it received. Register and unregister are
+//! the WebSocket frames over HTTP, with poll's credentials: the same reply body, and its
+//! `status` as the HTTP status.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -12,7 +15,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::rejection::ExtensionRejection;
 use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -20,9 +23,10 @@ use crate::http::{json, read_body, HttpError};
 use crate::ids::{Appid, Uaid};
 use crate::push::proto::{self, Credential, EntryError, UaidStatus};
 use crate::push::registry::Mailbox;
-use crate::push::session::{authenticate_all, read_pending};
+use crate::push::session::{authenticate_all, read_pending, register_kick, register_uaid, unregister_uaid};
+use crate::push::{wake, watch};
 use crate::state::AppState;
-use crate::store::{Store, StoreError};
+use crate::store::{KickChange, Store, StoreError};
 
 /// A poll request's body (pub for the fuzz harness).
 #[derive(Deserialize)]
@@ -40,6 +44,19 @@ pub struct PollQuery {
 pub struct AckBody {
     pub uaids: Vec<Credential>,
     pub updates: HashMap<String, HashMap<String, u64>>,
+}
+
+#[derive(Deserialize)]
+struct RegistrationBody {
+    uaid: String,
+    secret: String,
+    appid: String,
+    /// As in the register frame: `null` removes the stored kick, absent keeps it.
+    #[serde(default, deserialize_with = "proto::present")]
+    kick: Option<serde_json::Value>,
+    /// As in the register frame: instant sync of storage collections; `null` removes.
+    #[serde(default, deserialize_with = "proto::present")]
+    watch: Option<serde_json::Value>,
 }
 
 fn unavailable(state: &AppState) -> impl Fn(StoreError) -> HttpError + '_ {
@@ -232,4 +249,99 @@ async fn ack_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
     state.sync().await.map_err(unavailable(state))?;
     state.metrics.acks.inc_by(cleared);
     Ok(cleared)
+}
+
+/// `POST /v1/register` `{"uaid","secret","appid","kick"?}`: the register frame over HTTP.
+pub async fn register(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    match registration(&state, &headers, body, true).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/unregister` `{"uaid","secret","appid"}`: the unregister frame over HTTP.
+pub async fn unregister(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    match registration(&state, &headers, body, false).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn registration(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    register: bool,
+) -> Result<Response, HttpError> {
+    let body = read_body(headers, body, state.config.limits.max_body_bytes).await?;
+    let request: RegistrationBody = parse_json(&body)?;
+    if state.is_stopping() {
+        return Err(HttpError::ShuttingDown);
+    }
+    let credential = Credential {
+        uaid: Some(request.uaid.clone()),
+        secret: Some(request.secret.clone()),
+    };
+    let (_, uaids) = authenticate(state, std::slice::from_ref(&credential), None).await?;
+    let Some(&uaid) = uaids.first() else {
+        return Err(HttpError::UaidNotAuthenticated(request.uaid));
+    };
+    let kind = if register { "register" } else { "unregister" };
+    let (uaid_s, appid_s) = (request.uaid.as_str(), request.appid.as_str());
+    let failed = |e| proto::registration_reply(kind, uaid_s, appid_s, Err(e));
+    let frame = match Appid::parse(appid_s) {
+        Err(_) => failed(EntryError::InvalidAppid),
+        Ok(appid) if register => {
+            let checked = register_kick(request.kick.as_ref(), state.config.limits.max_kick_bytes)
+                .and_then(|kick| Ok((kick, watch::check(state, request.watch.as_ref())?)));
+            match checked {
+                Err(e) => failed(e),
+                Ok((mut kick, watch)) => {
+                    // The drivers' verdict (status, slug, message), as on the WebSocket.
+                    let canonical = match request.kick.as_ref().filter(|_| !kick.is_empty()) {
+                        Some(value) => wake::canonical(state, value).await.map(Some),
+                        None => Ok(None),
+                    };
+                    match canonical {
+                        Err(e) => proto::kick_refused_reply(uaid_s, appid_s, &e),
+                        Ok(target) => {
+                            if let Some(target) = target {
+                                kick = target;
+                            }
+                            let change = match &request.kick {
+                                Some(serde_json::Value::Null) => KickChange::Clear,
+                                _ if !kick.is_empty() => KickChange::Set(&kick),
+                                _ => KickChange::Keep,
+                            };
+                            register_uaid(state, (uaid, uaid_s), (appid, appid_s), change, &watch)
+                                .await
+                                .map_err(unavailable(state))?
+                        }
+                    }
+                }
+            }
+        }
+        Ok(appid) => unregister_uaid(state, (uaid, uaid_s), (appid, appid_s))
+            .await
+            .map_err(unavailable(state))?,
+    };
+    Ok(reply_response(frame))
+}
+
+/// A register or unregister reply as an HTTP answer: its `status` is the HTTP status, and a
+/// `retry_after` (a relay whose upstream is unreachable) is also `Retry-After`.
+fn reply_response(frame: String) -> Response {
+    let reply: serde_json::Value = serde_json::from_str(&frame).unwrap_or_default();
+    let status = reply["status"]
+        .as_u64()
+        .and_then(|s| u16::try_from(s).ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut response = json(status, frame);
+    if let Some(secs) = reply["retry_after"].as_u64() {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
 }

@@ -29,6 +29,10 @@ pub enum ClientMessage {
         uaids: Vec<Credential>,
         #[serde(default)]
         kick: Option<Value>,
+        /// Relays only: the node ids this link passes through (the sender and the relays
+        /// downstream of it), so a relay can refuse a loop (`proto/relay.md`).
+        #[serde(default)]
+        via: Option<Vec<String>>,
     },
     Claim {
         uaids: Vec<Credential>,
@@ -57,7 +61,7 @@ pub enum ClientMessage {
 }
 
 /// A field that is present, `null` included (absent is the `default`, `None`).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+pub(crate) fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     Value::deserialize(d).map(Some)
 }
 
@@ -123,6 +127,8 @@ pub enum WsError {
     StoreUnavailable,
     #[error("the server is shutting down; reconnect later")]
     ShuttingDown,
+    #[error("this relay link would close a loop of relays")]
+    RelayLoop,
 }
 
 impl WsError {
@@ -148,6 +154,7 @@ impl WsError {
             WsError::Replaced => 410,
             WsError::StoreUnavailable | WsError::ShuttingDown => 503,
             WsError::Kick(e) => e.status(),
+            WsError::RelayLoop => 508,
         }
     }
 
@@ -176,6 +183,7 @@ impl WsError {
             WsError::StoreUnavailable => "store_unavailable",
             WsError::ShuttingDown => "shutting_down",
             WsError::Kick(e) => e.slug(),
+            WsError::RelayLoop => "relay_loop",
         }
     }
 
@@ -302,6 +310,9 @@ pub enum EntryError {
     InvalidWatch,
     #[error("the watch token is not a valid, unexpired storage token for this node")]
     BadWatchToken,
+    /// A relay cannot reach its upstream for this request; the reply carries `retry_after`.
+    #[error("the relay cannot reach its upstream now; retry later")]
+    UpstreamUnavailable { retry_after_secs: u64 },
 }
 
 impl EntryError {
@@ -315,6 +326,7 @@ impl EntryError {
             EntryError::UaidNotHeld => 403,
             EntryError::NotRegistered => 404,
             EntryError::KickTooLarge | EntryError::TooManyRegistrations => 413,
+            EntryError::UpstreamUnavailable { .. } => 503,
         }
     }
 
@@ -331,6 +343,7 @@ impl EntryError {
             EntryError::TooManyRegistrations => "too_many_registrations",
             EntryError::InvalidWatch => "invalid_watch",
             EntryError::BadWatchToken => "bad_watch_token",
+            EntryError::UpstreamUnavailable { .. } => "upstream_unavailable",
         }
     }
 
@@ -339,6 +352,9 @@ impl EntryError {
         m.insert("status".into(), self.status().into());
         m.insert("error".into(), self.slug().into());
         m.insert("message".into(), self.to_string().into());
+        if let EntryError::UpstreamUnavailable { retry_after_secs } = self {
+            m.insert("retry_after".into(), (*retry_after_secs).into());
+        }
     }
 }
 
@@ -393,7 +409,16 @@ pub fn uaid_statuses(entries: &[UaidStatus]) -> Value {
 
 /// `{"type":"hello"|"claim"|"release","status":200,"uaids":[…]}`.
 pub fn uaids_reply(kind: &str, entries: &[UaidStatus]) -> String {
-    serde_json::json!({"type": kind, "status": 200, "uaids": uaid_statuses(entries)}).to_string()
+    uaids_reply_via(kind, entries, None)
+}
+
+/// [`uaids_reply`], with a relay's `via` (its node id and those upstream of it) when given.
+pub fn uaids_reply_via(kind: &str, entries: &[UaidStatus], via: Option<&[String]>) -> String {
+    let mut reply = serde_json::json!({"type": kind, "status": 200, "uaids": uaid_statuses(entries)});
+    if let Some(via) = via {
+        reply["via"] = via.into();
+    }
+    reply.to_string()
 }
 
 /// The reply to register (`Ok(Some(endpoint))`) or unregister (`Ok(None)`), or their error.
@@ -551,6 +576,9 @@ pub enum ServerMessage {
 pub struct UaidsReply {
     pub status: u16,
     pub uaids: Vec<StatusEntry>,
+    /// A relay's hello reply to a relay: its node id and those upstream of it.
+    #[serde(default)]
+    pub via: Option<Vec<String>>,
 }
 
 /// One entry of a hello, claim, release or poll reply, as on the wire.
@@ -655,7 +683,11 @@ fn typed_uaids_reply(kind: &str, r: &UaidsReply) -> String {
             Value::Object(m)
         })
         .collect();
-    serde_json::json!({"type": kind, "status": r.status, "uaids": entries}).to_string()
+    let mut reply = serde_json::json!({"type": kind, "status": r.status, "uaids": entries});
+    if let Some(via) = &r.via {
+        reply["via"] = via.clone().into();
+    }
+    reply.to_string()
 }
 
 fn typed_registration_reply(kind: &str, r: &RegistrationReply) -> String {

@@ -16,7 +16,8 @@ use crate::ids::{Appid, Uaid};
 use crate::push::held::Held;
 use crate::push::proto::{self, ClientMessage, Credential, EntryError, UaidStatus, WsError};
 use crate::push::registry::{Delivery, Mailbox};
-use crate::push::{wake, watch};
+use crate::push::wake;
+use crate::push::watch::{self, WatchChange};
 use crate::ratelimit::{Bucket, Rate};
 use crate::state::AppState;
 use crate::store::{now_ms, CommitTicket, KickChange, Registered, Store, StoreError};
@@ -45,6 +46,8 @@ pub struct Session {
     unsettled: Option<CommitTicket>,
     /// The client's address, for the limit on new UAIDs per address.
     client: Option<IpAddr>,
+    /// On a relay, the `via` its hello reply carries to a downstream relay (see `crate::relay`).
+    via_reply: Option<Vec<String>>,
 }
 
 impl Session {
@@ -61,6 +64,7 @@ impl Session {
             frames: Bucket::full(frame_rate, Instant::now()),
             unsettled: None,
             client: None,
+            via_reply: None,
             state,
         }
     }
@@ -107,12 +111,15 @@ impl Session {
         let msg = msg?;
         let limits = &self.state.config.limits;
         match (self.greeted, msg) {
-            (false, ClientMessage::Hello { uaids, kick }) => {
+            (false, ClientMessage::Hello { uaids, kick, via }) => {
                 self.kick = validate_kick(kick.as_ref(), limits.max_kick_bytes)?;
                 if let Some(kick) = kick.as_ref().filter(|_| !self.kick.is_empty()) {
                     // Stored as the driver's canonical target; a refusal closes, like every
                     // hello error.
                     self.kick = wake::canonical(&self.state, kick).await.map_err(WsError::Kick)?;
+                }
+                if let (Some(relay), Some(via)) = (&self.state.relay, via) {
+                    self.via_reply = Some(relay.accept_downstream(self.conn_id, via)?);
                 }
                 self.claim("hello", uaids, out).await?;
                 self.greeted = true;
@@ -211,7 +218,11 @@ impl Session {
             self.held.insert(*uaid);
         }
         self.state.hold(&claimed, self.conn_id, &self.mailbox).await?;
-        out.push(proto::uaids_reply(kind, &statuses));
+        out.push(proto::uaids_reply_via(
+            kind,
+            &statuses,
+            self.via_reply.take().as_deref(),
+        ));
         self.send_pending(&claimed, out).await
     }
 
@@ -256,10 +267,7 @@ impl Session {
         let kick_field = kick;
         let checked = self.held_uaid(uaid_s).and_then(|u| {
             let a = Appid::parse(appid_s).map_err(|_| EntryError::InvalidAppid)?;
-            let k = validate_kick(kick, limits.max_kick_bytes).map_err(|e| match e {
-                WsError::KickTooLarge(_) => EntryError::KickTooLarge,
-                _ => EntryError::InvalidKick,
-            })?;
+            let k = register_kick(kick, limits.max_kick_bytes)?;
             Ok((u, a, k))
         });
         let (uaid, appid, mut kick) = match checked {
@@ -293,19 +301,7 @@ impl Session {
             _ if !self.kick.is_empty() => KickChange::Set(&self.kick),
             _ => KickChange::Keep,
         };
-        let registered = state
-            .store
-            .register(uaid, appid, TokenId::random(), change, limits.max_appids_per_uaid)
-            .await?;
-        match registered {
-            Registered::Token(id) => {
-                watch::apply(&state, uaid, appid, id, &watch).await?;
-                state.sync().await?;
-                let endpoint = format!("{}/v1/e/{}", state.public_url, state.keys.seal_token(&id));
-                out.push(reply(Ok(Some(&endpoint))));
-            }
-            Registered::TooMany => out.push(reply(Err(EntryError::TooManyRegistrations))),
-        }
+        out.push(register_uaid(&state, (uaid, uaid_s), (appid, appid_s), change, &watch).await?);
         Ok(())
     }
 
@@ -326,18 +322,8 @@ impl Session {
                 return Ok(());
             }
         };
-        let gone_until = now_ms().saturating_add(self.state.config.limits.gone_ttl_secs.saturating_mul(1000));
-        let unregistering = self.state.registry.unregistering();
-        let removed = self.state.store.unregister(uaid, appid, gone_until).await?;
-        drop(unregistering);
-        if removed {
-            watch::forget(&self.state, uaid, appid);
-            self.state.sync().await?;
-            // An UPDATE in flight may name this APPID; its ACK then clears nothing, which is right.
-            out.push(reply(Ok(None)));
-        } else {
-            out.push(reply(Err(EntryError::NotRegistered)));
-        }
+        // An UPDATE in flight may name this APPID; its ACK then clears nothing, which is right.
+        out.push(unregister_uaid(&self.state, (uaid, uaid_s), (appid, appid_s)).await?);
         Ok(())
     }
 
@@ -447,10 +433,76 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        if let Some(relay) = &self.state.relay {
+            relay.forget_downstream(self.conn_id);
+        }
         for uaid in self.held.uaids() {
             self.state.unhold(*uaid, self.conn_id);
         }
     }
+}
+
+/// Registers (`uaid`, `appid`) for an authenticated UAID and returns the reply frame (WebSocket
+/// and `POST /v1/register` alike). On a relay the upstream registers it (the endpoint is its).
+pub async fn register_uaid(
+    state: &AppState,
+    (uaid, uaid_s): (Uaid, &str),
+    (appid, appid_s): (Appid, &str),
+    change: KickChange<'_>,
+    watch: &WatchChange,
+) -> Result<String, StoreError> {
+    if let Some(relay) = &state.relay {
+        return relay
+            .register(state, (uaid, uaid_s), (appid, appid_s), change)
+            .await;
+    }
+    let reply = |result| proto::registration_reply("register", uaid_s, appid_s, result);
+    let max = state.config.limits.max_appids_per_uaid;
+    match state
+        .store
+        .register(uaid, appid, TokenId::random(), change, max)
+        .await?
+    {
+        Registered::Token(id) => {
+            watch::apply(state, uaid, appid, id, watch).await?;
+            state.sync().await?;
+            let endpoint = format!("{}/v1/e/{}", state.public_url, state.keys.seal_token(&id));
+            Ok(reply(Ok(Some(&endpoint))))
+        }
+        Registered::TooMany => Ok(reply(Err(EntryError::TooManyRegistrations))),
+    }
+}
+
+/// Unregisters (`uaid`, `appid`) for an authenticated UAID and returns the reply frame. On a
+/// relay the upstream unregisters it first.
+pub async fn unregister_uaid(
+    state: &AppState,
+    (uaid, uaid_s): (Uaid, &str),
+    (appid, appid_s): (Appid, &str),
+) -> Result<String, StoreError> {
+    if let Some(relay) = &state.relay {
+        return relay.unregister(state, (uaid, uaid_s), (appid, appid_s)).await;
+    }
+    let reply = |result| proto::registration_reply("unregister", uaid_s, appid_s, result);
+    if unregister_local(state, uaid, appid).await? {
+        state.sync().await?;
+        Ok(reply(Ok(None)))
+    } else {
+        Ok(reply(Err(EntryError::NotRegistered)))
+    }
+}
+
+/// Removes a registration from this node's store (its token answers 410 for `gone_ttl_secs`);
+/// `false` if there was none. Not yet durable: the caller syncs.
+pub async fn unregister_local(state: &AppState, uaid: Uaid, appid: Appid) -> Result<bool, StoreError> {
+    let gone_until = now_ms().saturating_add(state.config.limits.gone_ttl_secs.saturating_mul(1000));
+    let unregistering = state.registry.unregistering();
+    let removed = state.store.unregister(uaid, appid, gone_until).await?;
+    drop(unregistering);
+    if removed {
+        watch::forget(state, uaid, appid);
+    }
+    Ok(removed)
 }
 
 /// The pending events of `uaids` that have some, read now, in order. Not yet known to be
@@ -473,6 +525,10 @@ pub async fn authenticate_all(
     state: &AppState,
     entries: &[Credential],
 ) -> Result<(Vec<UaidStatus>, Vec<Uaid>), StoreError> {
+    if let Some(relay) = &state.relay {
+        // UAIDs and secrets are the upstream's: the relay checks them against its book or asks.
+        return relay.authenticate_all(state, entries).await;
+    }
     let mut statuses = Vec::with_capacity(entries.len());
     let mut claimed = Vec::with_capacity(entries.len());
     let mut bound_any = false;
@@ -530,6 +586,14 @@ async fn authenticate(
             }
         }
     }
+}
+
+/// A register's `kick`, checked: shared by the WebSocket and `POST /v1/register`.
+pub(crate) fn register_kick(kick: Option<&Value>, max_bytes: usize) -> Result<Vec<u8>, EntryError> {
+    validate_kick(kick, max_bytes).map_err(|e| match e {
+        WsError::KickTooLarge(_) => EntryError::KickTooLarge,
+        _ => EntryError::InvalidKick,
+    })
 }
 
 /// A `kick` value must be a JSON object of bounded size; stored as its JSON text. The error

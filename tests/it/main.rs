@@ -24,6 +24,7 @@ mod multinode;
 mod proto_examples;
 mod redis_cluster;
 mod redis_store;
+mod relay;
 mod storage;
 mod storage_store;
 mod store_conformance;

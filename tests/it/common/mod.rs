@@ -23,6 +23,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     env: Vec<(String, String)>,
+    /// The subcommand and its own flags: `serve`, or `relay --upstream …`.
+    command: Vec<String>,
 }
 
 /// A free loopback port (released before the server binds it; tokio binds with SO_REUSEADDR).
@@ -43,11 +45,22 @@ impl Server {
     /// Starts a server with extra `EDITIOND_*` environment overrides.
     pub async fn start_with(dir: &Path, env: &[(&str, &str)]) -> Server {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Server::start_command(dir, addr, &["serve"], env).await
+    }
+
+    /// Starts `editiond <command…>` on `addr` (e.g. `relay --upstream ws://…`).
+    pub async fn start_command(
+        dir: &Path,
+        addr: SocketAddr,
+        command: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut server = Server {
             child: None,
             addr,
             data_dir: dir.join("data"),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            command: command.iter().map(|c| c.to_string()).collect(),
         };
         server.spawn().await;
         server
@@ -55,7 +68,7 @@ impl Server {
 
     async fn spawn(&mut self) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_editiond"));
-        cmd.arg("serve")
+        cmd.args(&self.command)
             .arg("--listen")
             .arg(self.addr.to_string())
             .arg("--data-dir")
