@@ -21,12 +21,14 @@ use serde::Deserialize;
 
 use crate::http::{json, read_body, HttpError};
 use crate::ids::{Appid, Uaid};
-use crate::push::proto::{self, Credential, EntryError, UaidStatus};
+use crate::push::proto::{self, Credential, EntryError, RegistrationReply, ServerMessage, UaidStatus};
 use crate::push::registry::Mailbox;
-use crate::push::session::{authenticate_all, read_pending, register_kick, register_uaid, unregister_uaid};
+use crate::push::session::{
+    ack_events, authenticate_all, read_pending, register_kick, register_uaid, unregister_uaid, AckCommit,
+};
 use crate::push::{wake, watch};
 use crate::state::AppState;
-use crate::store::{KickChange, Store, StoreError};
+use crate::store::{KickChange, StoreError};
 
 /// A poll request's body (pub for the fuzz harness).
 #[derive(Deserialize)]
@@ -222,33 +224,25 @@ async fn ack_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
     }
     // Every entry carries a secret (checked above): nothing new to limit.
     let (_, uaids) = authenticate(state, &request.uaids, None).await?;
-    let mut acks = Vec::new();
+    let mut acks = Vec::with_capacity(request.updates.len());
     for (uaid_s, apps) in &request.updates {
         let uaid =
             Uaid::parse(uaid_s).map_err(|_| HttpError::InvalidBody(format!("{uaid_s:?} is not a UAID")))?;
         if !uaids.contains(&uaid) {
             return Err(HttpError::UaidNotAuthenticated(uaid_s.clone()));
         }
+        let mut versions = Vec::with_capacity(apps.len());
         for (appid_s, version) in apps {
             let appid = Appid::parse(appid_s)
                 .map_err(|_| HttpError::InvalidBody(format!("{appid_s:?} is not an APPID")))?;
-            acks.push((uaid, appid, *version));
+            versions.push((appid, *version));
         }
+        acks.push((uaid, versions));
     }
-    let mut cleared = 0;
-    for (uaid, appid, version) in acks {
-        if state
-            .store
-            .ack(uaid, appid, version)
-            .await
-            .map_err(unavailable(state))?
-        {
-            cleared += 1;
-        }
-    }
-    state.sync().await.map_err(unavailable(state))?;
-    state.metrics.acks.inc_by(cleared);
-    Ok(cleared)
+    // Answered once durable: the same clearing as the WebSocket's ACK, committed before the answer.
+    ack_events(state, &acks, AckCommit::Now)
+        .await
+        .map_err(unavailable(state))
 }
 
 /// `POST /v1/register` `{"uaid","secret","appid","kick"?}`: the register frame over HTTP.
@@ -286,10 +280,9 @@ async fn registration(
     let Some(&uaid) = uaids.first() else {
         return Err(HttpError::UaidNotAuthenticated(request.uaid));
     };
-    let kind = if register { "register" } else { "unregister" };
     let (uaid_s, appid_s) = (request.uaid.as_str(), request.appid.as_str());
-    let failed = |e| proto::registration_reply(kind, uaid_s, appid_s, Err(e));
-    let frame = match Appid::parse(appid_s) {
+    let failed = |e| RegistrationReply::new(uaid_s, appid_s, Err(e));
+    let reply = match Appid::parse(appid_s) {
         Err(_) => failed(EntryError::InvalidAppid),
         Ok(appid) if register => {
             let checked = register_kick(request.kick.as_ref(), state.config.limits.max_kick_bytes)
@@ -303,7 +296,7 @@ async fn registration(
                         None => Ok(None),
                     };
                     match canonical {
-                        Err(e) => proto::kick_refused_reply(uaid_s, appid_s, &e),
+                        Err(e) => RegistrationReply::kick_refused(uaid_s, appid_s, &e),
                         Ok(target) => {
                             if let Some(target) = target {
                                 kick = target;
@@ -325,20 +318,21 @@ async fn registration(
             .await
             .map_err(unavailable(state))?,
     };
-    Ok(reply_response(frame))
+    Ok(reply_response(register, reply))
 }
 
-/// A register or unregister reply as an HTTP answer: its `status` is the HTTP status, and a
-/// `retry_after` (a relay whose upstream is unreachable) is also `Retry-After`.
-fn reply_response(frame: String) -> Response {
-    let reply: serde_json::Value = serde_json::from_str(&frame).unwrap_or_default();
-    let status = reply["status"]
-        .as_u64()
-        .and_then(|s| u16::try_from(s).ok())
-        .and_then(|s| StatusCode::from_u16(s).ok())
-        .unwrap_or(StatusCode::OK);
-    let mut response = json(status, frame);
-    if let Some(secs) = reply["retry_after"].as_u64() {
+/// A register or unregister reply as an HTTP answer, serialised here: its `status` is the HTTP
+/// status, and a `retry_after` (a relay whose upstream is unreachable) is also `Retry-After`.
+fn reply_response(register: bool, reply: RegistrationReply) -> Response {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
+    let retry_after = reply.retry_after;
+    let message = if register {
+        ServerMessage::Register(reply)
+    } else {
+        ServerMessage::Unregister(reply)
+    };
+    let mut response = json(status, message.frame());
+    if let Some(secs) = retry_after {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));

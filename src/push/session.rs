@@ -1,7 +1,8 @@
 //! The protocol core of one client connection, without sockets.
 //!
-//! The WebSocket loop feeds a [`Session`] text frames and mailbox wake-ups and sends the frames
-//! it pushes to `out`; the session owns every protocol rule: hello first and once, secrets,
+//! The WebSocket loop feeds a [`Session`] text frames and mailbox wake-ups and sends what it
+//! pushes to `out`: typed messages ([`Out`]), serialised only there, at the edge. The session
+//! owns every protocol rule: hello first and once, secrets,
 //! register/unregister, at most one UPDATE in flight per UAID, ACKs clearing exactly what was
 //! sent. Because it never touches a socket, the rules read top to bottom in this file.
 
@@ -14,7 +15,10 @@ use serde_json::Value;
 use crate::ids::TokenId;
 use crate::ids::{Appid, Uaid};
 use crate::push::held::Held;
-use crate::push::proto::{self, ClientMessage, Credential, EntryError, UaidStatus, WsError};
+use crate::push::proto::{
+    self, ClientMessage, Credential, EntryError, RegistrationReply, ServerMessage, UaidStatus, UaidsReply,
+    WsError,
+};
 use crate::push::registry::{Delivery, Mailbox};
 use crate::push::wake;
 use crate::push::watch::{self, WatchChange};
@@ -26,6 +30,27 @@ impl From<StoreError> for WsError {
     fn from(e: StoreError) -> Self {
         tracing::warn!(error = %e, "store error on a socket");
         WsError::StoreUnavailable
+    }
+}
+
+/// One message a session sends.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Out {
+    /// A reply or notice, serialised by the transport.
+    Message(ServerMessage),
+    /// An UPDATE, written once by [`proto::UpdateBuilder`]: the hot path. Typed, it would copy
+    /// every event into string maps (allocations per event) and be split by `max_frame_bytes`
+    /// at the edge; written once, it costs one buffer per frame.
+    Update(String),
+}
+
+impl Out {
+    /// The frame's text.
+    pub fn into_frame(self) -> String {
+        match self {
+            Out::Message(message) => message.frame(),
+            Out::Update(frame) => frame,
+        }
     }
 }
 
@@ -99,7 +124,7 @@ impl Session {
     }
 
     /// Handles one text frame. An `Err` is a protocol violation: send its frame, then close.
-    pub async fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> Result<(), WsError> {
+    pub async fn on_text(&mut self, text: &str, out: &mut Vec<Out>) -> Result<(), WsError> {
         let msg = proto::parse_client(text);
         // An ACK that answers an UPDATE in flight is the client keeping up with the server, not
         // a frame of its own: it takes no token (a relay ACKs as fast as PUTs arrive). Each UPDATE
@@ -121,13 +146,13 @@ impl Session {
                 if let (Some(relay), Some(via)) = (&self.state.relay, via) {
                     self.via_reply = Some(relay.accept_downstream(self.conn_id, via)?);
                 }
-                self.claim("hello", uaids, out).await?;
+                self.claim(Kind::Hello, uaids, out).await?;
                 self.greeted = true;
                 Ok(())
             }
             (false, _) => Err(WsError::HelloRequired),
             (true, ClientMessage::Hello { .. }) => Err(WsError::DuplicateHello),
-            (true, ClientMessage::Claim { uaids }) => self.claim("claim", uaids, out).await,
+            (true, ClientMessage::Claim { uaids }) => self.claim(Kind::Claim, uaids, out).await,
             (true, ClientMessage::Release { uaids }) => self.release(uaids, out),
             (
                 true,
@@ -144,7 +169,7 @@ impl Session {
             (true, ClientMessage::Unregister { uaid, appid }) => self.unregister(&uaid, &appid, out).await,
             (true, ClientMessage::Ack { uaids }) => self.ack(uaids, out).await,
             (true, ClientMessage::Ping {}) => {
-                out.push(proto::pong_frame());
+                out.push(Out::Message(ServerMessage::Pong));
                 Ok(())
             }
         }
@@ -172,7 +197,7 @@ impl Session {
     }
 
     /// Handles what other tasks left in the mailbox: UAIDs lost to newer connections, new events.
-    pub async fn on_mailbox(&mut self, out: &mut Vec<String>) -> Result<(), WsError> {
+    pub async fn on_mailbox(&mut self, out: &mut Vec<Out>) -> Result<(), WsError> {
         let delivery = self.mailbox.take();
         let registry = &self.state.registry;
         let lost: Vec<Uaid> = delivery
@@ -186,20 +211,21 @@ impl Session {
             self.state.unhold(*uaid, self.conn_id);
         }
         if !lost.is_empty() {
-            out.push(proto::released_frame(&lost));
+            let uaids = lost.iter().map(Uaid::to_string).collect();
+            out.push(Out::Message(ServerMessage::Released { uaids }));
             if self.held.is_empty() {
                 return Err(WsError::Replaced);
             }
         }
-        self.send_pending_after(&delivery.dirty, Some(&delivery), out)
+        self.send_pending_after(delivery.dirty.iter().copied(), Some(&delivery), out)
             .await
     }
 
     async fn claim(
         &mut self,
-        kind: &str,
+        kind: Kind,
         entries: Vec<Credential>,
-        out: &mut Vec<String>,
+        out: &mut Vec<Out>,
     ) -> Result<(), WsError> {
         let limits = &self.state.config.limits;
         if entries.len() > limits.max_uaids_per_frame {
@@ -218,15 +244,15 @@ impl Session {
             self.held.insert(*uaid);
         }
         self.state.hold(&claimed, self.conn_id, &self.mailbox).await?;
-        out.push(proto::uaids_reply_via(
-            kind,
-            &statuses,
-            self.via_reply.take().as_deref(),
-        ));
+        let reply = UaidsReply::new(&statuses, self.via_reply.take());
+        out.push(Out::Message(match kind {
+            Kind::Hello => ServerMessage::Hello(reply),
+            Kind::Claim => ServerMessage::Claim(reply),
+        }));
         self.send_pending(&claimed, out).await
     }
 
-    fn release(&mut self, uaids: Vec<String>, out: &mut Vec<String>) -> Result<(), WsError> {
+    fn release(&mut self, uaids: Vec<String>, out: &mut Vec<Out>) -> Result<(), WsError> {
         let mut statuses = Vec::with_capacity(uaids.len());
         for s in uaids {
             let status = match self.held_uaid(&s) {
@@ -239,7 +265,9 @@ impl Session {
             };
             statuses.push(status);
         }
-        out.push(proto::uaids_reply("release", &statuses));
+        out.push(Out::Message(ServerMessage::Release(UaidsReply::new(
+            &statuses, None,
+        ))));
         Ok(())
     }
 
@@ -259,11 +287,11 @@ impl Session {
         appid_s: &str,
         kick: Option<&Value>,
         watch_field: Option<&Value>,
-        out: &mut Vec<String>,
+        out: &mut Vec<Out>,
     ) -> Result<(), WsError> {
         let state = self.state.clone();
         let limits = &state.config.limits;
-        let reply = |result| proto::registration_reply("register", uaid_s, appid_s, result);
+        let reply = |result| registered(RegistrationReply::new(uaid_s, appid_s, result));
         let kick_field = kick;
         let checked = self.held_uaid(uaid_s).and_then(|u| {
             let a = Appid::parse(appid_s).map_err(|_| EntryError::InvalidAppid)?;
@@ -282,7 +310,7 @@ impl Session {
             match wake::canonical(&state, value).await {
                 Ok(target) => kick = target,
                 Err(e) => {
-                    out.push(proto::kick_refused_reply(uaid_s, appid_s, &e));
+                    out.push(registered(RegistrationReply::kick_refused(uaid_s, appid_s, &e)));
                     return Ok(());
                 }
             }
@@ -301,17 +329,13 @@ impl Session {
             _ if !self.kick.is_empty() => KickChange::Set(&self.kick),
             _ => KickChange::Keep,
         };
-        out.push(register_uaid(&state, (uaid, uaid_s), (appid, appid_s), change, &watch).await?);
+        let reply = register_uaid(&state, (uaid, uaid_s), (appid, appid_s), change, &watch).await?;
+        out.push(registered(reply));
         Ok(())
     }
 
-    async fn unregister(
-        &mut self,
-        uaid_s: &str,
-        appid_s: &str,
-        out: &mut Vec<String>,
-    ) -> Result<(), WsError> {
-        let reply = |result| proto::registration_reply("unregister", uaid_s, appid_s, result);
+    async fn unregister(&mut self, uaid_s: &str, appid_s: &str, out: &mut Vec<Out>) -> Result<(), WsError> {
+        let reply = |result| unregistered(RegistrationReply::new(uaid_s, appid_s, result));
         let checked = self
             .held_uaid(uaid_s)
             .and_then(|u| Ok((u, Appid::parse(appid_s).map_err(|_| EntryError::InvalidAppid)?)));
@@ -323,56 +347,51 @@ impl Session {
             }
         };
         // An UPDATE in flight may name this APPID; its ACK then clears nothing, which is right.
-        out.push(unregister_uaid(&self.state, (uaid, uaid_s), (appid, appid_s)).await?);
+        let reply = unregister_uaid(&self.state, (uaid, uaid_s), (appid, appid_s)).await?;
+        out.push(unregistered(reply));
         Ok(())
     }
 
-    async fn ack(&mut self, uaids: Vec<String>, out: &mut Vec<String>) -> Result<(), WsError> {
-        let mut acked = Vec::with_capacity(uaids.len());
-        let mut cleared = false;
-        let applied = self.apply_acks(&uaids, &mut acked, &mut cleared).await;
-        if cleared {
-            // Committed in the background; `settle` waits for it before the next frame.
-            self.unsettled = Some(self.state.store.request_commit());
+    async fn ack(&mut self, uaids: Vec<String>, out: &mut Vec<Out>) -> Result<(), WsError> {
+        // What each named UAID's UPDATE carried, up to a UAID that does not parse: what came
+        // before it is cleared (and committed) before that error closes the socket. A UAID not
+        // held or with nothing in flight is a late or repeated ACK, harmless.
+        let mut sent = Vec::with_capacity(uaids.len());
+        let mut invalid = None;
+        for s in &uaids {
+            let Ok(uaid) = Uaid::parse(s) else {
+                invalid = Some(WsError::InvalidFrame(
+                    "ack".into(),
+                    format!("{s:?} is not a UAID"),
+                ));
+                break;
+            };
+            if let Some(events) = self.held.get_mut(&uaid).and_then(|slot| slot.in_flight.take()) {
+                sent.push((uaid, events));
+            }
         }
-        applied?;
+        // Committed in the background; `settle` waits for it before the next frame.
+        ack_events(
+            &self.state,
+            &sent,
+            AckCommit::BeforeNextFrame(&mut self.unsettled),
+        )
+        .await?;
+        if let Some(e) = invalid {
+            return Err(e);
+        }
         // What arrived while the UPDATE was in flight goes out now (after a sync: nothing read
         // here is known to be durable). Every ACKed UAID is read again, not only those whose
         // events were announced meanwhile: a PUT whose request ended before its nudge (the app
         // server hung up during the commit) is found here.
-        self.send_pending_after(&acked, None, out).await
-    }
-
-    /// Clears what each named UAID's UPDATE carried; `acked` gets the UAIDs that had one in
-    /// flight, `cleared` whether any event was cleared (even when a later one fails).
-    async fn apply_acks(
-        &mut self,
-        uaids: &[String],
-        acked: &mut Vec<Uaid>,
-        cleared: &mut bool,
-    ) -> Result<(), WsError> {
-        for s in uaids {
-            let uaid = Uaid::parse(s)
-                .map_err(|_| WsError::InvalidFrame("ack".into(), format!("{s:?} is not a UAID")))?;
-            // A UAID not held or with nothing in flight: a late or repeated ACK, harmless.
-            let Some(events) = self.held.get_mut(&uaid).and_then(|slot| slot.in_flight.take()) else {
-                continue;
-            };
-            acked.push(uaid);
-            for (appid, version) in events {
-                if self.state.store.ack(uaid, appid, version).await? {
-                    self.state.metrics.acks.inc();
-                    *cleared = true;
-                }
-            }
-        }
-        Ok(())
+        self.send_pending_after(sent.iter().map(|(uaid, _)| *uaid), None, out)
+            .await
     }
 
     /// Sends one UPDATE (split only to respect the frame limit) with the pending events of those
     /// `uaids` that are held and have nothing in flight.
-    async fn send_pending(&mut self, uaids: &[Uaid], out: &mut Vec<String>) -> Result<(), WsError> {
-        self.send_pending_after(uaids, None, out).await
+    async fn send_pending(&mut self, uaids: &[Uaid], out: &mut Vec<Out>) -> Result<(), WsError> {
+        self.send_pending_after(uaids.iter().copied(), None, out).await
     }
 
     /// [`Self::send_pending`], syncing the store first when events go out.
@@ -392,14 +411,12 @@ impl Session {
     /// nothing there.
     async fn send_pending_after(
         &mut self,
-        uaids: &[Uaid],
+        uaids: impl Iterator<Item = Uaid>,
         known: Option<&Delivery>,
-        out: &mut Vec<String>,
+        out: &mut Vec<Out>,
     ) -> Result<(), WsError> {
         // Only held UAIDs with nothing in flight (what is in flight is read again after its ACK).
         let idle: Vec<Uaid> = uaids
-            .iter()
-            .copied()
             .filter(|uaid| self.held.get(uaid).is_some_and(|slot| slot.in_flight.is_none()))
             .collect();
         let found = read_pending(&self.state, &idle).await?;
@@ -421,12 +438,18 @@ impl Session {
             let Some(slot) = self.held.get_mut(&uaid).filter(|s| s.in_flight.is_none()) else {
                 continue;
             };
-            update.add(uaid, &events, out);
+            let finished = update.add(uaid, &events);
             self.state.metrics.events_sent.inc_by(events.len() as u64);
             slot.in_flight = Some(events);
+            if let Some(frame) = finished {
+                out.push(Out::Update(frame));
+                self.state.metrics.updates_sent.inc();
+            }
         }
-        let frames = update.finish(out);
-        self.state.metrics.updates_sent.inc_by(frames as u64);
+        if let Some(frame) = update.finish() {
+            out.push(Out::Update(frame));
+            self.state.metrics.updates_sent.inc();
+        }
         Ok(())
     }
 }
@@ -442,7 +465,70 @@ impl Drop for Session {
     }
 }
 
-/// Registers (`uaid`, `appid`) for an authenticated UAID and returns the reply frame (WebSocket
+/// Which reply a claim of UAIDs answers with.
+#[derive(Clone, Copy)]
+enum Kind {
+    Hello,
+    Claim,
+}
+
+fn registered(reply: RegistrationReply) -> Out {
+    Out::Message(ServerMessage::Register(reply))
+}
+
+fn unregistered(reply: RegistrationReply) -> Out {
+    Out::Message(ServerMessage::Unregister(reply))
+}
+
+/// How an ACK's commit is awaited: each transport keeps its own durability rule.
+pub(crate) enum AckCommit<'a> {
+    /// `POST /v1/ack` answers only once a commit has run, whatever was cleared.
+    Now,
+    /// The WebSocket asks for a commit when something was cleared and keeps its ticket here;
+    /// [`Session::settle`] waits for it before the next frame goes out.
+    BeforeNextFrame(&'a mut Option<CommitTicket>),
+}
+
+/// The one ACK path, of the WebSocket (what its UPDATE sent) and `POST /v1/ack` (the versions
+/// it names): clears each (UAID, APPID, version) whose stored version is still that one (a
+/// newer version stays pending), then commits as `commit` says. Returns how many were cleared.
+/// A store error stops the clearing; what was cleared before it is still committed.
+pub(crate) async fn ack_events(
+    state: &AppState,
+    acks: &[proto::UaidEvents],
+    commit: AckCommit<'_>,
+) -> Result<u64, StoreError> {
+    let mut cleared = 0;
+    let mut result = Ok(());
+    'clearing: for (uaid, events) in acks {
+        for &(appid, version) in events {
+            match state.store.ack(*uaid, appid, version).await {
+                Ok(true) => cleared += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    result = Err(e);
+                    break 'clearing;
+                }
+            }
+        }
+    }
+    state.metrics.acks.inc_by(cleared);
+    match commit {
+        AckCommit::Now => {
+            result?;
+            state.sync().await?;
+        }
+        AckCommit::BeforeNextFrame(unsettled) => {
+            if cleared > 0 {
+                *unsettled = Some(state.store.request_commit());
+            }
+            result?;
+        }
+    }
+    Ok(cleared)
+}
+
+/// Registers (`uaid`, `appid`) for an authenticated UAID and returns the reply (WebSocket
 /// and `POST /v1/register` alike). On a relay the upstream registers it (the endpoint is its).
 pub async fn register_uaid(
     state: &AppState,
@@ -450,13 +536,13 @@ pub async fn register_uaid(
     (appid, appid_s): (Appid, &str),
     change: KickChange<'_>,
     watch: &WatchChange,
-) -> Result<String, StoreError> {
+) -> Result<RegistrationReply, StoreError> {
     if let Some(relay) = &state.relay {
         return relay
             .register(state, (uaid, uaid_s), (appid, appid_s), change)
             .await;
     }
-    let reply = |result| proto::registration_reply("register", uaid_s, appid_s, result);
+    let reply = |result| RegistrationReply::new(uaid_s, appid_s, result);
     let max = state.config.limits.max_appids_per_uaid;
     match state
         .store
@@ -473,17 +559,17 @@ pub async fn register_uaid(
     }
 }
 
-/// Unregisters (`uaid`, `appid`) for an authenticated UAID and returns the reply frame. On a
+/// Unregisters (`uaid`, `appid`) for an authenticated UAID and returns the reply. On a
 /// relay the upstream unregisters it first.
 pub async fn unregister_uaid(
     state: &AppState,
     (uaid, uaid_s): (Uaid, &str),
     (appid, appid_s): (Appid, &str),
-) -> Result<String, StoreError> {
+) -> Result<RegistrationReply, StoreError> {
     if let Some(relay) = &state.relay {
         return relay.unregister(state, (uaid, uaid_s), (appid, appid_s)).await;
     }
-    let reply = |result| proto::registration_reply("unregister", uaid_s, appid_s, result);
+    let reply = |result| RegistrationReply::new(uaid_s, appid_s, result);
     if unregister_local(state, uaid, appid).await? {
         state.sync().await?;
         Ok(reply(Ok(None)))
@@ -642,11 +728,21 @@ mod tests {
         state
     }
 
-    /// Sends one frame; returns the parsed frames the session answered with.
+    /// The messages a session answered with; an UPDATE (written once, not typed) parsed back.
+    fn messages(out: Vec<Out>) -> Vec<ServerMessage> {
+        out.into_iter()
+            .map(|out| match out {
+                Out::Message(message) => message,
+                Out::Update(frame) => ServerMessage::parse(&frame).unwrap(),
+            })
+            .collect()
+    }
+
+    /// Sends one frame; returns the messages the session answered with.
     async fn send(session: &mut Session, frame: serde_json::Value) -> Result<Vec<ServerMessage>, WsError> {
         let mut out = Vec::new();
         session.on_text(&frame.to_string(), &mut out).await?;
-        Ok(out.iter().map(|f| ServerMessage::parse(f).unwrap()).collect())
+        Ok(messages(out))
     }
 
     /// A greeted session holding one new UAID: (session, uaid).
@@ -791,10 +887,10 @@ mod tests {
         let (mut session, uaid_s) = greeted(&state, serde_json::Value::Null).await;
         let (uaid, appid) = (Uaid::parse(&uaid_s).unwrap(), Appid::random());
         register(&mut session, &uaid_s, &appid.to_string(), None).await;
-        let update = |out: &[String]| -> Option<u64> {
-            let [frame] = out else { return None };
-            match ServerMessage::parse(frame).unwrap() {
-                ServerMessage::Update { updates } => Some(updates[&uaid_s][&appid.to_string()]),
+        let update = |out: &mut Vec<Out>| -> Option<u64> {
+            match messages(std::mem::take(out)).as_slice() {
+                [] => None,
+                [ServerMessage::Update { updates }] => Some(updates[&uaid_s][&appid.to_string()]),
                 other => panic!("{other:?}"),
             }
         };
@@ -805,17 +901,15 @@ mod tests {
         }
         let mut out = Vec::new();
         session.on_mailbox(&mut out).await.unwrap();
-        assert_eq!(update(&out), Some(6));
+        assert_eq!(update(&mut out), Some(6));
         events::raise(&state, uaid, appid, VersionReq::Exact(7), u64::MAX)
             .await
             .unwrap();
-        out.clear();
         session.on_mailbox(&mut out).await.unwrap();
-        assert_eq!(update(&out), None, "6 is still in flight");
-        out.clear();
+        assert_eq!(update(&mut out), None, "6 is still in flight");
         let ack = serde_json::json!({"type": "ack", "uaids": [uaid_s]});
         session.on_text(&ack.to_string(), &mut out).await.unwrap();
-        assert_eq!(update(&out), Some(7), "sent after the ACK of 6");
+        assert_eq!(update(&mut out), Some(7), "sent after the ACK of 6");
         assert_eq!(state.store.pending(uaid, 0).await.unwrap(), vec![(appid, 7)]);
     }
 }

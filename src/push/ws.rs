@@ -19,7 +19,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::http::HttpError;
 use crate::push::proto::WsError;
-use crate::push::session::Session;
+use crate::push::session::{Out, Session};
 use crate::state::AppState;
 
 /// `GET /v1/ws`: upgrades with the configured limits; a request that is no WebSocket handshake
@@ -182,11 +182,13 @@ fn send_timeout(limits: &crate::config::Limits) -> Duration {
     Duration::from_secs(limits.send_timeout_secs)
 }
 
-/// Sends `frames` in order; `false` if the client did not take one within `send_timeout`.
-/// Boxed by the caller, like everything the loop awaits only while busy (see [`serve`]).
-async fn send_all(socket: &mut WebSocket, frames: Vec<String>, send_timeout: Duration) -> bool {
+/// Sends `frames` in order, each serialised here, once; `false` if the client did not take one
+/// within `send_timeout`. Boxed by the caller, like everything the loop awaits only while busy
+/// (see [`serve`]).
+async fn send_all(socket: &mut WebSocket, frames: Vec<Out>, send_timeout: Duration) -> bool {
     for frame in frames {
-        let sent = timeout(send_timeout, socket.send(Message::Text(frame.into()))).await;
+        let text = frame.into_frame();
+        let sent = timeout(send_timeout, socket.send(Message::Text(text.into()))).await;
         if !matches!(sent, Ok(Ok(()))) {
             return false;
         }

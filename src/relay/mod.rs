@@ -29,9 +29,7 @@ use crate::config::Config;
 use crate::ids::{Appid, TokenId, Uaid};
 use crate::metrics::Metrics;
 use crate::push::events::{self, Outcome};
-use crate::push::proto::{
-    self, Credential, EntryError, RegistrationReply, ServerMessage, StatusEntry, UaidStatus, WsError,
-};
+use crate::push::proto::{Credential, EntryError, RegistrationReply, StatusEntry, UaidStatus, WsError};
 use crate::state::AppState;
 use crate::store::{now_ms, AnyStore, KickChange, Registered, Store, StoreError, VersionReq};
 
@@ -331,8 +329,8 @@ impl Relay {
         (uaid, uaid_s): (Uaid, &str),
         (appid, appid_s): (Appid, &str),
         change: KickChange<'_>,
-    ) -> Result<String, StoreError> {
-        let failed = |e| proto::registration_reply("register", uaid_s, appid_s, Err(e));
+    ) -> Result<RegistrationReply, StoreError> {
+        let failed = |e| RegistrationReply::new(uaid_s, appid_s, Err(e));
         let reply = match self.upstream_register(uaid, appid, true).await {
             Ok(reply) => reply,
             Err(e) => {
@@ -351,7 +349,7 @@ impl Relay {
                 Registered::TooMany => return Ok(failed(EntryError::TooManyRegistrations)),
             }
         }
-        Ok(pass_through("register", reply, uaid_s, appid_s))
+        Ok(pass_through(reply, uaid_s, appid_s))
     }
 
     /// `unregister` on a relay: forwarded upstream; the local copy goes when the upstream has
@@ -361,13 +359,13 @@ impl Relay {
         state: &AppState,
         (uaid, uaid_s): (Uaid, &str),
         (appid, appid_s): (Appid, &str),
-    ) -> Result<String, StoreError> {
+    ) -> Result<RegistrationReply, StoreError> {
         let reply = match self.upstream_register(uaid, appid, false).await {
             Ok(reply) => reply,
             Err(e) => {
                 tracing::debug!(error = %e, "relay: unregister upstream failed");
                 let e = self.unavailable();
-                return Ok(proto::registration_reply("unregister", uaid_s, appid_s, Err(e)));
+                return Ok(RegistrationReply::new(uaid_s, appid_s, Err(e)));
             }
         };
         if matches!(reply.status, 200 | 404)
@@ -375,7 +373,7 @@ impl Relay {
         {
             state.sync().await?;
         }
-        Ok(pass_through("unregister", reply, uaid_s, appid_s))
+        Ok(pass_through(reply, uaid_s, appid_s))
     }
 
     // ---- Requests upstream ----------------------------------------------------------------
@@ -516,16 +514,14 @@ pub fn start(state: &Arc<AppState>) -> Vec<JoinHandle<()>> {
     }
 }
 
-/// The upstream's reply, with the UAID and APPID as the downstream client wrote them.
-fn pass_through(kind: &str, reply: RegistrationReply, uaid: &str, appid: &str) -> String {
-    let reply = RegistrationReply {
+/// The upstream's reply, with the UAID and APPID as the downstream client wrote them. An
+/// upstream's `retry_after` is not passed on (as before replies were typed; the wire is unchanged).
+fn pass_through(reply: RegistrationReply, uaid: &str, appid: &str) -> RegistrationReply {
+    RegistrationReply {
         uaid: uaid.to_owned(),
         appid: appid.to_owned(),
+        retry_after: None,
         ..reply
-    };
-    match kind {
-        "register" => ServerMessage::Register(reply).frame(),
-        _ => ServerMessage::Unregister(reply).frame(),
     }
 }
 

@@ -93,6 +93,7 @@ impl Http {
             secret: None,
             error: None,
             message: None,
+            retry_after: None,
         };
         match status {
             StatusCode::NO_CONTENT => Ok(ok),
@@ -110,6 +111,7 @@ impl Http {
                     secret: None,
                     error: Some(error.error),
                     message: error.message,
+                    retry_after: None,
                 })
             }
         }
