@@ -821,7 +821,6 @@ mod tests {
     /// typed frames are the same bytes.
     mod legacy {
         use super::super::*;
-        use std::fmt::Write as _;
 
         /// `{"type":"hello"|"claim"|"release","status":200,"uaids":[…]}`.
         pub(super) fn uaids_reply(kind: &str, entries: &[UaidStatus]) -> String {
