@@ -2,9 +2,10 @@
 //!
 //! The WebSocket loop feeds a [`Session`] text frames and mailbox wake-ups and sends what it
 //! pushes to `out`: typed messages ([`Out`]), serialised only there, at the edge. The session
-//! owns every protocol rule: hello first and once, secrets,
-//! register/unregister, at most one UPDATE in flight per UAID, ACKs clearing exactly what was
-//! sent. Because it never touches a socket, the rules read top to bottom in this file.
+//! owns every protocol rule: hello first and once, secrets, register/unregister, at most one
+//! UPDATE in flight per UAID, ACKs clearing exactly what was sent. Because it never touches a
+//! socket, the rules read top to bottom in this file. The REST poll (`crate::push::poll`) drives
+//! the same functions: authentication, the pending read, registration and [`ack_events`].
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -911,5 +912,58 @@ mod tests {
         session.on_text(&ack.to_string(), &mut out).await.unwrap();
         assert_eq!(update(&mut out), Some(7), "sent after the ACK of 6");
         assert_eq!(state.store.pending(uaid, 0).await.unwrap(), vec![(appid, 7)]);
+    }
+
+    /// The one ACK path: only the acknowledged version is cleared (a newer one stays pending);
+    /// the REST rule commits whatever was cleared, the socket's asks for a commit only when
+    /// something was.
+    #[tokio::test]
+    async fn an_ack_clears_exactly_its_version_and_commits_by_each_rule() {
+        let state = state();
+        let (mut session, uaid_s) = greeted(&state, serde_json::Value::Null).await;
+        let (uaid, appid) = (Uaid::parse(&uaid_s).unwrap(), Appid::random());
+        register(&mut session, &uaid_s, &appid.to_string(), None).await;
+        events::raise(&state, uaid, appid, VersionReq::Exact(5), u64::MAX)
+            .await
+            .unwrap();
+        let mut ticket = None;
+        let stale = [(uaid, vec![(appid, 4)])];
+        let cleared = ack_events(&state, &stale, AckCommit::BeforeNextFrame(&mut ticket)).await;
+        assert_eq!(cleared.unwrap(), 0);
+        assert_eq!(ticket, None, "nothing cleared, no commit to wait for");
+        assert_eq!(state.store.pending(uaid, 0).await.unwrap(), vec![(appid, 5)]);
+        assert_eq!(ack_events(&state, &stale, AckCommit::Now).await.unwrap(), 0);
+        let current = [(uaid, vec![(appid, 5)])];
+        let cleared = ack_events(&state, &current, AckCommit::BeforeNextFrame(&mut ticket)).await;
+        assert_eq!(cleared.unwrap(), 1);
+        assert!(
+            ticket.is_some(),
+            "the socket waits for this before its next frame"
+        );
+        assert_eq!(state.store.pending(uaid, 0).await.unwrap(), vec![]);
+    }
+
+    /// An ACK whose later UAID does not parse still clears (and commits) what the earlier ones
+    /// acknowledged before the error closes the socket.
+    #[tokio::test]
+    async fn an_ack_clears_what_precedes_a_bad_uaid_then_fails() {
+        let state = state();
+        let (mut session, uaid_s) = greeted(&state, serde_json::Value::Null).await;
+        let (uaid, appid) = (Uaid::parse(&uaid_s).unwrap(), Appid::random());
+        register(&mut session, &uaid_s, &appid.to_string(), None).await;
+        events::raise(&state, uaid, appid, VersionReq::Exact(3), u64::MAX)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        session.on_mailbox(&mut out).await.unwrap();
+        assert_eq!(out.len(), 1, "{out:?}");
+        let ack = serde_json::json!({"type": "ack", "uaids": [uaid_s, "nope"]});
+        let refused = send(&mut session, ack).await.unwrap_err();
+        assert_eq!(refused.slug(), "invalid_frame");
+        assert_eq!(state.store.pending(uaid, 0).await.unwrap(), vec![]);
+        assert!(
+            session.unsettled.is_some(),
+            "its commit is waited for before the error frame"
+        );
     }
 }
