@@ -214,6 +214,36 @@ fn config_load() {
 }
 
 #[test]
+fn kick_object() {
+    smoke("kick_object");
+}
+
+#[test]
+fn server_frame() {
+    smoke("server_frame");
+}
+
+#[test]
+fn storage_body() {
+    smoke("storage_body");
+}
+
+#[test]
+fn storage_query() {
+    smoke("storage_query");
+}
+
+#[test]
+fn hawk_header() {
+    smoke("hawk_header");
+}
+
+#[test]
+fn sync_token() {
+    smoke("sync_token");
+}
+
+#[test]
 fn every_target_has_a_smoke_test_and_a_libfuzzer_entry() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let this = std::fs::read_to_string(root.join("tests/it/fuzz_smoke.rs")).expect("read self");
