@@ -791,7 +791,9 @@ pub fn hawk_header(data: &[u8]) {
         parts.method = axum::http::Method::POST;
         Some(storage.authenticate(&parts, body, uid, false))
     };
-    // One changed byte: refused unless the header still says exactly the same.
+    // One changed byte: refused unless the header still says exactly the same (and then it
+    // used the nonce).
+    let mut nonce_used = false;
     if let [pos, value] = change {
         let mut changed = good.clone().into_bytes();
         let at = usize::from(*pos) * changed.len() / 256;
@@ -807,6 +809,7 @@ pub fn hawk_header(data: &[u8]) {
                     "{} authenticated",
                     String::from_utf8_lossy(&changed)
                 );
+                nonce_used = true;
             }
         }
         if header.hash.is_some() {
@@ -820,13 +823,15 @@ pub fn hawk_header(data: &[u8]) {
     let Some(result) = attempt(good.as_bytes(), body) else {
         return;
     };
-    // Unless a change above was an equivalent spelling (then this is the replay).
-    if let Ok(found) = result {
-        assert_eq!(found, uid);
-        match attempt(good.as_bytes(), body) {
-            Some(Err(e)) => check_storage_error(&e, &[401]),
-            other => panic!("a replay was not refused: {other:?}"),
-        }
+    if nonce_used {
+        assert!(result.is_err(), "a replay was not refused");
+        return;
+    }
+    let found = result.unwrap_or_else(|e| panic!("a signed request was refused: {e}"));
+    assert_eq!(found, uid);
+    match attempt(good.as_bytes(), body) {
+        Some(Err(e)) => check_storage_error(&e, &[401]),
+        other => panic!("a replay was not refused: {other:?}"),
     }
 }
 
