@@ -175,7 +175,7 @@ async fn authed(storage: &Storage, uid: &str, request: Request, allow_expired: b
     Ok(Authed { parts, body, uid })
 }
 
-fn query(parts: &Parts) -> Result<HashMap<String, String>> {
+pub fn query(parts: &Parts) -> Result<HashMap<String, String>> {
     let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
         .map_err(|_| StorageError::invalid(code::INVALID_WBO, "malformed query string"))?;
     Ok(pairs.into_iter().collect())
@@ -533,18 +533,18 @@ impl Sort {
 /// A paging token: the listing's upper time bound (the collection as of the first page) and
 /// the last position returned. Text: `bound.key.base64url(id)`.
 #[derive(Debug, PartialEq)]
-struct Offset {
-    bound: u64,
-    key: i64,
-    id: String,
+pub struct Offset {
+    pub bound: u64,
+    pub key: i64,
+    pub id: String,
 }
 
 impl Offset {
-    fn encode(&self) -> String {
+    pub fn encode(&self) -> String {
         format!("{}.{}.{}", self.bound, self.key, URL_SAFE_NO_PAD.encode(&self.id))
     }
 
-    fn decode(text: &str) -> Option<Offset> {
+    pub fn decode(text: &str) -> Option<Offset> {
         let mut parts = text.splitn(3, '.');
         let bound = parts.next()?.parse().ok()?;
         let key = parts.next()?.parse().ok()?;
@@ -569,12 +569,12 @@ fn bso_json(id: &str, b: &BsoMeta, payload: &str) -> String {
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Format {
+pub enum Format {
     Json,
     Newlines,
 }
 
-fn accept(headers: &HeaderMap) -> Result<Format> {
+pub fn accept(headers: &HeaderMap) -> Result<Format> {
     let Some(accept) = header_str(headers, "accept") else {
         return Ok(Format::Json);
     };
@@ -589,7 +589,7 @@ fn accept(headers: &HeaderMap) -> Result<Format> {
     Err(StorageError::NotAcceptable)
 }
 
-fn ids_param(storage: &Storage, q: &HashMap<String, String>) -> Result<Option<Vec<String>>> {
+pub fn ids_param(storage: &Storage, q: &HashMap<String, String>) -> Result<Option<Vec<String>>> {
     let Some(text) = q.get("ids") else {
         return Ok(None);
     };
@@ -605,7 +605,7 @@ fn ids_param(storage: &Storage, q: &HashMap<String, String>) -> Result<Option<Ve
     Ok(Some(ids))
 }
 
-fn ts_param(q: &HashMap<String, String>, name: &str) -> Result<Option<u64>> {
+pub fn ts_param(q: &HashMap<String, String>, name: &str) -> Result<Option<u64>> {
     q.get(name)
         .map(|v| {
             parse_ts(v).ok_or_else(|| StorageError::invalid(code::INVALID_WBO, format!("invalid {name}")))
@@ -773,7 +773,7 @@ async fn get_item(
 
 /// The body's records, as JSON values: a JSON array, or one object per line with
 /// `application/newlines`. 415 for other media types; 400 for anything else malformed.
-fn body_values(parts: &Parts, body: &[u8], list: bool) -> Result<Vec<Value>> {
+pub fn body_values(parts: &Parts, body: &[u8], list: bool) -> Result<Vec<Value>> {
     let media = header_str(&parts.headers, "content-type")
         .unwrap_or("application/json")
         .split(';')
@@ -900,9 +900,9 @@ async fn put_item(
 }
 
 /// A POST's records after validation: accepted ones in order, and refusals by id.
-struct Sorted {
-    accepted: Vec<BsoIn>,
-    failed: BTreeMap<String, String>,
+pub struct Sorted {
+    pub accepted: Vec<BsoIn>,
+    pub failed: BTreeMap<String, String>,
 }
 
 fn header_count(headers: &HeaderMap, name: &str) -> Result<Option<u64>> {
@@ -917,7 +917,7 @@ fn header_count(headers: &HeaderMap, name: &str) -> Result<Option<u64>> {
 
 /// Validates the records of a POST against the per-record and per-POST limits (and, for a
 /// batch, what the batch already holds).
-fn sort_records(
+pub fn sort_records(
     storage: &Storage,
     collection: &str,
     values: Vec<Value>,
@@ -985,7 +985,7 @@ fn valid_batch_id(id: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-fn post_body(modified: Option<u64>, batch: Option<&str>, sorted: &Sorted) -> String {
+pub fn post_body(modified: Option<u64>, batch: Option<&str>, sorted: &Sorted) -> String {
     let success: Vec<&str> = sorted.accepted.iter().filter_map(|r| r.id.as_deref()).collect();
     let mut seen = std::collections::HashSet::new();
     let success: Vec<&str> = success.into_iter().filter(|id| seen.insert(*id)).collect();

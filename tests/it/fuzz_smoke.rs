@@ -65,6 +65,57 @@ const DICTIONARY: &[&str] = &[
     "9223372036854775808",
     "\u{feff}",
     "é",
+    // KICK objects and URLs.
+    "\"driver\"",
+    "\"webhook\"",
+    "\"udp\"",
+    "\"webpush\"",
+    "\"url\"",
+    "\"addr\"",
+    "\"subscription\"",
+    "\"endpoint\"",
+    "\"p256dh\"",
+    "\"auth\"",
+    "https://",
+    "http://",
+    "[::ffff:",
+    "[64:ff9b::",
+    "[2002:",
+    "10.1.0.1",
+    "127.0.0.1",
+    "169.254.169.254",
+    ":443",
+    // Server frames.
+    "\"status\"",
+    "\"error\"",
+    "\"message\"",
+    "\"released\"",
+    "\"update\"",
+    "\"pong\"",
+    // Storage bodies and queries.
+    "\"id\"",
+    "\"payload\"",
+    "\"sortindex\"",
+    "\"ttl\"",
+    "\"modified\"",
+    "newer=",
+    "older=",
+    "ids=",
+    "offset=",
+    "sort=newest",
+    "%2C",
+    "application/newlines",
+    "1700000000.12",
+    // Hawk headers and tokens.
+    "Hawk ",
+    "id=\"",
+    "ts=\"",
+    "nonce=\"",
+    "mac=\"",
+    "hash=\"",
+    "ext=\"",
+    "=",
+    "==",
 ];
 
 /// xorshift64*: enough randomness for a mutator, and reproducible from its seed.
@@ -211,6 +262,36 @@ fn poll_ack_body() {
 #[test]
 fn config_load() {
     smoke("config_load");
+}
+
+#[test]
+fn kick_object() {
+    smoke("kick_object");
+}
+
+#[test]
+fn server_frame() {
+    smoke("server_frame");
+}
+
+#[test]
+fn storage_body() {
+    smoke("storage_body");
+}
+
+#[test]
+fn storage_query() {
+    smoke("storage_query");
+}
+
+#[test]
+fn hawk_header() {
+    smoke("hawk_header");
+}
+
+#[test]
+fn sync_token() {
+    smoke("sync_token");
 }
 
 #[test]

@@ -51,6 +51,18 @@ async fn sled_commits_survive_a_reopen() {
             .unwrap();
         store.commit().await.unwrap();
     }
-    let store = open_sled(dir.path());
+    // The commit thread lets go of the first handle (and sled's file lock) a moment after the
+    // last handle drops: reopen as a restarted process would, once the lock is free.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let db = loop {
+        match SledDb::open(dir.path(), 8 << 20, Duration::from_secs(30)) {
+            Ok(db) => break db,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reopen sled: {e}"),
+        }
+    };
+    let store = SledStorage::open(&db).expect("open storage");
     assert_eq!(store.get(3, "c", "a").unwrap().unwrap().payload, "kept");
 }

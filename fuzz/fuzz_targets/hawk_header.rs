@@ -1,0 +1,4 @@
+//! libFuzzer entry point for `editiond_fuzz::hawk_header` (see src/lib.rs for what it checks).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| editiond_fuzz::hawk_header(data));

@@ -1,0 +1,4 @@
+//! libFuzzer entry point for `editiond_fuzz::sync_token` (see src/lib.rs for what it checks).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| editiond_fuzz::sync_token(data));
