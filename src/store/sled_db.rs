@@ -14,7 +14,11 @@
 //! periodic flush (every 500 ms, also with fsync) is left on as a second line only.
 //!
 //! A commit that fails (or panics) is final: tickets it or any later commit covers report the
-//! failure, `/health` turns 503, and the server must be restarted (see `Committed`).
+//! failure, `/health` turns 503, and [`SledDb::failed`] completes, on which the server shuts down
+//! and exits for its supervisor to restart it (see `Committed`, and `server::run`). While no
+//! ticket waits, the thread checks sled every [`PROBE_EVERY`] with a flush (no fsync), so a
+//! write error that sled's own background flush met first is not left unnoticed while every
+//! later write fails before it takes a ticket.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,6 +27,13 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{CommitTicket, Result, StoreError};
+
+/// How often the idle commit thread asks sled whether its log still writes (see the module doc).
+/// Not a limit: it bounds how long a failed disk goes unnoticed when no request commits.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// What a caller hears once a commit has failed.
+const FAILED: &str = "a commit failed; the server stops, to recover from its log on restart";
 
 /// One sled database and its group commit. Clones share both.
 #[derive(Clone)]
@@ -131,9 +142,29 @@ impl SledDb {
         Ok(self.inner.db.open_tree(name)?)
     }
 
-    /// Commits synchronously (blocking); used at shutdown.
+    /// Commits synchronously (blocking); used at shutdown. A failure counts as a failed commit.
     pub fn flush_now(&self) -> Result<()> {
-        self.inner.commit()
+        self.inner.commit().inspect_err(|_| {
+            self.inner.commit.done.send_modify(|done| {
+                done.failed_above.get_or_insert(done.covered);
+            });
+        })
+    }
+
+    /// Completes once a commit has failed (at once if one has): the process must not go on as
+    /// if writes were durable. Never completes if the database closes first.
+    pub fn failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut done = self.inner.commit.done.subscribe();
+        async move {
+            if done.wait_for(|d| d.failed_above.is_some()).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Whether a commit has failed.
+    pub fn has_failed(&self) -> bool {
+        self.inner.commit.done.borrow().failed_above.is_some()
     }
 
     pub fn request_commit(&self) -> CommitTicket {
@@ -153,7 +184,7 @@ impl SledDb {
         };
         match tokio::time::timeout(self.inner.write_timeout, decided).await {
             Ok(Ok(Some(true))) => Ok(()),
-            Ok(Ok(_)) => Err(StoreError::Io("a commit failed; restart the server".into())),
+            Ok(Ok(_)) => Err(StoreError::Io(FAILED.into())),
             Ok(Err(_)) => Err(StoreError::Io("store closed".into())),
             Err(_) => Err(StoreError::Timeout),
         }
@@ -162,9 +193,9 @@ impl SledDb {
     /// `Err` once a commit has failed: durability is no longer promised until restart.
     pub fn health(&self) -> Result<()> {
         // Embedded: nothing to reach, but a failed commit is for good (see `Committed`).
-        match self.inner.commit.done.borrow().failed_above {
-            None => Ok(()),
-            Some(_) => Err(StoreError::Io("a commit failed; restart the server".into())),
+        match self.has_failed() {
+            false => Ok(()),
+            true => Err(StoreError::Io(FAILED.into())),
         }
     }
 }
@@ -177,30 +208,44 @@ impl DbInner {
             .sync_all()
             .map_err(|e| StoreError::Io(format!("fsync: {e}")))
     }
+
+    /// Whether sled's log still writes: its flush fails once sled has met a write error (sled
+    /// keeps the first one, and the log past the last good write is never stable again).
+    fn probe(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
 }
 
-/// Runs commits while tickets are waiting; ends when the store is dropped.
+/// Runs commits while tickets are waiting, and a probe every [`PROBE_EVERY`] while none are;
+/// ends when the store is dropped.
 fn flusher(inner: std::sync::Weak<DbInner>) {
+    let mut last = std::time::Instant::now();
     loop {
         let Some(inner) = inner.upgrade() else { return };
         let commit = &inner.commit;
         let target = commit.requested.load(Ordering::SeqCst);
         let before = *commit.done.borrow();
-        if target <= before.covered {
+        let (what, run): (&str, fn(&DbInner) -> Result<()>) = if target > before.covered {
+            ("commit", DbInner::commit)
+        } else if before.failed_above.is_none() && last.elapsed() >= PROBE_EVERY {
+            ("probe", DbInner::probe)
+        } else {
             drop(inner);
             // A ticket taken after the load above unparked this thread, so park returns at once.
-            std::thread::park();
+            std::thread::park_timeout(PROBE_EVERY);
             continue;
-        }
+        };
+        last = std::time::Instant::now();
         // A panic in sled must not end the thread (every ticket would then time out unanswered).
-        let ok = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.commit())) {
+        let ok = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&inner))) {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
-                tracing::error!(error = %e, "store commit failed; durability is no longer promised until restart");
+                tracing::error!(error = %e, "store {what} failed; durability is no longer promised: stopping");
                 false
             }
             Err(_) => {
-                tracing::error!("store commit panicked; durability is no longer promised until restart");
+                tracing::error!("store {what} panicked; durability is no longer promised: stopping");
                 false
             }
         };
@@ -208,7 +253,7 @@ fn flusher(inner: std::sync::Weak<DbInner>) {
             if !ok {
                 done.failed_above.get_or_insert(before.covered);
             }
-            done.covered = target;
+            done.covered = done.covered.max(target);
         });
     }
 }
