@@ -9,6 +9,9 @@
 //!   the way a filesystem remounted read-only after an error does. (A real `remount,ro` is
 //!   refused while the server holds its files open for writing.)
 //! * Read-only at start: the server refuses to start, saying why, instead of serving.
+//! * No request commits: the same shim fails with `EIO` under the sweep's writes, which take no
+//!   commit ticket; the commit thread's idle probe must still stop the node (it never exited
+//!   without the probe: checked by disabling it).
 //!
 //! After a failed commit the server stops promising durability: it begins its graceful shutdown
 //! (sockets told to go, `/health` 503) and exits with 75 (`EX_TEMPFAIL`) for its supervisor to
@@ -464,6 +467,43 @@ async fn read_only_disk_answers_503_stops_with_75_and_recovers_on_restart() {
     server.restart().await;
     assert_eq!(health(&server).await, 200);
     check_delivered(&server, &creds, &appids, &puts).await;
+}
+
+#[tokio::test]
+async fn a_write_error_no_request_commits_still_stops_the_node() {
+    // The sweep's writes take no commit ticket: only the commit thread's idle probe can see the
+    // disk fail under them (sled's own background flush meets the error and keeps it to itself).
+    let dir = tempfile::tempdir().unwrap();
+    let shim = shim(dir.path());
+    let flag = dir.path().join("fail-now");
+    let data = dir.path().join("data");
+    let env = [
+        ("LD_PRELOAD", shim.to_str().unwrap()),
+        ("FAIL_FLAG", flag.to_str().unwrap()),
+        ("FAIL_DIR", data.to_str().unwrap()),
+        ("FAIL_ERRNO", "5"),
+        ("EDITIOND_LIMITS__SWEEP_INTERVAL_SECS", "1"),
+        GRACE_ENV,
+    ];
+    let mut server = Server::start_with(dir.path(), &env).await;
+    // Nobody holds the UAID: the event waits, expires, and the sweep clears it.
+    let (_creds, _appids, endpoints) = enroll_n(&server, 1).await;
+    let http = reqwest::Client::new();
+    let put = http
+        .put(&endpoints[0])
+        .header("ttl", "3")
+        .body("version=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 202);
+    // EIO from now on; nothing in this test asks for a commit again.
+    std::fs::write(&flag, b"").unwrap();
+    let status = server.wait_exit();
+    assert_eq!(status.code(), Some(EXIT_STORE_FAILED), "{status}");
+    std::fs::remove_file(&flag).unwrap();
+    server.restart().await;
+    assert_eq!(put_version(&http, &endpoints[0], 2).await, 202);
 }
 
 #[tokio::test]
