@@ -366,17 +366,17 @@ pub async fn run(
         let failed = dbs.iter().map(SledDb::failed).collect::<Vec<_>>();
         async move {
             let failed = async move {
-                match failed.is_empty() {
-                    true => std::future::pending().await,
-                    false => futures_util::future::select_all(failed.into_iter().map(Box::pin)).await,
+                if failed.is_empty() {
+                    std::future::pending::<()>().await;
                 }
+                futures_util::future::select_all(failed.into_iter().map(Box::pin)).await;
             };
             tokio::select! {
                 _ = shutdown => {}
                 _ = failed => {
                     tracing::error!(
                         exit_code = EXIT_STORE_FAILED,
-                        "a store commit failed: shutting down, to be restarted on the log sled recovers"
+                        "a store commit failed: shutting down, for a supervisor to restart the node"
                     );
                 }
             }

@@ -193,10 +193,10 @@ impl SledDb {
     /// `Err` once a commit has failed: durability is no longer promised until restart.
     pub fn health(&self) -> Result<()> {
         // Embedded: nothing to reach, but a failed commit is for good (see `Committed`).
-        match self.has_failed() {
-            false => Ok(()),
-            true => Err(StoreError::Io(FAILED.into())),
+        if self.has_failed() {
+            return Err(StoreError::Io(FAILED.into()));
         }
+        Ok(())
     }
 }
 
