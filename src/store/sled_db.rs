@@ -32,6 +32,11 @@ use super::{CommitTicket, Result, StoreError};
 /// Not a limit: it bounds how long a failed disk goes unnoticed when no request commits.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 
+/// How long dropping the last handle waits for the commit thread to let go of the database (it
+/// may be in a commit or probe), so that a reopen in this process finds sled's lock released.
+/// Bounded, so a hung disk cannot hold the process's exit.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// What a caller hears once a commit has failed.
 const FAILED: &str = "a commit failed; the server stops, to recover from its log on restart";
 
@@ -39,6 +44,21 @@ const FAILED: &str = "a commit failed; the server stops, to recover from its log
 #[derive(Clone)]
 pub struct SledDb {
     inner: Arc<DbInner>,
+    /// Dropped after `inner` (fields drop in order): see [`Closer`].
+    _closer: Arc<Closer>,
+}
+
+/// Ends with the last handle: waits (at most [`CLOSE_WAIT`]) until the commit thread has ended
+/// and so dropped its reference, which closes the database.
+struct Closer(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        // Disconnected when the thread ends (nothing is ever sent).
+        if let Ok(rx) = self.0.get_mut() {
+            let _ = rx.recv_timeout(CLOSE_WAIT);
+        }
+    }
 }
 
 struct DbInner {
@@ -129,12 +149,16 @@ impl SledDb {
             write_timeout,
         });
         let weak = Arc::downgrade(&inner);
+        let (ended, closer) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || flusher(weak))
+            .spawn(move || flusher(weak, ended))
             .map_err(|e| StoreError::Io(format!("start the commit thread: {e}")))?;
         let _ = inner.commit.flusher.set(thread.thread().clone());
-        Ok(SledDb { inner })
+        Ok(SledDb {
+            inner,
+            _closer: Arc::new(Closer(std::sync::Mutex::new(closer))),
+        })
     }
 
     /// Opens (or creates) one tree; a state family names its own.
@@ -218,8 +242,8 @@ impl DbInner {
 }
 
 /// Runs commits while tickets are waiting, and a probe every [`PROBE_EVERY`] while none are;
-/// ends when the store is dropped.
-fn flusher(inner: std::sync::Weak<DbInner>) {
+/// ends when the store is dropped, and then drops `_ended` (see [`Closer`]).
+fn flusher(inner: std::sync::Weak<DbInner>, _ended: std::sync::mpsc::Sender<()>) {
     let mut last = std::time::Instant::now();
     loop {
         let Some(inner) = inner.upgrade() else { return };
