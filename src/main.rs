@@ -43,6 +43,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (HTTP and WebSocket on one port).
+    ///
+    /// Exit status: 0 after SIGTERM or ctrl-c; 75 (EX_TEMPFAIL) after a store commit failed (data
+    /// dir full, read-only or failing), once the graceful shutdown is over: start it again and it
+    /// recovers from its log (systemd's Restart=on-failure or a container restart policy does);
+    /// 2 for a configuration error; 1 when it cannot start (the reason is printed).
     Serve(ServeArgs),
     /// Run a relay: a server for clients inside a protected network that is itself one client
     /// of an upstream editiond for all their UAIDs (proto/relay.md).
@@ -201,7 +206,9 @@ fn run_server(config: Config, reset_keys: bool) -> ExitCode {
     };
     // Printed once, on stderr (where the log goes too).
     match runtime.block_on(serve(config, reset_keys)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(server::Stopped::Asked) => ExitCode::SUCCESS,
+        // Logged by `run`; a supervisor restarts the node on the log sled recovers.
+        Ok(server::Stopped::StoreFailed) => ExitCode::from(server::EXIT_STORE_FAILED),
         Err(e) => {
             eprintln!("editiond: {e}");
             ExitCode::FAILURE
@@ -262,7 +269,7 @@ fn init_logging(default_filter: &str) -> Result<(), String> {
     Ok(())
 }
 
-async fn serve(config: Config, reset_keys: bool) -> Result<(), String> {
+async fn serve(config: Config, reset_keys: bool) -> Result<server::Stopped, String> {
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;

@@ -47,7 +47,23 @@ pub enum StartError {
 pub struct Node {
     state: Arc<AppState>,
     inbox: Option<RoutesInbox>,
+    /// Every sled database the node opened: a failed commit in any stops the node (see [`run`]).
+    dbs: Vec<SledDb>,
 }
+
+/// Why [`run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The shutdown future completed (SIGTERM, ctrl-c).
+    Asked,
+    /// A store commit failed: nothing written since is known to be durable, and only a new
+    /// process (sled recovering its log) can promise it again. Exit with [`EXIT_STORE_FAILED`].
+    StoreFailed,
+}
+
+/// Exit status after a failed commit: `EX_TEMPFAIL` from sysexits.h, so a supervisor restarts
+/// the node (systemd's `Restart=on-failure`, a container's restart policy).
+pub const EXIT_STORE_FAILED: u8 = 75;
 
 impl Node {
     /// The base URL endpoints are built from.
@@ -120,6 +136,10 @@ impl Node {
                 (keys, AnyStore::Sled(store), None)
             }
         };
+        let mut dbs: Vec<SledDb> = match &store {
+            AnyStore::Sled(store) => vec![store.db().clone()],
+            AnyStore::Redis(_) | AnyStore::Memory(_) => Vec::new(),
+        };
         let (routes, inbox) = match routes {
             Some((routes, inbox)) => (Some(routes), Some(inbox)),
             None => (None, None),
@@ -131,7 +151,8 @@ impl Node {
             None
         };
         let mut state = AppState::new(config, keys, store, routes);
-        if let Some((storage, watches)) = storage {
+        if let Some((storage, watches, db)) = storage {
+            dbs.push(db);
             storage.register_metrics(&state.metrics);
             state.storage = Some(storage);
             state.watches = Some(watches);
@@ -143,7 +164,7 @@ impl Node {
         let state = Arc::new(state);
         crate::push::wake::install(&state, &kick_keys)?;
         crate::push::watch::install(&state);
-        Ok(Node { state, inbox })
+        Ok(Node { state, inbox, dbs })
     }
 }
 
@@ -153,7 +174,7 @@ impl Node {
 async fn open_storage(
     config: &Config,
     store: &AnyStore,
-) -> Result<(Arc<crate::storage::Storage>, crate::push::watch::Watches), StartError> {
+) -> Result<(Arc<crate::storage::Storage>, crate::push::watch::Watches, SledDb), StartError> {
     let db = match store {
         AnyStore::Sled(store) => store.db().clone(),
         AnyStore::Redis(_) | AnyStore::Memory(_) => {
@@ -177,8 +198,11 @@ async fn open_storage(
         source,
     })?;
     let config = config.clone();
-    let storage = blocking(move || crate::storage::Storage::open(&config, &db)).await?;
-    Ok((storage, watches))
+    let storage = {
+        let db = db.clone();
+        blocking(move || crate::storage::Storage::open(&config, &db)).await?
+    };
+    Ok((storage, watches, db))
 }
 
 /// Runs `f` on the blocking pool (start-up file and tree work off the async workers).
@@ -325,13 +349,14 @@ async fn sweep_store(state: &AppState) {
 /// Serves until `shutdown` completes, then closes every socket with 1001 (going away) and every
 /// HTTP connection after its request, keeps the port open (answering 503 `shutting_down`) until
 /// they have gone or the grace period is over, drops what is left, waits for the background
-/// tasks within the same grace period, and flushes the store.
+/// tasks within the same grace period, and flushes the store. A failed store commit begins the
+/// same shutdown and is reported as [`Stopped::StoreFailed`].
 pub async fn run(
     listener: TcpListener,
     node: Node,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let Node { state, inbox } = node;
+) -> std::io::Result<Stopped> {
+    let Node { state, inbox, dbs } = node;
     // Each ends when shutdown begins; kept so the final flush runs after their last write.
     let mut tasks: Vec<JoinHandle<()>> = vec![tokio::spawn(sweep_loop(state.clone()))];
     tasks.extend(crate::relay::start(&state));
@@ -350,8 +375,23 @@ pub async fn run(
     let began = Arc::new(std::sync::OnceLock::new());
     let shutdown = {
         let began = began.clone();
+        let failed = dbs.iter().map(SledDb::failed).collect::<Vec<_>>();
         async move {
-            shutdown.await;
+            let failed = async move {
+                if failed.is_empty() {
+                    std::future::pending::<()>().await;
+                }
+                futures_util::future::select_all(failed.into_iter().map(Box::pin)).await;
+            };
+            tokio::select! {
+                _ = shutdown => {}
+                _ = failed => {
+                    tracing::error!(
+                        exit_code = EXIT_STORE_FAILED,
+                        "a store commit failed: shutting down, for a supervisor to restart the node"
+                    );
+                }
+            }
             let _ = began.set(tokio::time::Instant::now());
         }
     };
@@ -375,11 +415,24 @@ pub async fn run(
         }
     }
     let store = state.store.clone();
-    match tokio::task::spawn_blocking(move || store.flush_now()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "final store flush failed"),
-        Err(e) => tracing::error!(error = %e, "final store flush failed"),
+    let flushed = match tokio::task::spawn_blocking(move || store.flush_now()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "final store flush failed");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "final store flush failed");
+            false
+        }
+    };
+    if !flushed || dbs.iter().any(SledDb::has_failed) {
+        tracing::error!(
+            exit_code = EXIT_STORE_FAILED,
+            "stopped after a failed store commit"
+        );
+        return Ok(Stopped::StoreFailed);
     }
     tracing::info!("stopped");
-    Ok(())
+    Ok(Stopped::Asked)
 }

@@ -14,7 +14,11 @@
 //! periodic flush (every 500 ms, also with fsync) is left on as a second line only.
 //!
 //! A commit that fails (or panics) is final: tickets it or any later commit covers report the
-//! failure, `/health` turns 503, and the server must be restarted (see `Committed`).
+//! failure, `/health` turns 503, and [`SledDb::failed`] completes, on which the server shuts down
+//! and exits for its supervisor to restart it (see `Committed`, and `server::run`). While no
+//! ticket waits, the thread checks sled every [`PROBE_EVERY`] with a flush (no fsync), so a
+//! write error that sled's own background flush met first is not left unnoticed while every
+//! later write fails before it takes a ticket.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,10 +28,37 @@ use tokio::sync::watch;
 
 use super::{CommitTicket, Result, StoreError};
 
+/// How often the idle commit thread asks sled whether its log still writes (see the module doc).
+/// Not a limit: it bounds how long a failed disk goes unnoticed when no request commits.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// How long dropping the last handle waits for the commit thread to let go of the database (it
+/// may be in a commit or probe), so that a reopen in this process finds sled's lock released.
+/// Bounded, so a hung disk cannot hold the process's exit.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// What a caller hears once a commit has failed.
+const FAILED: &str = "a commit failed; the server stops, to recover from its log on restart";
+
 /// One sled database and its group commit. Clones share both.
 #[derive(Clone)]
 pub struct SledDb {
     inner: Arc<DbInner>,
+    /// Dropped after `inner` (fields drop in order): see [`Closer`].
+    _closer: Arc<Closer>,
+}
+
+/// Ends with the last handle: waits (at most [`CLOSE_WAIT`]) until the commit thread has ended
+/// and so dropped its reference, which closes the database.
+struct Closer(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        // Disconnected when the thread ends (nothing is ever sent).
+        if let Ok(rx) = self.0.get_mut() {
+            let _ = rx.recv_timeout(CLOSE_WAIT);
+        }
+    }
 }
 
 struct DbInner {
@@ -118,12 +149,16 @@ impl SledDb {
             write_timeout,
         });
         let weak = Arc::downgrade(&inner);
+        let (ended, closer) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || flusher(weak))
+            .spawn(move || flusher(weak, ended))
             .map_err(|e| StoreError::Io(format!("start the commit thread: {e}")))?;
         let _ = inner.commit.flusher.set(thread.thread().clone());
-        Ok(SledDb { inner })
+        Ok(SledDb {
+            inner,
+            _closer: Arc::new(Closer(std::sync::Mutex::new(closer))),
+        })
     }
 
     /// Opens (or creates) one tree; a state family names its own.
@@ -131,9 +166,29 @@ impl SledDb {
         Ok(self.inner.db.open_tree(name)?)
     }
 
-    /// Commits synchronously (blocking); used at shutdown.
+    /// Commits synchronously (blocking); used at shutdown. A failure counts as a failed commit.
     pub fn flush_now(&self) -> Result<()> {
-        self.inner.commit()
+        self.inner.commit().inspect_err(|_| {
+            self.inner.commit.done.send_modify(|done| {
+                done.failed_above.get_or_insert(done.covered);
+            });
+        })
+    }
+
+    /// Completes once a commit has failed (at once if one has): the process must not go on as
+    /// if writes were durable. Never completes if the database closes first.
+    pub fn failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut done = self.inner.commit.done.subscribe();
+        async move {
+            if done.wait_for(|d| d.failed_above.is_some()).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Whether a commit has failed.
+    pub fn has_failed(&self) -> bool {
+        self.inner.commit.done.borrow().failed_above.is_some()
     }
 
     pub fn request_commit(&self) -> CommitTicket {
@@ -153,7 +208,7 @@ impl SledDb {
         };
         match tokio::time::timeout(self.inner.write_timeout, decided).await {
             Ok(Ok(Some(true))) => Ok(()),
-            Ok(Ok(_)) => Err(StoreError::Io("a commit failed; restart the server".into())),
+            Ok(Ok(_)) => Err(StoreError::Io(FAILED.into())),
             Ok(Err(_)) => Err(StoreError::Io("store closed".into())),
             Err(_) => Err(StoreError::Timeout),
         }
@@ -162,10 +217,10 @@ impl SledDb {
     /// `Err` once a commit has failed: durability is no longer promised until restart.
     pub fn health(&self) -> Result<()> {
         // Embedded: nothing to reach, but a failed commit is for good (see `Committed`).
-        match self.inner.commit.done.borrow().failed_above {
-            None => Ok(()),
-            Some(_) => Err(StoreError::Io("a commit failed; restart the server".into())),
+        if self.has_failed() {
+            return Err(StoreError::Io(FAILED.into()));
         }
+        Ok(())
     }
 }
 
@@ -177,30 +232,44 @@ impl DbInner {
             .sync_all()
             .map_err(|e| StoreError::Io(format!("fsync: {e}")))
     }
+
+    /// Whether sled's log still writes: its flush fails once sled has met a write error (sled
+    /// keeps the first one, and the log past the last good write is never stable again).
+    fn probe(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
 }
 
-/// Runs commits while tickets are waiting; ends when the store is dropped.
-fn flusher(inner: std::sync::Weak<DbInner>) {
+/// Runs commits while tickets are waiting, and a probe every [`PROBE_EVERY`] while none are;
+/// ends when the store is dropped, and then drops `_ended` (see [`Closer`]).
+fn flusher(inner: std::sync::Weak<DbInner>, _ended: std::sync::mpsc::Sender<()>) {
+    let mut last = std::time::Instant::now();
     loop {
         let Some(inner) = inner.upgrade() else { return };
         let commit = &inner.commit;
         let target = commit.requested.load(Ordering::SeqCst);
         let before = *commit.done.borrow();
-        if target <= before.covered {
+        let (what, run): (&str, fn(&DbInner) -> Result<()>) = if target > before.covered {
+            ("commit", DbInner::commit)
+        } else if before.failed_above.is_none() && last.elapsed() >= PROBE_EVERY {
+            ("probe", DbInner::probe)
+        } else {
             drop(inner);
             // A ticket taken after the load above unparked this thread, so park returns at once.
-            std::thread::park();
+            std::thread::park_timeout(PROBE_EVERY);
             continue;
-        }
+        };
+        last = std::time::Instant::now();
         // A panic in sled must not end the thread (every ticket would then time out unanswered).
-        let ok = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.commit())) {
+        let ok = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&inner))) {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
-                tracing::error!(error = %e, "store commit failed; durability is no longer promised until restart");
+                tracing::error!(error = %e, "store {what} failed; durability is no longer promised: stopping");
                 false
             }
             Err(_) => {
-                tracing::error!("store commit panicked; durability is no longer promised until restart");
+                tracing::error!("store {what} panicked; durability is no longer promised: stopping");
                 false
             }
         };
@@ -208,7 +277,7 @@ fn flusher(inner: std::sync::Weak<DbInner>) {
             if !ok {
                 done.failed_above.get_or_insert(before.covered);
             }
-            done.covered = target;
+            done.covered = done.covered.max(target);
         });
     }
 }

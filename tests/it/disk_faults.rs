@@ -9,15 +9,38 @@
 //!   the way a filesystem remounted read-only after an error does. (A real `remount,ro` is
 //!   refused while the server holds its files open for writing.)
 //! * Read-only at start: the server refuses to start, saying why, instead of serving.
+//! * No request commits: the same shim fails with `EIO` under the sweep's writes, which take no
+//!   commit ticket; the commit thread's idle probe must still stop the node (it never exited
+//!   without the probe: checked by disabling it).
 //!
-//! After each fault: every version answered 2xx is delivered after a restart on the healed disk.
-//! Nothing waits on a clock: each phase runs until the server's answers show the fault.
+//! After a failed commit the server stops promising durability: it begins its graceful shutdown
+//! (sockets told to go, `/health` 503) and exits with 75 (`EX_TEMPFAIL`) for its supervisor to
+//! restart it. Each fault test then starts it again as a supervisor would: on the still-failing
+//! disk (it refuses to start saying why, or serves and stops again at the first write), and on
+//! the healed disk, where every version answered 2xx is delivered and new PUTs are stored.
+//! Nothing waits on a clock: each phase runs until the server's answers show the fault. The one
+//! bound asserted is the documented one: the exit comes within `shutdown_grace_secs` plus
+//! [`EXIT_BOUND`].
 
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 use serde_json::json;
+use tokio::io::AsyncWriteExt as _;
+
+/// `editiond::server::EXIT_STORE_FAILED`, as documented for operators (`serve --help`).
+const EXIT_STORE_FAILED: i32 = 75;
+
+/// The grace period the fault tests configure: a request whose body never comes holds the drain
+/// open that long, so `/health` can be seen answering 503 while the server stops.
+const GRACE_SECS: u64 = 4;
+
+/// What the exit may take beyond the grace period: the force-close bound, the background tasks
+/// and the final flush, and a loaded test machine.
+const EXIT_BOUND: Duration = Duration::from_secs(10);
 
 /// The shim: `FAIL_DIR` names the data dir, `FAIL_FLAG` a file whose existence turns faults on,
 /// `FAIL_ERRNO` the error (30 = EROFS, 28 = ENOSPC).
@@ -140,8 +163,9 @@ struct Puts {
 }
 
 impl Puts {
-    /// PUTs to every endpoint in turn until `n503` answers are 503 (with a `Retry-After`), or
-    /// `max` PUTs. Any status other than 200/202/503 fails the test.
+    /// PUTs to every endpoint in turn until `n503` answers are 503 (with a `Retry-After`), or the
+    /// server is gone after at least one 503 (it stops after a failed commit), or `max` PUTs. Any
+    /// status other than 200/202/503 fails the test.
     async fn until_503(
         &mut self,
         http: &reqwest::Client,
@@ -154,12 +178,16 @@ impl Puts {
             let r = i % endpoints.len();
             let version = self.next;
             self.next += 1;
-            let response = http
+            let response = match http
                 .put(&endpoints[r])
                 .body(format!("version={version}"))
                 .send()
                 .await
-                .expect("the server answers PUTs through a disk fault");
+            {
+                Ok(response) => response,
+                Err(_) if seen503 > 0 => return i + 1,
+                Err(e) => panic!("the server answers PUTs until the disk fault shows: {e}"),
+            };
             match response.status().as_u16() {
                 200 | 202 => self.answered[r] = self.answered[r].max(version),
                 503 => {
@@ -173,7 +201,12 @@ impl Puts {
                         .unwrap_or_else(|| panic!("503 without a numeric Retry-After: {retry:?}"));
                     assert!(secs >= 1);
                     let body: serde_json::Value = response.json().await.expect("a 503 has a JSON body");
-                    assert_eq!(body["error"], "store_unavailable", "{body}");
+                    // `shutting_down` once the server stops after the failed commit.
+                    assert!(
+                        body["error"] == "store_unavailable"
+                            || (seen503 > 0 && body["error"] == "shutting_down"),
+                        "{body}"
+                    );
                     seen503 += 1;
                     if seen503 >= n503 {
                         return i + 1;
@@ -238,13 +271,122 @@ async fn health(server: &Server) -> u16 {
         .as_u16()
 }
 
+/// The configuration the fault tests run with (besides a shim's variables).
+const GRACE_ENV: (&str, &str) = ("EDITIOND_SERVER__SHUTDOWN_GRACE_SECS", "4");
+
+/// What a fault test holds open while the disk fails: a WebSocket client (it must be told to go)
+/// and a request whose body never comes (it keeps the drain, and so `/health` 503, for the grace
+/// period; its body timeout is the default 30 s).
+struct Onlookers {
+    ws: Client,
+    _slow: tokio::net::TcpStream,
+}
+
+impl Onlookers {
+    async fn join(server: &Server) -> Onlookers {
+        let mut ws = Client::connect(server).await;
+        ws.hello_new(1).await;
+        let mut slow = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        slow.write_all(b"POST /v1/poll HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            .await
+            .unwrap();
+        // A round trip, so the server has read those headers before the disk fails.
+        assert_eq!(health(server).await, 200);
+        Onlookers { ws, _slow: slow }
+    }
+}
+
+/// After the first 503 of a fault: `/health` 503, the socket told to go, and the process gone
+/// with [`EXIT_STORE_FAILED`] within the grace period plus [`EXIT_BOUND`] of `fault`.
+async fn stops_for_a_restart(server: &mut Server, onlookers: &mut Onlookers, fault: Instant) {
+    assert_eq!(GRACE_ENV.1.parse::<u64>().unwrap(), GRACE_SECS);
+    assert_eq!(health(server).await, 503, "/health tells a load balancer");
+    onlookers.ws.expect_error_close(503, "shutting_down", 1001).await;
+    let status = server.wait_exit();
+    let took = fault.elapsed();
+    eprintln!("stopped {took:?} after the fault: {status}");
+    assert_eq!(status.code(), Some(EXIT_STORE_FAILED), "{status}");
+    assert!(
+        took <= Duration::from_secs(GRACE_SECS) + EXIT_BOUND,
+        "exit took {took:?}"
+    );
+}
+
+/// A process killed on drop, so a failed assertion leaves nothing running.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary again on `server`'s port and data dir while the disk still fails, as a
+/// supervisor would. Either it refuses to start with a non-zero status and a message containing
+/// `reason`, or it serves `/health` and reads, answers a write with 503, and exits
+/// [`EXIT_STORE_FAILED`] again. Returns which ("refused" or "stopped at the first write").
+async fn start_on_the_failing_disk(
+    server: &Server,
+    env: &[(&str, &str)],
+    endpoint: &str,
+    version: u64,
+    reason: &str,
+) -> &'static str {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_editiond"));
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg(server.addr.to_string())
+        .arg("--data-dir")
+        .arg(&server.data_dir)
+        .arg("--config")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut proc = Proc(cmd.spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = proc.0.try_wait().unwrap() {
+            let mut stderr = String::new();
+            proc.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+            eprintln!("start on the failing disk: {status}: {}", stderr.trim());
+            assert!(!status.success(), "{status}");
+            assert!(stderr.contains(reason), "the reason is named: {stderr}");
+            return "refused";
+        }
+        if reqwest::get(server.url("/health"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "neither started nor refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // It serves; the first write fails its commit and it stops again.
+    assert_eq!(put_version(&reqwest::Client::new(), endpoint, version).await, 503);
+    let deadline = Instant::now() + Duration::from_secs(GRACE_SECS) + EXIT_BOUND;
+    loop {
+        if let Some(status) = proc.0.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(EXIT_STORE_FAILED), "{status}");
+            return "stopped at the first write";
+        }
+        assert!(Instant::now() < deadline, "still running after a failed commit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
-async fn full_disk_answers_503_never_a_false_2xx_and_recovers() {
+async fn full_disk_answers_503_stops_with_75_and_recovers_on_restart() {
     let dir = tempfile::tempdir().unwrap();
     let Some(fs) = Tmpfs::mount(&dir.path().join("mnt"), "24m") else {
         return;
     };
-    let mut server = Server::start(&fs.0).await;
+    let mut server = Server::start_with(&fs.0, &[GRACE_ENV]).await;
     let (creds, appids, endpoints) = enroll_n(&server, 8).await;
     let http = reqwest::Client::new();
     let mut puts = Puts {
@@ -257,17 +399,26 @@ async fn full_disk_answers_503_never_a_false_2xx_and_recovers() {
         puts.answered[i] = puts.next;
         puts.next += 1;
     }
+    let mut onlookers = Onlookers::join(&server).await;
     let filler = fs.0.join("filler");
     fill(&filler);
     let n = puts.until_503(&http, &endpoints, 5, 100_000).await;
+    let fault = Instant::now();
     eprintln!("full disk: 503 after {n} PUTs");
-    assert_eq!(health(&server).await, 503, "/health tells a load balancer");
+    stops_for_a_restart(&mut server, &mut onlookers, fault).await;
 
-    // Space returns. A failed commit is final in this process (README, "Durability"): the
-    // server keeps answering 503 until restarted, and says so on /health.
+    // Restarted on the full disk, then once space returns.
+    let outcome = start_on_the_failing_disk(
+        &server,
+        &[GRACE_ENV],
+        &endpoints[0],
+        puts.next,
+        "No space left on device",
+    )
+    .await;
+    eprintln!("full disk, restarted: {outcome}");
+    puts.next += 1;
     std::fs::remove_file(&filler).unwrap();
-    puts.until_503(&http, &endpoints, 1, 1000).await;
-    assert_eq!(health(&server).await, 503);
     server.restart().await;
     assert_eq!(health(&server).await, 200);
     check_delivered(&server, &creds, &appids, &puts).await;
@@ -276,7 +427,7 @@ async fn full_disk_answers_503_never_a_false_2xx_and_recovers() {
 }
 
 #[tokio::test]
-async fn read_only_disk_answers_503_never_a_false_2xx_and_recovers() {
+async fn read_only_disk_answers_503_stops_with_75_and_recovers_on_restart() {
     let dir = tempfile::tempdir().unwrap();
     let shim = shim(dir.path());
     let flag = dir.path().join("fail-now");
@@ -286,6 +437,7 @@ async fn read_only_disk_answers_503_never_a_false_2xx_and_recovers() {
         ("FAIL_FLAG", flag.to_str().unwrap()),
         ("FAIL_DIR", data.to_str().unwrap()),
         ("FAIL_ERRNO", "30"),
+        GRACE_ENV,
     ];
     let mut server = Server::start_with(dir.path(), &env).await;
     assert_eq!(server.data_dir, data);
@@ -300,15 +452,58 @@ async fn read_only_disk_answers_503_never_a_false_2xx_and_recovers() {
         puts.answered[i] = puts.next;
         puts.next += 1;
     }
+    let mut onlookers = Onlookers::join(&server).await;
     std::fs::write(&flag, b"").unwrap();
     let n = puts.until_503(&http, &endpoints, 5, 100_000).await;
+    let fault = Instant::now();
     eprintln!("read-only disk: 503 after {n} PUTs");
-    assert_eq!(health(&server).await, 503);
+    stops_for_a_restart(&mut server, &mut onlookers, fault).await;
+
+    let outcome =
+        start_on_the_failing_disk(&server, &env, &endpoints[0], puts.next, "Read-only file system").await;
+    eprintln!("read-only disk, restarted: {outcome}");
+    puts.next += 1;
     std::fs::remove_file(&flag).unwrap();
-    puts.until_503(&http, &endpoints, 1, 1000).await;
     server.restart().await;
     assert_eq!(health(&server).await, 200);
     check_delivered(&server, &creds, &appids, &puts).await;
+}
+
+#[tokio::test]
+async fn a_write_error_no_request_commits_still_stops_the_node() {
+    // The sweep's writes take no commit ticket: only the commit thread's idle probe can see the
+    // disk fail under them (sled's own background flush meets the error and keeps it to itself).
+    let dir = tempfile::tempdir().unwrap();
+    let shim = shim(dir.path());
+    let flag = dir.path().join("fail-now");
+    let data = dir.path().join("data");
+    let env = [
+        ("LD_PRELOAD", shim.to_str().unwrap()),
+        ("FAIL_FLAG", flag.to_str().unwrap()),
+        ("FAIL_DIR", data.to_str().unwrap()),
+        ("FAIL_ERRNO", "5"),
+        ("EDITIOND_LIMITS__SWEEP_INTERVAL_SECS", "1"),
+        GRACE_ENV,
+    ];
+    let mut server = Server::start_with(dir.path(), &env).await;
+    // Nobody holds the UAID: the event waits, expires, and the sweep clears it.
+    let (_creds, _appids, endpoints) = enroll_n(&server, 1).await;
+    let http = reqwest::Client::new();
+    let put = http
+        .put(&endpoints[0])
+        .header("ttl", "3")
+        .body("version=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 202);
+    // EIO from now on; nothing in this test asks for a commit again.
+    std::fs::write(&flag, b"").unwrap();
+    let status = server.wait_exit();
+    assert_eq!(status.code(), Some(EXIT_STORE_FAILED), "{status}");
+    std::fs::remove_file(&flag).unwrap();
+    server.restart().await;
+    assert_eq!(put_version(&http, &endpoints[0], 2).await, 202);
 }
 
 #[tokio::test]
