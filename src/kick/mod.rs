@@ -33,9 +33,6 @@ pub use secrets::KickKeys;
 
 use crate::ids::Uaid;
 
-/// Longest human-readable message in a kick error, in bytes.
-const MAX_ERROR_MESSAGE: usize = 256;
-
 /// A kick object refused at hello or register. Statuses and slugs are chosen here only.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KickError {
@@ -68,16 +65,7 @@ impl KickError {
 
     /// The human-readable message, cut on a character boundary: it may quote client input.
     pub fn message(&self) -> String {
-        let mut message = self.to_string();
-        if message.len() > MAX_ERROR_MESSAGE {
-            let mut cut = MAX_ERROR_MESSAGE - '…'.len_utf8();
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
-        }
-        message
+        crate::push::proto::cap_message(self.to_string())
     }
 }
 
@@ -370,6 +358,28 @@ pub(crate) fn http_outcome(
     }
 }
 
+/// The outcome of an HTTP kick's answer (see [`http_outcome`]); the body of an answer that is
+/// not a success is read, capped at `max_body`, for the debug log only.
+pub(crate) async fn answered(
+    driver: &'static str,
+    sent: Result<reqwest::Response, reqwest::Error>,
+    gone: &[u16],
+    max_body: usize,
+) -> Outcome {
+    match sent {
+        Ok(response) => {
+            let outcome = http_outcome(response.status(), response.headers(), gone);
+            if outcome != Outcome::Sent {
+                let status = response.status().as_u16();
+                let body = guard::read_capped(response, max_body).await;
+                tracing::debug!(driver, status, body = %String::from_utf8_lossy(&body), "kick answered");
+            }
+            outcome
+        }
+        Err(e) => error_outcome(driver, &e),
+    }
+}
+
 /// The outcome of a request that got no answer.
 pub(crate) fn error_outcome(driver: &str, error: &reqwest::Error) -> Outcome {
     if guard::is_refusal(error) {
@@ -402,7 +412,7 @@ mod tests {
         assert_eq!(KickError::Refused("x".into()).status(), 403);
         assert_eq!(KickError::Refused("x".into()).slug(), "kick_refused");
         let long = KickError::Unsupported("é".repeat(500)).message();
-        assert!(long.len() <= MAX_ERROR_MESSAGE && long.ends_with('…'));
+        assert!(long.len() <= crate::push::proto::MAX_ERROR_MESSAGE && long.ends_with('…'));
     }
 
     #[test]

@@ -105,18 +105,7 @@ impl KickDriver for Webhook {
                 .body(body)
                 .send()
                 .await;
-            match sent {
-                Ok(response) => {
-                    let outcome = super::http_outcome(response.status(), response.headers(), &[]);
-                    if outcome != Outcome::Sent {
-                        let status = response.status().as_u16();
-                        let body = guard::read_capped(response, self.max_response_bytes).await;
-                        tracing::debug!(status, body = %String::from_utf8_lossy(&body), "webhook kick answered");
-                    }
-                    outcome
-                }
-                Err(e) => super::error_outcome("webhook", &e),
-            }
+            super::answered("webhook", sent, &[], self.max_response_bytes).await
         }
         .boxed()
     }

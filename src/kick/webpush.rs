@@ -209,18 +209,7 @@ impl KickDriver for Webpush {
                 .body(body)
                 .send()
                 .await;
-            match sent {
-                Ok(response) => {
-                    let outcome = super::http_outcome(response.status(), response.headers(), &[404]);
-                    if outcome != Outcome::Sent {
-                        let status = response.status().as_u16();
-                        let body = guard::read_capped(response, self.max_response_bytes).await;
-                        tracing::debug!(status, body = %String::from_utf8_lossy(&body), "webpush kick answered");
-                    }
-                    outcome
-                }
-                Err(e) => super::error_outcome("webpush", &e),
-            }
+            super::answered("webpush", sent, &[404], self.max_response_bytes).await
         }
         .boxed()
     }

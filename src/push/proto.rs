@@ -76,7 +76,7 @@ const KNOWN_TYPES: &[&str] = &[
 ];
 
 /// Longest human-readable message in an error frame, in bytes.
-const MAX_ERROR_MESSAGE: usize = 256;
+pub(crate) const MAX_ERROR_MESSAGE: usize = 256;
 
 /// A protocol violation: the server answers with an `error` frame and closes the socket.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -203,18 +203,22 @@ impl WsError {
     /// The `error` frame sent before the close. The message may quote the client's input, so it
     /// is cut to keep the frame small whatever the client sent.
     pub fn frame(&self) -> String {
-        let mut message = self.to_string();
-        if message.len() > MAX_ERROR_MESSAGE {
-            // The ellipsis counts: the whole message stays within the limit.
-            let mut cut = MAX_ERROR_MESSAGE - '…'.len_utf8();
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
-        }
-        error_frame(self.status(), self.slug(), &message)
+        error_frame(self.status(), self.slug(), &cap_message(self.to_string()))
     }
+}
+
+/// Cuts an error message that may quote client input to `MAX_ERROR_MESSAGE` bytes on a character
+/// boundary; the ellipsis counts, so the whole message stays within the limit.
+pub fn cap_message(mut message: String) -> String {
+    if message.len() > MAX_ERROR_MESSAGE {
+        let mut cut = MAX_ERROR_MESSAGE - '…'.len_utf8();
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
 }
 
 /// How many UAIDs `entries` would add to those `held`: a UAID named twice, or held already,
