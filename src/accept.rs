@@ -346,10 +346,10 @@ pub async fn serve(
     }
 
     tracing::info!("shutting down: closing sockets");
-    state.begin_shutdown();
+    state.lifecycle.begin_shutdown();
     acceptor.phase.send_replace(Phase::Draining);
     let deadline = Instant::now() + Duration::from_secs(state.config.server.shutdown_grace_secs);
-    let mut sockets = state.sockets();
+    let mut sockets = state.lifecycle.sockets();
     let mut tasks = acceptor.tasks.subscribe();
     let drained = async {
         let _ = sockets.wait_for(|n| *n == 0).await;
@@ -361,7 +361,7 @@ pub async fn serve(
             _ = &mut drained => break,
             _ = sleep_until(deadline) => {
                 tracing::warn!(
-                    sockets = *state.sockets().borrow(),
+                    sockets = *state.lifecycle.sockets().borrow(),
                     http_connections = *acceptor.tasks.borrow(),
                     "connections still open after the grace period: closing them"
                 );

@@ -22,7 +22,7 @@ use crate::ids::Uaid;
 use crate::keys::{KeyError, Keys};
 use crate::push::route::{NodeRoutes, RoutesInbox};
 use crate::ratelimit::Buckets;
-use crate::state::AppState;
+use crate::state::{AppState, Guards, Lifecycle};
 use crate::store::{now_ms, AnyStore, RedisStore, RedisTarget, SledDb, SledStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -235,8 +235,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// 200 while the store answers (a bounded PING on Redis), so a load balancer stops sending to a
 /// node that cannot serve; 503 with `Retry-After` when it does not, or once shutdown began.
-async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if state.is_stopping() {
+async fn health(State(state): State<Arc<AppState>>, State(lifecycle): State<Lifecycle>) -> Response {
+    if lifecycle.is_stopping() {
         return HttpError::ShuttingDown.into_response();
     }
     if let Err(e) = state.store.health().await {
@@ -245,7 +245,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     let mut body = serde_json::json!({
         "status": "ok",
         "store": state.store.backend(),
-        "connections": *state.sockets().borrow(),
+        "connections": *lifecycle.sockets().borrow(),
     });
     if let Some(relay) = &state.relay {
         body["relay"] = relay.health();
@@ -253,10 +253,10 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     crate::http::json(StatusCode::OK, body.to_string())
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>, State(guards): State<Guards>) -> Response {
     state.metrics.pending.set(state.store.pending_count() as i64);
     state.metrics.held_uaids.set(state.registry.len() as i64);
-    let buckets = state.put_limit.as_ref().map_or(0, Buckets::len);
+    let buckets = guards.put.as_deref().map_or(0, Buckets::len);
     state.metrics.put_buckets.set(buckets as i64);
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
@@ -273,14 +273,14 @@ async fn sweep_loop(state: Arc<AppState>) {
     let sweep_every = Duration::from_secs(state.config.limits.sweep_interval_secs);
     let mut tick = tokio::time::interval(sweep_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let prune_every = state.put_limit.as_ref().map_or(sweep_every, |b| {
+    let prune_every = state.guards.put.as_ref().map_or(sweep_every, |b| {
         b.rate()
             .refill_time()
             .clamp(Duration::from_secs(1), sweep_every.max(Duration::from_secs(1)))
     });
     let mut prune = tokio::time::interval(prune_every);
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stopping = state.stopping();
+    let stopping = state.lifecycle.stopping();
     tokio::pin!(stopping);
     loop {
         tokio::select! {
@@ -297,11 +297,11 @@ async fn sweep_loop(state: Arc<AppState>) {
                 }
             }
             _ = prune.tick() => {
-                if let Some(buckets) = &state.put_limit {
+                if let Some(buckets) = &state.guards.put {
                     buckets.prune(Instant::now());
                 }
                 crate::push::wake::prune(&state);
-                if let Some(buckets) = &state.uaid_limit {
+                if let Some(buckets) = &state.guards.uaids {
                     buckets.prune(Instant::now());
                 }
             }
@@ -397,7 +397,7 @@ pub async fn run(
     };
     // Drains within the grace period whatever clients do (see `accept`).
     crate::accept::serve(listener, router(state.clone()), state.clone(), shutdown).await;
-    state.begin_shutdown();
+    state.lifecycle.begin_shutdown();
     // Background tasks were told at the start of the drain: what is left of the grace period
     // (and the short force-close bound) is theirs; then a task stuck on Redis is cut off.
     let deadline =

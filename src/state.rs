@@ -1,27 +1,32 @@
 //! What every request handler and background task shares: config, keys, the store, who holds
 //! which UAID, metrics, and the shutdown signal.
 //!
-//! Handlers get an `Arc<AppState>`; the wiring in [`crate::server`] builds it and nothing here
-//! imports the wiring back.
+//! The wiring in [`crate::server`] builds one `Arc<AppState>` as the router state and nothing
+//! here imports the wiring back. Parts that stand alone ([`Lifecycle`], [`Guards`]) are cheap
+//! handles a handler extracts on its own (`State<Guards>`, via [`FromRef`]), so it names what it
+//! uses; the rest (config, keys, store, registry, routes, kicks, watches, relay) is still reached
+//! through `AppState`.
 
-use std::future::Future;
-use std::net::IpAddr;
+mod guards;
+mod lifecycle;
+
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use tokio::sync::futures::Notified;
-use tokio::sync::{watch, Notify};
+use axum::extract::FromRef;
 
 use crate::config::Config;
 use crate::http::HttpError;
-use crate::ids::{TokenId, Uaid};
+use crate::ids::Uaid;
 use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::push::events::Reached;
 use crate::push::registry::{Durable, Mailbox, Registry};
 use crate::push::route::{NodeRoutes, RouteEntry};
-use crate::ratelimit::{Buckets, Rate};
 use crate::store::{AnyStore, Store, StoreError};
+
+pub use guards::Guards;
+pub use lifecycle::Lifecycle;
 
 /// Everything handlers share, passed explicitly as axum state.
 pub struct AppState {
@@ -35,47 +40,31 @@ pub struct AppState {
     /// Which node holds which UAID, with the Redis store; `None` on sled (one node).
     pub routes: Option<Arc<NodeRoutes>>,
     pub metrics: Metrics,
-    /// PUT rate limit per registration, keyed by endpoint token, on this node only (nodes do not
-    /// share it: a registration PUT to through N nodes may get up to N times the rate). `None`
-    /// when `put_rate_per_sec` is 0. Pruned by the sweeper, so it holds only recent PUTs.
-    pub put_limit: Option<Buckets<TokenId>>,
+    /// The PUT and new-UAID rate guards.
+    pub guards: Guards,
     /// The KICK drivers and their scheduler, set once at start-up by `push::wake::install`
     /// (their hooks need this state's address); unset, every kick is unsupported.
     pub kicks: OnceLock<crate::kick::Kicks>,
     /// The Sync 1.5 storage API, when `[storage] master_secret` is set (set by the wiring).
     pub storage: Option<Arc<crate::storage::Storage>>,
-    /// New UAIDs per client address (`uaid_rate_per_sec`), on this node only; `None` when 0.
-    /// Pruned with `put_limit`.
-    pub uaid_limit: Option<Buckets<IpAddr>>,
     /// Which registrations watch which storage collections (instant sync); set by the wiring
     /// with `storage`.
     pub watches: Option<crate::push::watch::Watches>,
     /// The upstream link and UAID book when this node is a relay (`relay.upstream` set); set by
     /// the wiring once, before the state is shared.
     pub relay: Option<Arc<crate::relay::Relay>>,
-    /// Flips to `true` once to tell every socket and poll to finish.
-    shutdown: watch::Sender<bool>,
-    /// Wakes every WebSocket when `shutdown` flips: a socket waits on this (a future kept
-    /// inline in its task) rather than on [`AppState::stopping`] (a boxed future per socket).
-    stop: Notify,
-    /// Open sockets; shutdown waits for it to reach zero.
-    sockets: watch::Sender<usize>,
+    /// Shutdown and the open-socket count.
+    pub lifecycle: Lifecycle,
 }
 
 impl AppState {
     /// The shared state over an opened store and keys.
     pub fn new(config: Config, keys: Keys, store: AnyStore, routes: Option<Arc<NodeRoutes>>) -> AppState {
-        let limits = &config.limits;
-        let put_limit = (limits.put_rate_per_sec > 0)
-            .then(|| Buckets::new(Rate::new(limits.put_rate_per_sec, limits.put_burst)));
-        let uaid_limit = (limits.uaid_rate_per_sec > 0)
-            .then(|| Buckets::new(Rate::new(limits.uaid_rate_per_sec, limits.uaid_burst)));
         AppState {
             public_url: config.public_url(),
-            put_limit,
+            guards: Guards::new(&config.limits),
             kicks: OnceLock::new(),
             storage: None,
-            uaid_limit,
             watches: None,
             config,
             keys,
@@ -84,9 +73,7 @@ impl AppState {
             routes,
             relay: None,
             metrics: Metrics::default(),
-            shutdown: watch::Sender::new(false),
-            stop: Notify::new(),
-            sockets: watch::Sender::new(0),
+            lifecycle: Lifecycle::default(),
         }
     }
 
@@ -147,19 +134,6 @@ impl AppState {
         }
     }
 
-    /// Lets `client` create `n` new UAIDs, or says in how many seconds it may (`Retry-After`).
-    /// A client whose address is unknown is not limited.
-    pub fn admit_new_uaids(&self, client: Option<IpAddr>, n: usize) -> Result<(), u64> {
-        let (Some(buckets), Some(ip), true) = (&self.uaid_limit, client, n > 0) else {
-            return Ok(());
-        };
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
-        buckets.take_n(ip, n, Instant::now()).map_err(|wait| {
-            tracing::debug!(%ip, n, "new UAIDs refused: over limits.uaid_rate_per_sec");
-            crate::ratelimit::retry_after_secs(wait)
-        })
-    }
-
     /// The store's durability barrier, timed for `/metrics`.
     pub async fn sync(&self) -> Result<(), StoreError> {
         let started = Instant::now();
@@ -170,39 +144,9 @@ impl AppState {
         result
     }
 
-    /// Whether shutdown has begun.
-    pub fn is_stopping(&self) -> bool {
-        *self.shutdown.borrow()
-    }
-
-    /// Completes when shutdown begins, if `enable`d (or first polled) before it began; check
-    /// [`AppState::is_stopping`] after enabling it. For the WebSocket loop; see `stop`.
-    pub fn stop_notified(&self) -> Notified<'_> {
-        self.stop.notified()
-    }
-
-    /// Completes once shutdown has begun (at once if it already has).
-    pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut rx = self.shutdown.subscribe();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    }
-
-    /// Begins shutdown: every socket, poll and background task is told to finish.
-    pub fn begin_shutdown(&self) {
-        self.shutdown.send_replace(true);
-        self.stop.notify_waiters();
-    }
-
-    /// How many sockets are open, watched (shutdown waits for zero).
-    pub fn sockets(&self) -> watch::Receiver<usize> {
-        self.sockets.subscribe()
-    }
-
     /// Counts a socket as open until the guard drops.
     pub fn open_socket(self: &Arc<Self>) -> SocketGuard {
-        self.sockets.send_modify(|n| *n += 1);
+        self.lifecycle.socket_opened();
         self.metrics.connections.inc();
         SocketGuard(self.clone())
     }
@@ -213,7 +157,21 @@ pub struct SocketGuard(Arc<AppState>);
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        self.0.sockets.send_modify(|n| *n -= 1);
+        self.0.lifecycle.socket_closed();
         self.0.metrics.connections.dec();
+    }
+}
+
+/// Handlers that only watch shutdown take this part alone.
+impl FromRef<Arc<AppState>> for Lifecycle {
+    fn from_ref(state: &Arc<AppState>) -> Self {
+        state.lifecycle.clone()
+    }
+}
+
+/// Handlers that rate-limit take this part alone.
+impl FromRef<Arc<AppState>> for Guards {
+    fn from_ref(state: &Arc<AppState>) -> Self {
+        state.guards.clone()
     }
 }

@@ -18,18 +18,19 @@ use serde::Deserialize;
 use crate::http::{json, read_body, HttpError};
 use crate::push::events::{self, Outcome};
 use crate::ratelimit::retry_after_secs;
-use crate::state::AppState;
+use crate::state::{AppState, Guards};
 use crate::store::{now_ms, Store, TokenTarget, VersionReq};
 
 /// The handler: counts every answer by status, then returns it.
 pub async fn put(
     State(state): State<Arc<AppState>>,
+    State(guards): State<Guards>,
     token: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let result = match token {
-        Ok(Path(token)) => put_version(&state, &token, &headers, body).await,
+        Ok(Path(token)) => put_version(&state, &guards, &token, &headers, body).await,
         Err(_) => Err(HttpError::UnknownToken),
     };
     let response = match result {
@@ -42,6 +43,7 @@ pub async fn put(
 
 async fn put_version(
     state: &Arc<AppState>,
+    guards: &Guards,
     token: &str,
     headers: &HeaderMap,
     body: Body,
@@ -51,7 +53,7 @@ async fn put_version(
     let id = state.keys.open_token(token).ok_or(HttpError::UnknownToken)?;
     let version = parse_version(&body)?;
     let ttl = parse_ttl(headers, limits.default_ttl_secs, limits.max_ttl_secs)?;
-    if let Some(buckets) = &state.put_limit {
+    if let Some(buckets) = &guards.put {
         buckets
             .take(id, Instant::now())
             .map_err(|wait| HttpError::RateLimited {

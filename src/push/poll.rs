@@ -87,6 +87,7 @@ async fn authenticate(
         return Err(HttpError::TooManyUaids(limit));
     }
     state
+        .guards
         .admit_new_uaids(client, proto::uaids_requested(entries))
         .map_err(|retry_after_secs| HttpError::UaidRateLimited { retry_after_secs })?;
     let (statuses, uaids) = authenticate_all(state, entries)
@@ -143,7 +144,7 @@ async fn poll_inner(
     let body = read_body(headers, body, limits.max_body_bytes).await?;
     let request: PollBody = parse_json(&body)?;
     // A poll that starts while the server drains would end at once and be retried at once.
-    if state.is_stopping() {
+    if state.lifecycle.is_stopping() {
         return Err(HttpError::ShuttingDown);
     }
     let (statuses, uaids) = authenticate(state, &request.uaids, client).await?;
@@ -163,7 +164,7 @@ async fn poll_inner(
         .await
         .map_err(unavailable(state))?;
     let deadline = tokio::time::Instant::now() + wait;
-    let stopping = state.stopping();
+    let stopping = state.lifecycle.stopping();
     tokio::pin!(stopping);
     loop {
         let events = read_pending(state, &uaids).await.map_err(unavailable(state))?;
@@ -269,7 +270,7 @@ async fn registration(
 ) -> Result<Response, HttpError> {
     let body = read_body(headers, body, state.config.limits.max_body_bytes).await?;
     let request: RegistrationBody = parse_json(&body)?;
-    if state.is_stopping() {
+    if state.lifecycle.is_stopping() {
         return Err(HttpError::ShuttingDown);
     }
     let credential = Credential {

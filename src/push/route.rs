@@ -399,7 +399,7 @@ pub struct RoutesInbox {
 
 /// Applies pub/sub notes to the local registry until shutdown.
 pub async fn listen(state: Arc<AppState>, router: Arc<NodeRoutes>, mut inbox: RoutesInbox) {
-    let stopping = state.stopping();
+    let stopping = state.lifecycle.stopping();
     tokio::pin!(stopping);
     loop {
         let note = tokio::select! {
@@ -414,7 +414,7 @@ pub async fn listen(state: Arc<AppState>, router: Arc<NodeRoutes>, mut inbox: Ro
 /// Re-checks held UAIDs every `recheck_interval_secs`, or at once when woken; retries every
 /// second while Redis is unreachable.
 pub async fn recheck_loop(state: Arc<AppState>, router: Arc<NodeRoutes>) {
-    let stopping = state.stopping();
+    let stopping = state.lifecycle.stopping();
     tokio::pin!(stopping);
     loop {
         tokio::select! {

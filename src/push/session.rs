@@ -237,6 +237,7 @@ impl Session {
             return Err(WsError::TooManyUaids(limits.max_uaids_per_connection));
         }
         self.state
+            .guards
             .admit_new_uaids(self.client, proto::uaids_requested(&entries))
             .map_err(WsError::UaidRateLimited)?;
         let (statuses, claimed) = authenticate_all(&self.state, &entries).await?;

@@ -150,7 +150,7 @@ async fn still_away(state: Weak<AppState>, uaid: Uaid) -> bool {
     let Some(state) = state.upgrade() else {
         return false;
     };
-    if state.registry.is_held(&uaid) || state.is_stopping() {
+    if state.registry.is_held(&uaid) || state.lifecycle.is_stopping() {
         return false;
     }
     if let Some(routes) = &state.routes {

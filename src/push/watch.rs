@@ -157,7 +157,7 @@ async fn sweep_loop(state: std::sync::Weak<AppState>) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        let Some(state) = state.upgrade().filter(|s| !s.is_stopping()) else {
+        let Some(state) = state.upgrade().filter(|s| !s.lifecycle.is_stopping()) else {
             return;
         };
         match sweep(&state).await {

@@ -20,12 +20,13 @@ use tokio::time::{sleep_until, timeout, Instant};
 use crate::http::HttpError;
 use crate::push::proto::WsError;
 use crate::push::session::{Out, Session};
-use crate::state::AppState;
+use crate::state::{AppState, Lifecycle};
 
 /// `GET /v1/ws`: upgrades with the configured limits; a request that is no WebSocket handshake
 /// gets a JSON error like every other HTTP error.
 pub async fn upgrade(
     State(state): State<Arc<AppState>>,
+    State(lifecycle): State<Lifecycle>,
     peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -35,7 +36,7 @@ pub async fn upgrade(
         Err(e) => return HttpError::InvalidUpgrade(e.body_text()).into_response(),
     };
     // No new sockets while the old ones drain: each would hold the shutdown up.
-    if state.is_stopping() {
+    if lifecycle.is_stopping() {
         return HttpError::ShuttingDown.into_response();
     }
     let peer = peer.ok().map(|ConnectInfo(addr)| addr);
@@ -70,14 +71,14 @@ async fn serve(state: Arc<AppState>, mut socket: Box<WebSocket>, client: Option<
     let mut session = Session::new(state.clone());
     session.set_client(client);
     let mailbox = session.mailbox().clone();
-    let stopping = state.stop_notified();
+    let stopping = state.lifecycle.stop_notified();
     tokio::pin!(stopping);
     stopping.as_mut().enable();
     // The hello deadline until hello, then the idle deadline from the last frame heard.
     let mut deadline = Instant::now() + Duration::from_secs(limits.hello_timeout_secs);
 
     let end = loop {
-        if state.is_stopping() {
+        if state.lifecycle.is_stopping() {
             break End::Close(WsError::ShuttingDown);
         }
         let wake = tokio::select! {

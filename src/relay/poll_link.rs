@@ -184,7 +184,7 @@ pub async fn run(state: Arc<AppState>, relay: Arc<Relay>, http: Arc<Http>) {
     let mut chunks: Vec<(watch::Sender<Chunk>, JoinHandle<()>)> = Vec::new();
     let every = Duration::from_secs(relay.config.ping_interval_secs);
     let mut probe = tokio::time::interval(every);
-    let stopping = state.stopping();
+    let stopping = state.lifecycle.stopping();
     tokio::pin!(stopping);
     loop {
         let all = relay.book.all();

@@ -53,7 +53,7 @@ enum Awaiting {
 pub async fn run(state: Arc<AppState>, relay: Arc<Relay>, mut requests: mpsc::Receiver<Request>) {
     let url = format!("{}/v1/ws", relay.config.base_url());
     let mut attempt = 0u32;
-    let stopping = state.stopping();
+    let stopping = state.lifecycle.stopping();
     tokio::pin!(stopping);
     loop {
         let ended = tokio::select! {
