@@ -28,8 +28,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{sleep_until, Instant, Sleep};
 
+use crate::config::Config;
 use crate::config::Limits;
-use crate::state::AppState;
+use crate::metrics::Metrics;
+use crate::state::Lifecycle;
 
 /// How long connections still open when the grace period ends get to go before they are dropped.
 pub const FORCE_CLOSE: Duration = Duration::from_millis(500);
@@ -67,7 +69,7 @@ struct ConnMetrics {
 }
 
 impl ConnMetrics {
-    fn register(state: &AppState) -> ConnMetrics {
+    fn register(metrics: &Metrics) -> ConnMetrics {
         let m = ConnMetrics {
             open: IntGauge::new(
                 "tcp_connections",
@@ -91,7 +93,7 @@ impl ConnMetrics {
             Box::new(m.accept_errors.clone()),
         ] {
             // Registered once per process; a second server in one process keeps its own copy.
-            let _ = state.metrics.register(c);
+            let _ = metrics.register(c);
         }
         m
     }
@@ -310,10 +312,12 @@ struct Timeouts {
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    state: Arc<AppState>,
+    config: &Config,
+    metrics: &Metrics,
+    lifecycle: &Lifecycle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let limits = &state.config.limits;
+    let limits = &config.limits;
     let timeouts = Timeouts {
         header: Duration::from_secs(limits.http_header_timeout_secs),
         body: Duration::from_secs(limits.http_body_timeout_secs),
@@ -333,7 +337,7 @@ pub async fn serve(
         permits: Arc::new(Semaphore::new(cap)),
         phase: watch::Sender::new(Phase::Serving),
         tasks: watch::Sender::new(0),
-        metrics: ConnMetrics::register(&state),
+        metrics: ConnMetrics::register(metrics),
         full: false,
         last_error_log: None,
     };
@@ -346,10 +350,10 @@ pub async fn serve(
     }
 
     tracing::info!("shutting down: closing sockets");
-    state.lifecycle.begin_shutdown();
+    lifecycle.begin_shutdown();
     acceptor.phase.send_replace(Phase::Draining);
-    let deadline = Instant::now() + Duration::from_secs(state.config.server.shutdown_grace_secs);
-    let mut sockets = state.lifecycle.sockets();
+    let deadline = Instant::now() + Duration::from_secs(config.server.shutdown_grace_secs);
+    let mut sockets = lifecycle.sockets();
     let mut tasks = acceptor.tasks.subscribe();
     let drained = async {
         let _ = sockets.wait_for(|n| *n == 0).await;
@@ -361,7 +365,7 @@ pub async fn serve(
             _ = &mut drained => break,
             _ = sleep_until(deadline) => {
                 tracing::warn!(
-                    sockets = *state.lifecycle.sockets().borrow(),
+                    sockets = *lifecycle.sockets().borrow(),
                     http_connections = *acceptor.tasks.borrow(),
                     "connections still open after the grace period: closing them"
                 );

@@ -16,13 +16,15 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, Limits};
 use crate::http::HttpError;
 use crate::ids::Uaid;
 use crate::keys::{KeyError, Keys};
+use crate::push::delivery::Delivery;
 use crate::push::route::{NodeRoutes, RoutesInbox};
 use crate::ratelimit::Buckets;
-use crate::state::{AppState, Guards, Lifecycle};
+use crate::relay::Relay;
+use crate::state::{AppState, Guards, Lifecycle, Shared};
 use crate::store::{now_ms, AnyStore, RedisStore, RedisTarget, SledDb, SledStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +47,7 @@ pub enum StartError {
 
 /// An opened node, not yet serving: its state and, on Redis, the inbox its routing listens to.
 pub struct Node {
-    state: Arc<AppState>,
+    state: AppState,
     inbox: Option<RoutesInbox>,
     /// Every sled database the node opened: a failed commit in any stops the node (see [`run`]).
     dbs: Vec<SledDb>,
@@ -150,21 +152,25 @@ impl Node {
         } else {
             None
         };
-        let mut state = AppState::new(config, keys, store, routes);
+        let mut shared = Shared::new(config, keys, store, routes);
+        crate::push::wake::install(&shared.delivery, &shared.config, &kick_keys)?;
         if let Some((storage, watches, db)) = storage {
             dbs.push(db);
-            storage.register_metrics(&state.metrics);
-            state.storage = Some(storage);
-            state.watches = Some(watches);
+            storage.register_metrics(&shared.metrics);
+            let ttl = shared.config.limits.default_ttl_secs;
+            crate::push::watch::install(&storage, &watches, &shared.delivery, ttl);
+            shared.storage = Some(storage);
+            shared.watches = Some(watches);
         }
-        if state.config.relay.enabled() {
-            let relay = crate::relay::Relay::open(&state.config, &state.store, &state.metrics)?;
-            state.relay = Some(Arc::new(relay));
+        if shared.config.relay.enabled() {
+            let relay = crate::relay::Relay::open(&shared.config, &shared.delivery.store, &shared.metrics)?;
+            shared.relay = Some(Arc::new(relay));
         }
-        let state = Arc::new(state);
-        crate::push::wake::install(&state, &kick_keys)?;
-        crate::push::watch::install(&state);
-        Ok(Node { state, inbox, dbs })
+        Ok(Node {
+            state: shared.into(),
+            inbox,
+            dbs,
+        })
     }
 }
 
@@ -214,7 +220,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 /// All routes. Unknown paths and methods get JSON errors like everything else.
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/ws", get(crate::push::ws::upgrade))
         .route("/v1/e/{token}", put(crate::push::endpoint::put))
@@ -225,7 +231,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .merge(crate::web::routes(&state.config.web))
-        .merge(crate::kick::routes(crate::push::wake::drivers(&state)))
+        .merge(crate::kick::routes(crate::push::wake::drivers(&state.delivery)))
         .merge(crate::storage::routes(state.storage.clone()))
         .fallback(|| async { HttpError::NotFound })
         .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
@@ -235,32 +241,37 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// 200 while the store answers (a bounded PING on Redis), so a load balancer stops sending to a
 /// node that cannot serve; 503 with `Retry-After` when it does not, or once shutdown began.
-async fn health(State(state): State<Arc<AppState>>, State(lifecycle): State<Lifecycle>) -> Response {
+async fn health(
+    State(delivery): State<Delivery>,
+    State(lifecycle): State<Lifecycle>,
+    State(relay): State<Option<Arc<Relay>>>,
+) -> Response {
     if lifecycle.is_stopping() {
         return HttpError::ShuttingDown.into_response();
     }
-    if let Err(e) = state.store.health().await {
-        return state.unavailable(e).into_response();
+    if let Err(e) = delivery.store.health().await {
+        return delivery.unavailable(e).into_response();
     }
     let mut body = serde_json::json!({
         "status": "ok",
-        "store": state.store.backend(),
+        "store": delivery.store.backend(),
         "connections": *lifecycle.sockets().borrow(),
     });
-    if let Some(relay) = &state.relay {
+    if let Some(relay) = &relay {
         body["relay"] = relay.health();
     }
     crate::http::json(StatusCode::OK, body.to_string())
 }
 
-async fn metrics(State(state): State<Arc<AppState>>, State(guards): State<Guards>) -> Response {
-    state.metrics.pending.set(state.store.pending_count() as i64);
-    state.metrics.held_uaids.set(state.registry.len() as i64);
+async fn metrics(State(delivery): State<Delivery>, State(guards): State<Guards>) -> Response {
+    let metrics = &delivery.metrics;
+    metrics.pending.set(delivery.store.pending_count() as i64);
+    metrics.held_uaids.set(delivery.registry.len() as i64);
     let buckets = guards.put.as_deref().map_or(0, Buckets::len);
-    state.metrics.put_buckets.set(buckets as i64);
+    metrics.put_buckets.set(buckets as i64);
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        state.metrics.render(),
+        metrics.render(),
     )
         .into_response()
 }
@@ -268,19 +279,19 @@ async fn metrics(State(state): State<Arc<AppState>>, State(guards): State<Guards
 /// Deletes expired events and tombstones every `sweep_interval_secs`, and forgets PUT buckets
 /// that are full again once per refill time (at least a second, at most a sweep interval), so
 /// the buckets held are about the registrations PUT to within the last two refill times.
-async fn sweep_loop(state: Arc<AppState>) {
+async fn sweep_loop(delivery: Delivery, guards: Guards, limits: Limits) {
     let started = Instant::now();
-    let sweep_every = Duration::from_secs(state.config.limits.sweep_interval_secs);
+    let sweep_every = Duration::from_secs(limits.sweep_interval_secs);
     let mut tick = tokio::time::interval(sweep_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let prune_every = state.guards.put.as_ref().map_or(sweep_every, |b| {
+    let prune_every = guards.put.as_ref().map_or(sweep_every, |b| {
         b.rate()
             .refill_time()
             .clamp(Duration::from_secs(1), sweep_every.max(Duration::from_secs(1)))
     });
     let mut prune = tokio::time::interval(prune_every);
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stopping = state.lifecycle.stopping();
+    let stopping = delivery.lifecycle.stopping();
     tokio::pin!(stopping);
     loop {
         tokio::select! {
@@ -288,8 +299,8 @@ async fn sweep_loop(state: Arc<AppState>) {
                 // A long sweep does not hold shutdown up: each step is atomic, and idle expiry
                 // resumes where it stopped at the next sweep.
                 let work = async {
-                    sweep_store(&state).await;
-                    expire_idle_uaids(&state, started).await;
+                    sweep_store(&delivery.store).await;
+                    expire_idle_uaids(&delivery, &limits, started).await;
                 };
                 tokio::select! {
                     _ = work => {}
@@ -297,11 +308,11 @@ async fn sweep_loop(state: Arc<AppState>) {
                 }
             }
             _ = prune.tick() => {
-                if let Some(buckets) = &state.guards.put {
+                if let Some(buckets) = &guards.put {
                     buckets.prune(Instant::now());
                 }
-                crate::push::wake::prune(&state);
-                if let Some(buckets) = &state.guards.uaids {
+                crate::push::wake::prune(&delivery);
+                if let Some(buckets) = &guards.uaids {
                     buckets.prune(Instant::now());
                 }
             }
@@ -316,24 +327,27 @@ const IDLE_EXPIRY_AFTER_START: Duration = Duration::from_secs(3600);
 
 /// Deletes the registrations of UAIDs unseen for `uaid_idle_days` (not those held here or, on
 /// Redis, anywhere).
-async fn expire_idle_uaids(state: &AppState, started: Instant) {
-    let limits = &state.config.limits;
+async fn expire_idle_uaids(delivery: &Delivery, limits: &Limits, started: Instant) {
     if limits.uaid_idle_days == 0 || started.elapsed() < IDLE_EXPIRY_AFTER_START {
         return;
     }
     let now = now_ms();
     let idle_before = now.saturating_sub(limits.uaid_idle_days.saturating_mul(24 * 3600 * 1000));
     let gone_until = now.saturating_add(limits.gone_ttl_secs.saturating_mul(1000));
-    let held = |uaid: &Uaid| state.registry.is_held(uaid);
-    match state.store.expire_idle(now, idle_before, gone_until, &held).await {
+    let held = |uaid: &Uaid| delivery.registry.is_held(uaid);
+    match delivery
+        .store
+        .expire_idle(now, idle_before, gone_until, &held)
+        .await
+    {
         Ok(0) => {}
         Ok(n) => tracing::info!(uaids = n, "expired idle UAIDs"),
         Err(e) => tracing::warn!(error = %e, "expiring idle UAIDs failed"),
     }
 }
 
-async fn sweep_store(state: &AppState) {
-    match state.store.sweep(now_ms()).await {
+async fn sweep_store(store: &AnyStore) {
+    match store.sweep(now_ms()).await {
         Ok(stats) if stats.expired_events + stats.expired_tombstones > 0 => {
             tracing::info!(
                 events = stats.expired_events,
@@ -358,16 +372,25 @@ pub async fn run(
 ) -> std::io::Result<Stopped> {
     let Node { state, inbox, dbs } = node;
     // Each ends when shutdown begins; kept so the final flush runs after their last write.
-    let mut tasks: Vec<JoinHandle<()>> = vec![tokio::spawn(sweep_loop(state.clone()))];
-    tasks.extend(crate::relay::start(&state));
-    if let (Some(routes), Some(inbox)) = (state.routes.clone(), inbox) {
-        tasks.push(tokio::spawn(crate::push::route::listen(
-            state.clone(),
-            routes.clone(),
-            inbox,
-        )));
+    let delivery = &state.delivery;
+    let mut tasks: Vec<JoinHandle<()>> = vec![tokio::spawn(sweep_loop(
+        delivery.clone(),
+        state.guards.clone(),
+        state.config.limits.clone(),
+    ))];
+    if let Some(watches) = &state.watches {
+        let every = Duration::from_secs(state.config.limits.sweep_interval_secs);
+        let sweep = crate::push::watch::sweep_loop(watches.clone(), delivery.clone(), every);
+        tasks.push(tokio::spawn(sweep));
+    }
+    if let Some(relay) = &state.relay {
+        tasks.extend(crate::relay::start(relay, delivery));
+    }
+    if let (Some(routes), Some(inbox)) = (delivery.routes.clone(), inbox) {
+        let listen = crate::push::route::listen(delivery.clone(), routes.clone(), inbox);
+        tasks.push(tokio::spawn(listen));
         tasks.push(tokio::spawn(crate::push::route::recheck_loop(
-            state.clone(),
+            delivery.clone(),
             routes,
         )));
     }
@@ -396,7 +419,16 @@ pub async fn run(
         }
     };
     // Drains within the grace period whatever clients do (see `accept`).
-    crate::accept::serve(listener, router(state.clone()), state.clone(), shutdown).await;
+    let app = router(state.clone());
+    crate::accept::serve(
+        listener,
+        app,
+        &state.config,
+        &state.metrics,
+        &state.lifecycle,
+        shutdown,
+    )
+    .await;
     state.lifecycle.begin_shutdown();
     // Background tasks were told at the start of the drain: what is left of the grace period
     // (and the short force-close bound) is theirs; then a task stuck on Redis is cut off.
@@ -414,7 +446,7 @@ pub async fn run(
             aborts.iter().for_each(tokio::task::AbortHandle::abort);
         }
     }
-    let store = state.store.clone();
+    let store = state.delivery.store.clone();
     let flushed = match tokio::task::spawn_blocking(move || store.flush_now()).await {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {

@@ -15,42 +15,49 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use crate::config::Config;
 use crate::http::{json, read_body, HttpError};
+use crate::keys::Keys;
+use crate::push::delivery::Delivery;
 use crate::push::events::{self, Outcome};
 use crate::ratelimit::retry_after_secs;
-use crate::state::{AppState, Guards};
+use crate::state::Guards;
 use crate::store::{now_ms, Store, TokenTarget, VersionReq};
 
 /// The handler: counts every answer by status, then returns it.
 pub async fn put(
-    State(state): State<Arc<AppState>>,
+    State(config): State<Arc<Config>>,
+    State(keys): State<Arc<Keys>>,
     State(guards): State<Guards>,
+    State(delivery): State<Delivery>,
     token: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let result = match token {
-        Ok(Path(token)) => put_version(&state, &guards, &token, &headers, body).await,
+        Ok(Path(token)) => put_version(&config, &keys, &guards, &delivery, &token, &headers, body).await,
         Err(_) => Err(HttpError::UnknownToken),
     };
     let response = match result {
         Ok((status, version)) => json(status, format!("{{\"version\":{version}}}")),
         Err(e) => e.into_response(),
     };
-    state.metrics.count_put(response.status());
+    delivery.metrics.count_put(response.status());
     response
 }
 
 async fn put_version(
-    state: &Arc<AppState>,
+    config: &Config,
+    keys: &Keys,
     guards: &Guards,
+    delivery: &Delivery,
     token: &str,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, u64), HttpError> {
-    let limits = &state.config.limits;
+    let limits = &config.limits;
     let body = read_body(headers, body, limits.max_body_bytes).await?;
-    let id = state.keys.open_token(token).ok_or(HttpError::UnknownToken)?;
+    let id = keys.open_token(token).ok_or(HttpError::UnknownToken)?;
     let version = parse_version(&body)?;
     let ttl = parse_ttl(headers, limits.default_ttl_secs, limits.max_ttl_secs)?;
     if let Some(buckets) = &guards.put {
@@ -60,8 +67,8 @@ async fn put_version(
                 retry_after_secs: retry_after_secs(wait),
             })?;
     }
-    let unavailable = |e| state.unavailable(e);
-    let (uaid, appid) = match state.store.lookup_token(id).await.map_err(unavailable)? {
+    let unavailable = |e| delivery.unavailable(e);
+    let (uaid, appid) = match delivery.store.lookup_token(id).await.map_err(unavailable)? {
         TokenTarget::Active(uaid, appid) => (uaid, appid),
         TokenTarget::Gone => return Err(HttpError::Gone),
         TokenTarget::Unknown => return Err(HttpError::UnknownToken),
@@ -69,7 +76,7 @@ async fn put_version(
     let now = now_ms();
     let request = version.map_or(VersionReq::Clock(now), VersionReq::Exact);
     let expires = now.saturating_add(ttl.as_millis() as u64);
-    match events::raise(state, uaid, appid, request, expires)
+    match events::raise(delivery, uaid, appid, request, expires)
         .await
         .map_err(unavailable)?
     {

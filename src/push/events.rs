@@ -1,15 +1,14 @@
 //! Raising an event: the one path from "a new version exists" to the connection that must hear
-//! it, without HTTP. The PUT endpoint calls [`raise`]; so will the relay and storage watch.
+//! it, without HTTP: [`raise`] takes the [`Delivery`] part alone. The PUT endpoint, the relay's
+//! upstream links and storage watch call it.
 //!
 //! Order matters: compare-and-set in the store, wait for the group commit, and only then nudge
 //! the connection holding the UAID (here or on another node) and report who was reached. When
 //! nobody holds it, the registration's stored kick comes back with the result, for a KICK driver.
 
-use std::sync::Arc;
-
 use crate::ids::{Appid, Uaid};
+use crate::push::delivery::Delivery;
 use crate::push::registry::Durable;
-use crate::state::AppState;
 use crate::store::{PutOutcome, Store, StoreError, VersionReq};
 
 /// Who heard about a raised event.
@@ -52,16 +51,16 @@ pub enum Outcome {
 /// early (a store error after the write may have landed, the caller dropped) still wakes the
 /// holder.
 pub async fn raise(
-    state: &Arc<AppState>,
+    delivery: &Delivery,
     uaid: Uaid,
     appid: Appid,
     request: VersionReq,
     expires_at_ms: u64,
 ) -> Result<Outcome, StoreError> {
     // Read before the write, for the durable fact the nudge carries (see `Registry::fact_epoch`).
-    let epoch = state.registry.fact_epoch();
-    let mut nudge = NudgeOnDrop(Some((state.clone(), uaid)));
-    let outcome = state
+    let epoch = delivery.registry.fact_epoch();
+    let mut nudge = NudgeOnDrop(Some((delivery.clone(), uaid)));
+    let outcome = delivery
         .store
         .put_version(uaid, appid, request, expires_at_ms)
         .await?;
@@ -69,7 +68,7 @@ pub async fn raise(
         PutOutcome::Raised(v) => v,
         PutOutcome::Superseded(current) => {
             nudge.0 = None;
-            state.sync().await?;
+            delivery.sync().await?;
             return Ok(Outcome::Superseded(current));
         }
         PutOutcome::Gone => {
@@ -81,21 +80,21 @@ pub async fn raise(
             return Ok(Outcome::Exhausted);
         }
     };
-    state.sync().await?;
+    delivery.sync().await?;
     // Committed now: a holder on this node may send it without a sync of its own.
     let durable = epoch.map(|epoch| Durable {
         appid,
         version,
         epoch,
     });
-    let reached = state.nudge(uaid, durable).await;
+    let reached = delivery.nudge(uaid, durable).await;
     nudge.0 = None;
     if reached == Reached::Nobody {
         // Off this caller's path: a task reads the UAID's kicks and the scheduler runs them.
-        crate::push::wake::raised(state, uaid, expires_at_ms);
+        crate::push::wake::raised(delivery, uaid, expires_at_ms);
     }
     let kick = match reached {
-        Reached::Nobody => match state.store.kick(uaid, appid).await {
+        Reached::Nobody => match delivery.store.kick(uaid, appid).await {
             Ok(kick) => kick,
             Err(e) => {
                 // The event is committed; a kick not read only leaves the client to come back.
@@ -117,20 +116,20 @@ pub async fn raise(
 /// dropped), or the store failed after the write may have landed. Dropped while set, this
 /// nudges with no durable fact, so the holder reads the store and syncs itself before it sends
 /// anything.
-struct NudgeOnDrop(Option<(Arc<AppState>, Uaid)>);
+struct NudgeOnDrop(Option<(Delivery, Uaid)>);
 
 impl Drop for NudgeOnDrop {
     fn drop(&mut self) {
-        let Some((state, uaid)) = self.0.take() else {
+        let Some((delivery, uaid)) = self.0.take() else {
             return;
         };
-        if state.registry.nudge_with(uaid, None) {
+        if delivery.registry.nudge_with(uaid, None) {
             return;
         }
         // Another node may hold it (Redis): publish from a task, if the runtime still runs.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                state.nudge(uaid, None).await;
+                delivery.nudge(uaid, None).await;
             });
         }
     }

@@ -5,6 +5,7 @@
 //! [`proto`]; [`held`] is what one connection holds; [`wake`] kicks the UAIDs nobody holds; [`watch`] raises events for writes to watched
 //! Sync storage collections.
 
+pub(crate) mod delivery;
 pub mod endpoint;
 pub(crate) mod events;
 pub(crate) mod held;

@@ -62,7 +62,7 @@ struct RegistrationBody {
 }
 
 fn unavailable(state: &AppState) -> impl Fn(StoreError) -> HttpError + '_ {
-    move |e| state.unavailable(e)
+    move |e| state.delivery.unavailable(e)
 }
 
 /// Parses a request body (pub for the fuzz harness).
@@ -112,13 +112,13 @@ struct Claims<'a> {
 impl Drop for Claims<'_> {
     fn drop(&mut self) {
         for uaid in self.uaids {
-            self.state.unhold(*uaid, self.conn_id);
+            self.state.delivery.unhold(*uaid, self.conn_id);
         }
     }
 }
 
 pub async fn poll(
-    State(state): State<Arc<AppState>>,
+    State(state): State<AppState>,
     peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
     query: Result<Query<PollQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
@@ -152,7 +152,7 @@ async fn poll_inner(
     // New secrets go back at once: the client must learn them even if nothing is pending.
     let issued = statuses.iter().any(|s| s.secret.is_some());
 
-    let conn_id = state.registry.next_conn_id();
+    let conn_id = state.delivery.registry.next_conn_id();
     let mailbox = Arc::new(Mailbox::default());
     let _claims = Claims {
         state,
@@ -160,6 +160,7 @@ async fn poll_inner(
         uaids: &uaids,
     };
     state
+        .delivery
         .hold(&uaids, conn_id, &mailbox)
         .await
         .map_err(unavailable(state))?;
@@ -171,7 +172,7 @@ async fn poll_inner(
         if !events.is_empty() || issued {
             // Events read here may have been raised by a PUT whose commit is still running:
             // answer only once they are durable (see `Session::send_pending_after`).
-            state.sync().await.map_err(unavailable(state))?;
+            state.delivery.sync().await.map_err(unavailable(state))?;
             let count: usize = events.iter().map(|(_, e)| e.len()).sum();
             state.metrics.events_sent.inc_by(count as u64);
             return Ok(json(StatusCode::OK, poll_answer(&statuses, issued, &events)));
@@ -203,7 +204,7 @@ fn poll_answer(statuses: &[UaidStatus], issued: bool, events: &[proto::UaidEvent
     out
 }
 
-pub async fn ack(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn ack(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     match ack_inner(&state, &headers, body).await {
         Ok(cleared) => json(StatusCode::OK, format!("{{\"cleared\":{cleared}}}")),
         Err(e) => e.into_response(),
@@ -247,7 +248,7 @@ async fn ack_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
 }
 
 /// `POST /v1/register` `{"uaid","secret","appid","kick"?}`: the register frame over HTTP.
-pub async fn register(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn register(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     match registration(&state, &headers, body, true).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
@@ -255,7 +256,7 @@ pub async fn register(State(state): State<Arc<AppState>>, headers: HeaderMap, bo
 }
 
 /// `POST /v1/unregister` `{"uaid","secret","appid"}`: the unregister frame over HTTP.
-pub async fn unregister(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn unregister(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     match registration(&state, &headers, body, false).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
@@ -293,7 +294,7 @@ async fn registration(
                 Ok((mut kick, watch)) => {
                     // The drivers' verdict (status, slug, message), as on the WebSocket.
                     let canonical = match request.kick.as_ref().filter(|_| !kick.is_empty()) {
-                        Some(value) => wake::canonical(state, value).await.map(Some),
+                        Some(value) => wake::canonical(&state.delivery, value).await.map(Some),
                         None => Ok(None),
                     };
                     match canonical {

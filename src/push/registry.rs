@@ -54,14 +54,14 @@ struct Marks {
 
 /// What a connection finds in its mailbox.
 #[derive(Default, Debug)]
-pub struct Delivery {
+pub struct Mail {
     pub dirty: Vec<Uaid>,
     /// The durable facts that came with the dirty marks (possibly none for a UAID).
     pub durable: HashMap<Uaid, Vec<Durable>>,
     pub lost: Vec<Uaid>,
 }
 
-impl Delivery {
+impl Mail {
     /// Whether `events` of `uaid`, as just read from the store, are all known committed: each
     /// (APPID, version) has a fact with that same APPID and version, and no unregister has
     /// started since the fact's PUT (`registry` decides; see [`Registry::fact_epoch`]).
@@ -115,10 +115,10 @@ impl Mailbox {
 
     /// Takes everything left so far. The sets are moved out, not drained: an idle connection's
     /// mailbox keeps no capacity from its last delivery.
-    pub fn take(&self) -> Delivery {
+    pub fn take(&self) -> Mail {
         let mut marks = self.lock();
         let durable = std::mem::take(&mut marks.dirty);
-        Delivery {
+        Mail {
             dirty: durable.keys().copied().collect(),
             durable,
             lost: std::mem::take(&mut marks.lost),

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::config::StoreConfig;
 use crate::ids::Uaid;
-use crate::state::AppState;
+use crate::push::delivery::Delivery;
 use crate::store::redis::{bounded, key, RedisConn, RedisStore, RedisTarget};
 use crate::store::{Result, StoreError};
 
@@ -289,7 +289,7 @@ impl NodeRoutes {
 
     /// Renews every route this node holds and marks each UAID for a re-read of its pending
     /// events; drops holdings another node took; re-claims routes that vanished.
-    async fn recheck(self: &Arc<Self>, state: &AppState) -> Result<()> {
+    async fn recheck(self: &Arc<Self>, delivery: &Delivery) -> Result<()> {
         // Pinging both connections makes each reconnect (the subscriber also resubscribes) as
         // soon as Redis is back, before any request needs it.
         for conn in [&self.subscriber, &self.conn] {
@@ -300,7 +300,7 @@ impl NodeRoutes {
         // An entry whose connection no longer holds the UAID here (it failed to claim, or was
         // closing) is released rather than renewed.
         held.retain(|(uaid, h)| {
-            let live = state.registry.is_held_by(*uaid, h.conn_id);
+            let live = delivery.registry.is_held_by(*uaid, h.conn_id);
             if !live {
                 self.release(*uaid, h.conn_id);
             }
@@ -331,7 +331,7 @@ impl NodeRoutes {
                             .remove_if(&uaid, |_, cur| cur.epoch == h.epoch)
                             .is_some()
                         {
-                            state.registry.evict(uaid, h.conn_id);
+                            delivery.registry.evict(uaid, h.conn_id);
                         }
                         continue;
                     }
@@ -343,21 +343,21 @@ impl NodeRoutes {
                     }
                 }
                 if pending > 0 {
-                    state.registry.nudge(uaid);
+                    delivery.registry.nudge(uaid);
                 }
             }
         }
         Ok(())
     }
 
-    fn on_note(&self, state: &AppState, note: Note) {
+    fn on_note(&self, delivery: &Delivery, note: Note) {
         match note {
             Note::Nudge(uaid) => {
-                state.registry.nudge(uaid);
+                delivery.registry.nudge(uaid);
             }
             Note::Lost(uaid, epoch) => {
                 if let Some((_, h)) = self.held.remove_if(&uaid, |_, h| h.epoch < epoch) {
-                    state.registry.evict(uaid, h.conn_id);
+                    delivery.registry.evict(uaid, h.conn_id);
                 }
             }
         }
@@ -398,8 +398,8 @@ pub struct RoutesInbox {
 }
 
 /// Applies pub/sub notes to the local registry until shutdown.
-pub async fn listen(state: Arc<AppState>, router: Arc<NodeRoutes>, mut inbox: RoutesInbox) {
-    let stopping = state.lifecycle.stopping();
+pub async fn listen(delivery: Delivery, router: Arc<NodeRoutes>, mut inbox: RoutesInbox) {
+    let stopping = delivery.lifecycle.stopping();
     tokio::pin!(stopping);
     loop {
         let note = tokio::select! {
@@ -407,14 +407,14 @@ pub async fn listen(state: Arc<AppState>, router: Arc<NodeRoutes>, mut inbox: Ro
             _ = &mut stopping => return,
         };
         let Some(note) = note else { return };
-        router.on_note(&state, note);
+        router.on_note(&delivery, note);
     }
 }
 
 /// Re-checks held UAIDs every `recheck_interval_secs`, or at once when woken; retries every
 /// second while Redis is unreachable.
-pub async fn recheck_loop(state: Arc<AppState>, router: Arc<NodeRoutes>) {
-    let stopping = state.lifecycle.stopping();
+pub async fn recheck_loop(delivery: Delivery, router: Arc<NodeRoutes>) {
+    let stopping = delivery.lifecycle.stopping();
     tokio::pin!(stopping);
     loop {
         tokio::select! {
@@ -422,7 +422,7 @@ pub async fn recheck_loop(state: Arc<AppState>, router: Arc<NodeRoutes>) {
             _ = router.recheck_now.notified() => {}
             _ = &mut stopping => return,
         }
-        while let Err(e) = router.recheck(&state).await {
+        while let Err(e) = router.recheck(&delivery).await {
             tracing::warn!(error = %e, "route re-check failed; retrying");
             tokio::select! {
                 _ = tokio::time::sleep(RECHECK_RETRY) => {}

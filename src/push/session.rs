@@ -20,7 +20,7 @@ use crate::push::proto::{
     self, ClientMessage, Credential, EntryError, RegistrationReply, ServerMessage, UaidStatus, UaidsReply,
     WsError,
 };
-use crate::push::registry::{Delivery, Mailbox};
+use crate::push::registry::{Mail, Mailbox};
 use crate::push::wake;
 use crate::push::watch::{self, WatchChange};
 use crate::ratelimit::{Bucket, Rate};
@@ -57,7 +57,7 @@ impl Out {
 
 /// One connection's protocol state.
 pub struct Session {
-    state: Arc<AppState>,
+    state: AppState,
     conn_id: u64,
     mailbox: Arc<Mailbox>,
     greeted: bool,
@@ -77,11 +77,11 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(state: Arc<AppState>) -> Session {
+    pub fn new(state: AppState) -> Session {
         let limits = &state.config.limits;
         let frame_rate = Rate::new(limits.ws_frames_per_sec, limits.ws_frames_burst);
         Session {
-            conn_id: state.registry.next_conn_id(),
+            conn_id: state.delivery.registry.next_conn_id(),
             mailbox: Arc::new(Mailbox::default()),
             greeted: false,
             held: Held::default(),
@@ -100,7 +100,7 @@ impl Session {
         self.client = client;
     }
 
-    pub fn state(&self) -> &Arc<AppState> {
+    pub fn state(&self) -> &AppState {
         &self.state
     }
 
@@ -119,7 +119,7 @@ impl Session {
     /// [`Self::ack`]).
     pub async fn settle(&mut self) -> Result<(), WsError> {
         if let Some(ticket) = self.unsettled.take() {
-            self.state.store.committed(ticket).await?;
+            self.state.delivery.store.committed(ticket).await?;
         }
         Ok(())
     }
@@ -142,7 +142,9 @@ impl Session {
                 if let Some(kick) = kick.as_ref().filter(|_| !self.kick.is_empty()) {
                     // Stored as the driver's canonical target; a refusal closes, like every
                     // hello error.
-                    self.kick = wake::canonical(&self.state, kick).await.map_err(WsError::Kick)?;
+                    self.kick = wake::canonical(&self.state.delivery, kick)
+                        .await
+                        .map_err(WsError::Kick)?;
                 }
                 if let (Some(relay), Some(via)) = (&self.state.relay, via) {
                     self.via_reply = Some(relay.accept_downstream(self.conn_id, via)?);
@@ -199,9 +201,9 @@ impl Session {
 
     /// Handles what other tasks left in the mailbox: UAIDs lost to newer connections, new events.
     pub async fn on_mailbox(&mut self, out: &mut Vec<Out>) -> Result<(), WsError> {
-        let delivery = self.mailbox.take();
-        let registry = &self.state.registry;
-        let lost: Vec<Uaid> = delivery
+        let mail = self.mailbox.take();
+        let registry = &self.state.delivery.registry;
+        let lost: Vec<Uaid> = mail
             .lost
             .iter()
             .copied()
@@ -209,7 +211,7 @@ impl Session {
             .collect();
         for uaid in &lost {
             // Drops this connection's route entry if a newer one never replaced it.
-            self.state.unhold(*uaid, self.conn_id);
+            self.state.delivery.unhold(*uaid, self.conn_id);
         }
         if !lost.is_empty() {
             let uaids = lost.iter().map(Uaid::to_string).collect();
@@ -218,7 +220,7 @@ impl Session {
                 return Err(WsError::Replaced);
             }
         }
-        self.send_pending_after(delivery.dirty.iter().copied(), Some(&delivery), out)
+        self.send_pending_after(mail.dirty.iter().copied(), Some(&mail), out)
             .await
     }
 
@@ -245,7 +247,10 @@ impl Session {
             // Held first, so that Drop releases it even if routing it fails below.
             self.held.insert(*uaid);
         }
-        self.state.hold(&claimed, self.conn_id, &self.mailbox).await?;
+        self.state
+            .delivery
+            .hold(&claimed, self.conn_id, &self.mailbox)
+            .await?;
         let reply = UaidsReply::new(&statuses, self.via_reply.take());
         out.push(Out::Message(match kind {
             Kind::Hello => ServerMessage::Hello(reply),
@@ -260,7 +265,7 @@ impl Session {
             let status = match self.held_uaid(&s) {
                 Ok(uaid) => {
                     self.held.remove(&uaid);
-                    self.state.unhold(uaid, self.conn_id);
+                    self.state.delivery.unhold(uaid, self.conn_id);
                     UaidStatus::ok(s, None)
                 }
                 Err(e) => UaidStatus::failed(Some(s), e),
@@ -309,7 +314,7 @@ impl Session {
         };
         if let Some(value) = kick_field.filter(|_| !kick.is_empty()) {
             // The drivers' verdict is per request too: their status, slug and message.
-            match wake::canonical(&state, value).await {
+            match wake::canonical(&state.delivery, value).await {
                 Ok(target) => kick = target,
                 Err(e) => {
                     out.push(registered(RegistrationReply::kick_refused(uaid_s, appid_s, &e)));
@@ -403,7 +408,7 @@ impl Session {
     /// see an older one again). So the events are read, then one sync covers them (and this
     /// connection's own writes, such as an ACK), then the UPDATE is queued.
     ///
-    /// That sync is skipped when `known` (the mailbox delivery that woke
+    /// That sync is skipped when `known` (the mail that woke
     /// this call) covers every event read: each (APPID, version) was raised by a PUT on this
     /// node that saw its own sync return before it nudged, and no unregister has run since (see
     /// [`crate::push::registry::Registry::fact_epoch`]). Versions of a registration only grow, so the
@@ -414,7 +419,7 @@ impl Session {
     async fn send_pending_after(
         &mut self,
         uaids: impl Iterator<Item = Uaid>,
-        known: Option<&Delivery>,
+        known: Option<&Mail>,
         out: &mut Vec<Out>,
     ) -> Result<(), WsError> {
         // Only held UAIDs with nothing in flight (what is in flight is read again after its ACK).
@@ -425,10 +430,10 @@ impl Session {
         let covered = known.is_some_and(|known| {
             found
                 .iter()
-                .all(|(uaid, events)| known.covers(&self.state.registry, uaid, events))
+                .all(|(uaid, events)| known.covers(&self.state.delivery.registry, uaid, events))
         });
         if !found.is_empty() && !covered {
-            self.state.sync().await?;
+            self.state.delivery.sync().await?;
             // That commit also covers this connection's ACKs.
             self.unsettled = None;
         } else if !found.is_empty() {
@@ -462,7 +467,7 @@ impl Drop for Session {
             relay.forget_downstream(self.conn_id);
         }
         for uaid in self.held.uaids() {
-            self.state.unhold(*uaid, self.conn_id);
+            self.state.delivery.unhold(*uaid, self.conn_id);
         }
     }
 }
@@ -504,7 +509,7 @@ pub(crate) async fn ack_events(
     let mut result = Ok(());
     'clearing: for (uaid, events) in acks {
         for &(appid, version) in events {
-            match state.store.ack(*uaid, appid, version).await {
+            match state.delivery.store.ack(*uaid, appid, version).await {
                 Ok(true) => cleared += 1,
                 Ok(false) => {}
                 Err(e) => {
@@ -518,11 +523,11 @@ pub(crate) async fn ack_events(
     match commit {
         AckCommit::Now => {
             result?;
-            state.sync().await?;
+            state.delivery.sync().await?;
         }
         AckCommit::BeforeNextFrame(unsettled) => {
             if cleared > 0 {
-                *unsettled = Some(state.store.request_commit());
+                *unsettled = Some(state.delivery.store.request_commit());
             }
             result?;
         }
@@ -547,13 +552,14 @@ pub async fn register_uaid(
     let reply = |result| RegistrationReply::new(uaid_s, appid_s, result);
     let max = state.config.limits.max_appids_per_uaid;
     match state
+        .delivery
         .store
         .register(uaid, appid, TokenId::random(), change, max)
         .await?
     {
         Registered::Token(id) => {
             watch::apply(state, uaid, appid, id, watch).await?;
-            state.sync().await?;
+            state.delivery.sync().await?;
             let endpoint = format!("{}/v1/e/{}", state.public_url, state.keys.seal_token(&id));
             Ok(reply(Ok(Some(&endpoint))))
         }
@@ -573,7 +579,7 @@ pub async fn unregister_uaid(
     }
     let reply = |result| RegistrationReply::new(uaid_s, appid_s, result);
     if unregister_local(state, uaid, appid).await? {
-        state.sync().await?;
+        state.delivery.sync().await?;
         Ok(reply(Ok(None)))
     } else {
         Ok(reply(Err(EntryError::NotRegistered)))
@@ -584,8 +590,8 @@ pub async fn unregister_uaid(
 /// `false` if there was none. Not yet durable: the caller syncs.
 pub async fn unregister_local(state: &AppState, uaid: Uaid, appid: Appid) -> Result<bool, StoreError> {
     let gone_until = now_ms().saturating_add(state.config.limits.gone_ttl_secs.saturating_mul(1000));
-    let unregistering = state.registry.unregistering();
-    let removed = state.store.unregister(uaid, appid, gone_until).await?;
+    let unregistering = state.delivery.registry.unregistering();
+    let removed = state.delivery.store.unregister(uaid, appid, gone_until).await?;
     drop(unregistering);
     if removed {
         watch::forget(state, uaid, appid);
@@ -599,7 +605,7 @@ pub async fn read_pending(state: &AppState, uaids: &[Uaid]) -> Result<Vec<proto:
     let now = now_ms();
     let mut found = Vec::new();
     for uaid in uaids {
-        let events = state.store.pending(*uaid, now).await?;
+        let events = state.delivery.store.pending(*uaid, now).await?;
         if !events.is_empty() {
             found.push((*uaid, events));
         }
@@ -633,7 +639,7 @@ pub async fn authenticate_all(
     }
     if bound_any {
         // A secret is handed out only once its binding is durable.
-        state.sync().await?;
+        state.delivery.sync().await?;
     }
     Ok((statuses, claimed))
 }
@@ -648,7 +654,7 @@ async fn authenticate(
         // No UAID: a new one (a secret without its UAID identifies nothing).
         (None, _) => loop {
             let uaid = Uaid::random();
-            if state.store.bind_uaid(uaid).await? {
+            if state.delivery.store.bind_uaid(uaid).await? {
                 *bound_any = true;
                 return Ok(issued(uaid));
             }
@@ -659,7 +665,7 @@ async fn authenticate(
                 return failed(EntryError::InvalidUaid);
             };
             match secret {
-                None if state.store.bind_uaid(uaid).await? => {
+                None if state.delivery.store.bind_uaid(uaid).await? => {
                     *bound_any = true;
                     Ok(issued(uaid))
                 }
@@ -667,7 +673,7 @@ async fn authenticate(
                 Some(secret) if state.keys.check_secret(&uaid, secret) => {
                     // Seen now (it does not expire as idle); re-bound if its record was lost or
                     // expired: the secret proves we issued it.
-                    *bound_any |= state.store.touch_uaid(uaid, now_ms()).await?;
+                    *bound_any |= state.delivery.store.touch_uaid(uaid, now_ms()).await?;
                     Ok(UaidStatus::ok(s.clone(), None))
                 }
                 Some(_) => failed(EntryError::BadSecret),
@@ -709,25 +715,26 @@ mod tests {
     use crate::keys::Keys;
     use crate::push::events::{self, Outcome, Reached};
     use crate::push::proto::ServerMessage;
+    use crate::state::Shared;
     use crate::store::{AnyStore, MemoryStore, VersionReq};
 
-    fn state() -> Arc<AppState> {
+    fn state() -> AppState {
         let keys = Keys::from_text(&Keys::generate_text(), "test").unwrap();
         let store = AnyStore::Memory(MemoryStore::new());
-        Arc::new(AppState::new(Config::default(), keys, store, None))
+        Shared::new(Config::default(), keys, store, None).into()
     }
 
     /// A state whose UDP driver may reach 127.0.0.1.
-    async fn state_with_udp() -> Arc<AppState> {
+    async fn state_with_udp() -> AppState {
         let mut config = Config::default();
         config.kick.udp.enabled = true;
         config.kick.udp.allow = vec!["127.0.0.1/32".into()];
         let keys = Keys::from_text(&Keys::generate_text(), "test").unwrap();
         let store = AnyStore::Memory(MemoryStore::new());
         let kick_keys = wake::load_keys(&config, &store).await.unwrap();
-        let state = Arc::new(AppState::new(config, keys, store, None));
-        wake::install(&state, &kick_keys).unwrap();
-        state
+        let shared = Shared::new(config, keys, store, None);
+        wake::install(&shared.delivery, &shared.config, &kick_keys).unwrap();
+        shared.into()
     }
 
     /// The messages a session answered with; an UPDATE (written once, not typed) parsed back.
@@ -748,7 +755,7 @@ mod tests {
     }
 
     /// A greeted session holding one new UAID: (session, uaid).
-    async fn greeted(state: &Arc<AppState>, kick: serde_json::Value) -> (Session, String) {
+    async fn greeted(state: &AppState, kick: serde_json::Value) -> (Session, String) {
         let mut session = Session::new(state.clone());
         let hello = serde_json::json!({"type": "hello", "uaids": [{}], "kick": kick});
         let out = send(&mut session, hello).await.unwrap();
@@ -801,7 +808,7 @@ mod tests {
         let (mut session, uaid_s) = greeted(&state, hook.clone()).await;
         let (uaid, appid) = (Uaid::parse(&uaid_s).unwrap(), Appid::random());
         let appid_s = appid.to_string();
-        let stored = || state.store.kick(uaid, appid);
+        let stored = || state.delivery.store.kick(uaid, appid);
         register(&mut session, &uaid_s, &appid_s, None).await;
         assert_eq!(
             stored().await.unwrap(),
@@ -816,7 +823,7 @@ mod tests {
         register(&mut session, &uaid_s, &appid_s, Some(udp.clone())).await;
 
         // Held here: reached locally, no kick.
-        let raised = events::raise(&state, uaid, appid, VersionReq::Exact(1), u64::MAX)
+        let raised = events::raise(&state.delivery, uaid, appid, VersionReq::Exact(1), u64::MAX)
             .await
             .unwrap();
         let Outcome::Raised(raised) = raised else {
@@ -825,7 +832,7 @@ mod tests {
         assert_eq!((raised.reached, raised.kick), (Reached::Local, None));
         // Nobody holds it once the session is gone: the kick comes back.
         drop(session);
-        let raised = events::raise(&state, uaid, appid, VersionReq::Exact(2), u64::MAX)
+        let raised = events::raise(&state.delivery, uaid, appid, VersionReq::Exact(2), u64::MAX)
             .await
             .unwrap();
         let Outcome::Raised(raised) = raised else {
@@ -833,7 +840,7 @@ mod tests {
         };
         assert_eq!(raised.reached, Reached::Nobody);
         assert_eq!(raised.kick, Some(udp.to_string().into_bytes()));
-        let superseded = events::raise(&state, uaid, appid, VersionReq::Exact(2), u64::MAX).await;
+        let superseded = events::raise(&state.delivery, uaid, appid, VersionReq::Exact(2), u64::MAX).await;
         assert_eq!(superseded.unwrap(), Outcome::Superseded(2));
     }
 
@@ -875,7 +882,7 @@ mod tests {
             assert_eq!(reply.endpoint, None);
         }
         let uaid = Uaid::parse(&uaid_s).unwrap();
-        assert_eq!(state.store.kicks(uaid).await.unwrap(), vec![]);
+        assert_eq!(state.delivery.store.kicks(uaid).await.unwrap(), vec![]);
         let mut fresh = Session::new(state.clone());
         let hello = serde_json::json!({"type": "hello", "uaids": [{}], "kick": {"driver": "udp", "addr": "127.0.0.2:9"}});
         let refused = send(&mut fresh, hello).await.unwrap_err();
@@ -897,14 +904,14 @@ mod tests {
             }
         };
         for version in [5, 6] {
-            events::raise(&state, uaid, appid, VersionReq::Exact(version), u64::MAX)
+            events::raise(&state.delivery, uaid, appid, VersionReq::Exact(version), u64::MAX)
                 .await
                 .unwrap();
         }
         let mut out = Vec::new();
         session.on_mailbox(&mut out).await.unwrap();
         assert_eq!(update(&mut out), Some(6));
-        events::raise(&state, uaid, appid, VersionReq::Exact(7), u64::MAX)
+        events::raise(&state.delivery, uaid, appid, VersionReq::Exact(7), u64::MAX)
             .await
             .unwrap();
         session.on_mailbox(&mut out).await.unwrap();
@@ -912,7 +919,10 @@ mod tests {
         let ack = serde_json::json!({"type": "ack", "uaids": [uaid_s]});
         session.on_text(&ack.to_string(), &mut out).await.unwrap();
         assert_eq!(update(&mut out), Some(7), "sent after the ACK of 6");
-        assert_eq!(state.store.pending(uaid, 0).await.unwrap(), vec![(appid, 7)]);
+        assert_eq!(
+            state.delivery.store.pending(uaid, 0).await.unwrap(),
+            vec![(appid, 7)]
+        );
     }
 
     /// The one ACK path: only the acknowledged version is cleared (a newer one stays pending);
@@ -924,7 +934,7 @@ mod tests {
         let (mut session, uaid_s) = greeted(&state, serde_json::Value::Null).await;
         let (uaid, appid) = (Uaid::parse(&uaid_s).unwrap(), Appid::random());
         register(&mut session, &uaid_s, &appid.to_string(), None).await;
-        events::raise(&state, uaid, appid, VersionReq::Exact(5), u64::MAX)
+        events::raise(&state.delivery, uaid, appid, VersionReq::Exact(5), u64::MAX)
             .await
             .unwrap();
         let mut ticket = None;
@@ -932,7 +942,10 @@ mod tests {
         let cleared = ack_events(&state, &stale, AckCommit::BeforeNextFrame(&mut ticket)).await;
         assert_eq!(cleared.unwrap(), 0);
         assert_eq!(ticket, None, "nothing cleared, no commit to wait for");
-        assert_eq!(state.store.pending(uaid, 0).await.unwrap(), vec![(appid, 5)]);
+        assert_eq!(
+            state.delivery.store.pending(uaid, 0).await.unwrap(),
+            vec![(appid, 5)]
+        );
         assert_eq!(ack_events(&state, &stale, AckCommit::Now).await.unwrap(), 0);
         let current = [(uaid, vec![(appid, 5)])];
         let cleared = ack_events(&state, &current, AckCommit::BeforeNextFrame(&mut ticket)).await;
@@ -941,7 +954,7 @@ mod tests {
             ticket.is_some(),
             "the socket waits for this before its next frame"
         );
-        assert_eq!(state.store.pending(uaid, 0).await.unwrap(), vec![]);
+        assert_eq!(state.delivery.store.pending(uaid, 0).await.unwrap(), vec![]);
     }
 
     /// An ACK whose later UAID does not parse still clears (and commits) what the earlier ones
@@ -952,7 +965,7 @@ mod tests {
         let (mut session, uaid_s) = greeted(&state, serde_json::Value::Null).await;
         let (uaid, appid) = (Uaid::parse(&uaid_s).unwrap(), Appid::random());
         register(&mut session, &uaid_s, &appid.to_string(), None).await;
-        events::raise(&state, uaid, appid, VersionReq::Exact(3), u64::MAX)
+        events::raise(&state.delivery, uaid, appid, VersionReq::Exact(3), u64::MAX)
             .await
             .unwrap();
         let mut out = Vec::new();
@@ -961,7 +974,7 @@ mod tests {
         let ack = serde_json::json!({"type": "ack", "uaids": [uaid_s, "nope"]});
         let refused = send(&mut session, ack).await.unwrap_err();
         assert_eq!(refused.slug(), "invalid_frame");
-        assert_eq!(state.store.pending(uaid, 0).await.unwrap(), vec![]);
+        assert_eq!(state.delivery.store.pending(uaid, 0).await.unwrap(), vec![]);
         assert!(
             session.unsettled.is_some(),
             "its commit is waited for before the error frame"

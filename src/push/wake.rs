@@ -2,7 +2,7 @@
 //! [`crate::kick`] (a library that knows nothing of connections or stores).
 //!
 //! * Start-up: [`load_keys`] (the drivers' secrets, per backend) and [`install`] (drivers,
-//!   scheduler and metrics, with hooks back into the state).
+//!   scheduler and metrics, with hooks back into the [`Delivery`] part).
 //! * hello/register: [`canonical`] checks a client's `kick` with the drivers; what is stored is
 //!   the driver's canonical target.
 //! * A raise that reached nobody: [`raised`] reads every distinct stored target of the UAID and
@@ -10,7 +10,7 @@
 //! * A connection that takes a UAID: [`connected`] stops its kicks on this node; kicks on other
 //!   nodes stop at their next attempt, when `still_away` sees the route.
 
-use std::sync::{Arc, LazyLock, Weak};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::ids::Uaid;
 use crate::kick::scheduler::Hooks;
 use crate::kick::{Drivers, KickError, KickKeys, Kicks, SetupError, Target};
-use crate::state::AppState;
+use crate::push::delivery::{Delivery, WeakDelivery};
 use crate::store::{now_ms, AnyStore, Store};
 
 /// The drivers' secrets: from config, else kept in the data dir (sled) or in Redis (shared by
@@ -38,16 +38,16 @@ pub async fn load_keys(config: &Config, store: &AnyStore) -> Result<KickKeys, Se
     }
 }
 
-/// Builds the enabled drivers and the scheduler into `state` (once; a second call is ignored).
-/// The hooks hold the state weakly: the state owns the scheduler that owns them.
-pub fn install(state: &Arc<AppState>, keys: &KickKeys) -> Result<(), SetupError> {
-    let weak = Arc::downgrade(state);
+/// Builds the enabled drivers (`[kick.*]` of `config`) and the scheduler into `delivery` (once;
+/// a second call is ignored). The hooks hold it weakly: it owns the scheduler that owns them.
+pub fn install(delivery: &Delivery, config: &Config, keys: &KickKeys) -> Result<(), SetupError> {
+    let weak = delivery.downgrade();
     let gone = weak.clone();
     let hooks = Hooks {
         on_gone: Arc::new(move |uaid, target: &Target| forget(&gone, uaid, target)),
         still_away: Arc::new(move |uaid| Box::pin(still_away(weak.clone(), uaid))),
     };
-    let kicks = Kicks::new(&state.config.kick, keys, &state.metrics, hooks)?;
+    let kicks = Kicks::new(&config.kick, keys, &delivery.metrics, hooks)?;
     let enabled: Vec<&str> = crate::kick::BUILT_IN
         .iter()
         .map(|(name, _)| *name)
@@ -56,16 +56,16 @@ pub fn install(state: &Arc<AppState>, keys: &KickKeys) -> Result<(), SetupError>
     if !enabled.is_empty() {
         tracing::info!(drivers = ?enabled, "KICK drivers enabled");
     }
-    let _ = state.kicks.set(kicks);
+    let _ = delivery.kicks.set(kicks);
     Ok(())
 }
 
-/// No drivers: what a state without [`install`] validates against (every kick unsupported).
+/// No drivers: what a delivery part without [`install`] validates against (every kick unsupported).
 static NO_DRIVERS: LazyLock<Arc<Drivers>> = LazyLock::new(Arc::default);
 
 /// The enabled drivers (none if [`install`] did not run).
-pub fn drivers(state: &AppState) -> Arc<Drivers> {
-    state
+pub fn drivers(delivery: &Delivery) -> Arc<Drivers> {
+    delivery
         .kicks
         .get()
         .map_or_else(|| NO_DRIVERS.clone(), |k| k.drivers.clone())
@@ -73,24 +73,24 @@ pub fn drivers(state: &AppState) -> Arc<Drivers> {
 
 /// A client's `kick` object (already checked to be an object of bounded size), validated by
 /// its driver: the canonical target JSON to store. May resolve the target's host name.
-pub async fn canonical(state: &AppState, kick: &Value) -> Result<Vec<u8>, KickError> {
-    let target = drivers(state).validate(kick).await?;
+pub async fn canonical(delivery: &Delivery, kick: &Value) -> Result<Vec<u8>, KickError> {
+    let target = drivers(delivery).validate(kick).await?;
     Ok(target.json().as_bytes().to_vec())
 }
 
 /// A raise for `uaid` reached no connection: kick every distinct stored target of its
 /// registrations until the event expires at `expires_at_ms`. Returns at once; the store read
 /// and the kicks run in a task.
-pub fn raised(state: &Arc<AppState>, uaid: Uaid, expires_at_ms: u64) {
-    let Some(kicks) = state.kicks.get() else {
+pub fn raised(delivery: &Delivery, uaid: Uaid, expires_at_ms: u64) {
+    let Some(kicks) = delivery.kicks.get() else {
         return;
     };
     if kicks.drivers.is_empty() {
         return;
     }
-    let (state, scheduler) = (state.clone(), kicks.scheduler.clone());
+    let (delivery, scheduler) = (delivery.clone(), kicks.scheduler.clone());
     tokio::spawn(async move {
-        let stored = match state.store.kicks(uaid).await {
+        let stored = match delivery.store.kicks(uaid).await {
             Ok(stored) => stored,
             Err(e) => {
                 // The event stays pending; the client takes it when it comes back on its own.
@@ -112,8 +112,8 @@ pub fn raised(state: &Arc<AppState>, uaid: Uaid, expires_at_ms: u64) {
 }
 
 /// A connection on this node now holds these UAIDs: their kicks here stop.
-pub fn connected(state: &AppState, uaids: &[Uaid]) {
-    if let Some(kicks) = state.kicks.get() {
+pub fn connected(delivery: &Delivery, uaids: &[Uaid]) {
+    if let Some(kicks) = delivery.kicks.get() {
         for uaid in uaids {
             kicks.scheduler.connected(uaid);
         }
@@ -121,21 +121,21 @@ pub fn connected(state: &AppState, uaids: &[Uaid]) {
 }
 
 /// Forgets debounce state that limits nothing any more (the sweeper calls it).
-pub fn prune(state: &AppState) {
-    if let Some(kicks) = state.kicks.get() {
+pub fn prune(delivery: &Delivery) {
+    if let Some(kicks) = delivery.kicks.get() {
         kicks.scheduler.prune();
     }
 }
 
 /// `on_gone`: the driver says the target no longer exists; remove it from the UAID's
 /// registrations, in a task (the hook must not block the kick task).
-fn forget(state: &Weak<AppState>, uaid: Uaid, target: &Target) {
-    let Some(state) = state.upgrade() else {
+fn forget(delivery: &WeakDelivery, uaid: Uaid, target: &Target) {
+    let Some(delivery) = delivery.upgrade() else {
         return;
     };
     let kick = target.json().as_bytes().to_vec();
     tokio::spawn(async move {
-        match state.store.remove_kick(uaid, &kick).await {
+        match delivery.store.remove_kick(uaid, &kick).await {
             Ok(n) => tracing::info!(removed = n, "a kick target is gone; removed"),
             // Kept: the next kick gets the same answer and tries again.
             Err(e) => tracing::warn!(error = %e, "removing a gone kick failed"),
@@ -146,21 +146,21 @@ fn forget(state: &Weak<AppState>, uaid: Uaid, target: &Target) {
 /// `still_away`: no connection on any node holds the UAID (this node's registry; on Redis its
 /// route) and it still has an event pending. On an error, `true`: a needless kick is cheaper
 /// than a missed one.
-async fn still_away(state: Weak<AppState>, uaid: Uaid) -> bool {
-    let Some(state) = state.upgrade() else {
+async fn still_away(delivery: WeakDelivery, uaid: Uaid) -> bool {
+    let Some(delivery) = delivery.upgrade() else {
         return false;
     };
-    if state.registry.is_held(&uaid) || state.lifecycle.is_stopping() {
+    if delivery.registry.is_held(&uaid) || delivery.lifecycle.is_stopping() {
         return false;
     }
-    if let Some(routes) = &state.routes {
+    if let Some(routes) = &delivery.routes {
         match routes.is_routed(uaid).await {
             Ok(true) => return false,
             Ok(false) => {}
             Err(e) => tracing::debug!(error = %e, "route lookup for a kick failed"),
         }
     }
-    match state.store.pending(uaid, now_ms()).await {
+    match delivery.store.pending(uaid, now_ms()).await {
         Ok(events) => !events.is_empty(),
         Err(e) => {
             tracing::debug!(error = %e, "pending lookup for a kick failed");

@@ -20,10 +20,12 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::ids::{Appid, TokenId, Uaid};
+use crate::push::delivery::Delivery;
 use crate::push::events::{self, Outcome};
 use crate::push::proto::EntryError;
 use crate::state::AppState;
-use crate::store::{now_ms, SledDb, Store, StoreError, TokenTarget, VersionReq};
+use crate::storage::Storage;
+use crate::store::{now_ms, AnyStore, SledDb, Store, StoreError, TokenTarget, VersionReq};
 
 /// What a user's registration watches: collections of one storage user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,41 +128,35 @@ pub fn forget(state: &AppState, uaid: Uaid, appid: Appid) {
     }
 }
 
-/// Gives the storage service the observer that raises watchers' events. Holds the state weakly
-/// (the state holds the storage service).
-pub fn install(state: &Arc<AppState>) {
-    let (Some(storage), Some(_)) = (&state.storage, &state.watches) else {
-        return;
-    };
-    let weak = Arc::downgrade(state);
-    tokio::spawn(sweep_loop(weak.clone()));
+/// Gives the storage service the observer that raises watchers' events through `delivery`;
+/// `ttl_secs` is how long such an event stays pending (`limits.default_ttl_secs`). No cycle: the
+/// storage service keeps the observer, which keeps the delivery part and the watches.
+pub fn install(storage: &Storage, watches: &Watches, delivery: &Delivery, ttl_secs: u64) {
+    let (watches, delivery) = (watches.clone(), delivery.clone());
     storage.set_observer(Arc::new(move |uid, collection: &str, modified| {
-        let Some(state) = weak.upgrade() else { return };
+        let (watches, delivery) = (watches.clone(), delivery.clone());
         let collection = collection.to_owned();
         // Never on the storage request's path: it has answered once this runs.
-        tokio::spawn(async move { raise_watchers(&state, uid, &collection, modified).await });
+        tokio::spawn(async move {
+            raise_watchers(&watches, &delivery, ttl_secs, uid, &collection, modified).await
+        });
     }));
 }
 
-/// Every `sweep_interval_secs` until shutdown, drops the watches whose registration is gone:
-/// expired as idle (the store's sweep knows nothing of watches), or unregistered where
-/// [`forget`] did not run. Holds the state only while it sweeps.
-async fn sweep_loop(state: std::sync::Weak<AppState>) {
-    let Some(every) = state
-        .upgrade()
-        .map(|s| std::time::Duration::from_secs(s.config.limits.sweep_interval_secs.max(1)))
-    else {
-        return;
-    };
-    let mut tick = tokio::time::interval(every);
+/// Every `every` until shutdown, drops the watches whose registration is gone: expired as idle
+/// (the store's sweep knows nothing of watches), or unregistered where [`forget`] did not run.
+pub async fn sweep_loop(watches: Watches, delivery: Delivery, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every.max(std::time::Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let stopping = delivery.lifecycle.stopping();
+    tokio::pin!(stopping);
     loop {
-        tick.tick().await;
-        let Some(state) = state.upgrade().filter(|s| !s.lifecycle.is_stopping()) else {
-            return;
-        };
-        match sweep(&state).await {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stopping => return,
+        }
+        match sweep(&watches, &delivery.store).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(watches = n, "dropped the watches of gone registrations"),
             Err(e) => tracing::warn!(error = %e, "sweeping watches failed"),
@@ -169,16 +165,13 @@ async fn sweep_loop(state: std::sync::Weak<AppState>) {
 }
 
 /// Drops every watch whose token no longer points at its registration; returns how many.
-pub async fn sweep(state: &AppState) -> Result<u64, StoreError> {
-    let Some(watches) = &state.watches else {
-        return Ok(0);
-    };
+pub async fn sweep(watches: &Watches, store: &AnyStore) -> Result<u64, StoreError> {
     let mut removed = 0;
     let mut after = None;
     loop {
         let (batch, next) = watches.registrations(after.as_deref(), SWEEP_BATCH)?;
         for w in batch {
-            let live = match state.store.lookup_token(w.token).await? {
+            let live = match store.lookup_token(w.token).await? {
                 TokenTarget::Active(uaid, appid) => (uaid, appid) == (w.uaid, w.appid),
                 TokenTarget::Gone | TokenTarget::Unknown => false,
             };
@@ -197,8 +190,14 @@ pub async fn sweep(state: &AppState) -> Result<u64, StoreError> {
 const SWEEP_BATCH: usize = 1024;
 
 /// Raises `modified` for every registration watching (`uid`, `collection`).
-async fn raise_watchers(state: &Arc<AppState>, uid: u64, collection: &str, modified: u64) {
-    let Some(watches) = &state.watches else { return };
+async fn raise_watchers(
+    watches: &Watches,
+    delivery: &Delivery,
+    ttl_secs: u64,
+    uid: u64,
+    collection: &str,
+    modified: u64,
+) {
     let watchers = match watches.watchers(uid, collection) {
         Ok(watchers) => watchers,
         Err(e) => {
@@ -206,9 +205,9 @@ async fn raise_watchers(state: &Arc<AppState>, uid: u64, collection: &str, modif
             return;
         }
     };
-    let expires = now_ms().saturating_add(state.config.limits.default_ttl_secs.saturating_mul(1000));
+    let expires = now_ms().saturating_add(ttl_secs.saturating_mul(1000));
     for w in watchers {
-        let live = match state.store.lookup_token(w.token).await {
+        let live = match delivery.store.lookup_token(w.token).await {
             Ok(TokenTarget::Active(uaid, appid)) => (uaid, appid) == (w.uaid, w.appid),
             Ok(TokenTarget::Gone | TokenTarget::Unknown) => false,
             Err(e) => {
@@ -217,7 +216,7 @@ async fn raise_watchers(state: &Arc<AppState>, uid: u64, collection: &str, modif
             }
         };
         let outcome = if live {
-            events::raise(state, w.uaid, w.appid, VersionReq::Exact(modified), expires).await
+            events::raise(delivery, w.uaid, w.appid, VersionReq::Exact(modified), expires).await
         } else {
             Ok(Outcome::Gone)
         };
@@ -438,22 +437,17 @@ mod tests {
     /// The sweep keeps the watches of live registrations and drops the others, across batches.
     #[tokio::test]
     async fn the_sweep_drops_only_watches_whose_registration_is_gone() {
-        use crate::keys::Keys;
-        use crate::store::{AnyStore, KickChange, MemoryStore, Registered};
+        use crate::store::{KickChange, MemoryStore, Registered};
         let dir = tempfile::tempdir().unwrap();
         let db = SledDb::open(dir.path(), 1 << 20, Duration::from_secs(30)).unwrap();
-        let keys = Keys::from_text(&Keys::generate_text(), "test").unwrap();
         let store = AnyStore::Memory(MemoryStore::new());
-        let mut state = AppState::new(crate::config::Config::default(), keys, store, None);
-        state.watches = Some(Watches::open(&db).unwrap());
-        let watches = state.watches.clone().unwrap();
+        let watches = Watches::open(&db).unwrap();
         let w = watch(1, &["bookmarks"]);
         let mut live = Vec::new();
         for i in 0..(SWEEP_BATCH + 5) {
             let (uaid, appid) = (Uaid::random(), Appid::random());
             let token = if i % 2 == 0 {
-                let registered = state
-                    .store
+                let registered = store
                     .register(uaid, appid, TokenId::random(), KickChange::Keep, 10)
                     .await
                     .unwrap();
@@ -468,7 +462,7 @@ mod tests {
             watches.set(uaid, appid, Some((token, &w))).unwrap();
         }
         let gone = SWEEP_BATCH + 5 - live.len();
-        assert_eq!(sweep(&state).await.unwrap(), gone as u64);
+        assert_eq!(sweep(&watches, &store).await.unwrap(), gone as u64);
         let mut left: Vec<Appid> = watches
             .watchers(1, "bookmarks")
             .unwrap()
@@ -478,7 +472,7 @@ mod tests {
         left.sort_by_key(|a| *a.as_bytes());
         live.sort_by_key(|a| *a.as_bytes());
         assert_eq!(left, live);
-        assert_eq!(sweep(&state).await.unwrap(), 0);
+        assert_eq!(sweep(&watches, &store).await.unwrap(), 0);
     }
 
     #[tokio::test]

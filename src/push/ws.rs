@@ -5,7 +5,6 @@
 //! A send that blocks longer than `send_timeout_secs` drops that client alone.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::ExtensionRejection;
@@ -25,7 +24,7 @@ use crate::state::{AppState, Lifecycle};
 /// `GET /v1/ws`: upgrades with the configured limits; a request that is no WebSocket handshake
 /// gets a JSON error like every other HTTP error.
 pub async fn upgrade(
-    State(state): State<Arc<AppState>>,
+    State(state): State<AppState>,
     State(lifecycle): State<Lifecycle>,
     peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
     headers: HeaderMap,
@@ -65,7 +64,7 @@ const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 /// lifetime, so it holds only what the idle wait needs, and everything the loop does when woken
 /// (handling a frame, sending, closing) runs boxed, on the heap only while it runs. The task went
 /// from 2,576 to 1,024 bytes this way (measured with -Zprint-type-sizes; see bench/RESULTS.md).
-async fn serve(state: Arc<AppState>, mut socket: Box<WebSocket>, client: Option<IpAddr>) {
+async fn serve(state: AppState, mut socket: Box<WebSocket>, client: Option<IpAddr>) {
     let _open = state.open_socket();
     let limits = &state.config.limits;
     let mut session = Session::new(state.clone());

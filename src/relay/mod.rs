@@ -28,6 +28,7 @@ pub use self::config::{RelayConfig, Transport};
 use crate::config::Config;
 use crate::ids::{Appid, TokenId, Uaid};
 use crate::metrics::Metrics;
+use crate::push::delivery::Delivery;
 use crate::push::events::{self, Outcome};
 use crate::push::proto::{Credential, EntryError, RegistrationReply, StatusEntry, UaidStatus, WsError};
 use crate::state::AppState;
@@ -59,7 +60,7 @@ impl From<StoreError> for RelayError {
     }
 }
 
-/// A relay's shared state: handlers reach it through `AppState::relay`, the link task owns the
+/// A relay's shared state: handlers reach it through `AppState`'s `relay` part, the link task owns the
 /// socket or the polls.
 pub struct Relay {
     config: RelayConfig,
@@ -309,14 +310,14 @@ impl Relay {
             }
             if let Some(uaid) = status.uaid.as_deref().and_then(|s| Uaid::parse(s).ok()) {
                 if !claimed.contains(&uaid) {
-                    wrote |= state.store.touch_uaid(uaid, now).await?;
+                    wrote |= state.delivery.store.touch_uaid(uaid, now).await?;
                     claimed.push(uaid);
                 }
             }
         }
         if wrote {
             // The book entries and bindings, before any secret or UPDATE goes out.
-            state.sync().await?;
+            state.delivery.sync().await?;
         }
         Ok((statuses, claimed))
     }
@@ -341,11 +342,12 @@ impl Relay {
         if reply.status == 200 {
             let token = TokenId::random();
             match state
+                .delivery
                 .store
                 .register(uaid, appid, token, change, self.max_appids)
                 .await?
             {
-                Registered::Token(_) => state.sync().await?,
+                Registered::Token(_) => state.delivery.sync().await?,
                 Registered::TooMany => return Ok(failed(EntryError::TooManyRegistrations)),
             }
         }
@@ -371,7 +373,7 @@ impl Relay {
         if matches!(reply.status, 200 | 404)
             && crate::push::session::unregister_local(state, uaid, appid).await?
         {
-            state.sync().await?;
+            state.delivery.sync().await?;
         }
         Ok(pass_through(reply, uaid_s, appid_s))
     }
@@ -464,7 +466,7 @@ impl Relay {
 /// the caller ACK it upstream. A registration this relay has no copy of (made before it
 /// relayed, or expired here) is recreated so no event is lost.
 pub(crate) async fn store_updates(
-    state: &Arc<AppState>,
+    delivery: &Delivery,
     relay: &Relay,
     updates: &Updates,
 ) -> Result<(), StoreError> {
@@ -480,13 +482,13 @@ pub(crate) async fn store_updates(
     }
     let raise = |(uaid, appid, version): (Uaid, Appid, u64)| async move {
         let request = VersionReq::Exact(version);
-        if let Outcome::Gone = events::raise(state, uaid, appid, request, expires).await? {
+        if let Outcome::Gone = events::raise(delivery, uaid, appid, request, expires).await? {
             let token = TokenId::random();
-            state
+            delivery
                 .store
                 .register(uaid, appid, token, KickChange::Keep, relay.max_appids)
                 .await?;
-            events::raise(state, uaid, appid, request, expires).await?;
+            events::raise(delivery, uaid, appid, request, expires).await?;
         }
         Ok::<(), StoreError>(())
     };
@@ -496,19 +498,16 @@ pub(crate) async fn store_updates(
     Ok(())
 }
 
-/// Starts the upstream link of a relay node (nothing on other nodes). Each task ends when
-/// shutdown begins.
-pub fn start(state: &Arc<AppState>) -> Vec<JoinHandle<()>> {
-    let Some(relay) = state.relay.clone() else {
-        return Vec::new();
-    };
+/// Starts the upstream link of a relay node, storing what it receives through `delivery`. Each
+/// task ends when shutdown begins.
+pub fn start(relay: &Arc<Relay>, delivery: &Delivery) -> Vec<JoinHandle<()>> {
     match &relay.transport {
         TransportHandle::Ws { inbox, .. } => match lock(inbox).take() {
-            Some(rx) => vec![tokio::spawn(ws_link::run(state.clone(), relay.clone(), rx))],
+            Some(rx) => vec![tokio::spawn(ws_link::run(delivery.clone(), relay.clone(), rx))],
             None => Vec::new(),
         },
         TransportHandle::Poll(http) => {
-            let task = poll_link::run(state.clone(), relay.clone(), http.clone());
+            let task = poll_link::run(delivery.clone(), relay.clone(), http.clone());
             vec![tokio::spawn(task)]
         }
     }

@@ -14,8 +14,8 @@ use tokio::task::JoinHandle;
 
 use super::{backoff, store_updates, Relay, RelayConfig, RelayError, Updates};
 use crate::ids::{Appid, Uaid};
+use crate::push::delivery::Delivery;
 use crate::push::proto::{Credential, RegistrationReply, StatusEntry};
-use crate::state::AppState;
 
 /// The HTTP client of the upstream, and what every call needs.
 pub struct Http {
@@ -179,12 +179,12 @@ impl Http {
 type Chunk = Vec<(Uaid, String)>;
 
 /// Runs the polls until shutdown: one task per chunk of the book, re-chunked as it grows.
-pub async fn run(state: Arc<AppState>, relay: Arc<Relay>, http: Arc<Http>) {
+pub async fn run(delivery: Delivery, relay: Arc<Relay>, http: Arc<Http>) {
     let mut book = relay.book.watch();
     let mut chunks: Vec<(watch::Sender<Chunk>, JoinHandle<()>)> = Vec::new();
     let every = Duration::from_secs(relay.config.ping_interval_secs);
     let mut probe = tokio::time::interval(every);
-    let stopping = state.lifecycle.stopping();
+    let stopping = delivery.lifecycle.stopping();
     tokio::pin!(stopping);
     loop {
         let all = relay.book.all();
@@ -201,7 +201,7 @@ pub async fn run(state: Arc<AppState>, relay: Arc<Relay>, http: Arc<Http>) {
                 }
                 None => {
                     let (tx, rx) = watch::channel(chunk.to_vec());
-                    let task = tokio::spawn(chunk_loop(state.clone(), relay.clone(), http.clone(), rx));
+                    let task = tokio::spawn(chunk_loop(delivery.clone(), relay.clone(), http.clone(), rx));
                     chunks.push((tx, task));
                 }
             }
@@ -222,7 +222,7 @@ pub async fn run(state: Arc<AppState>, relay: Arc<Relay>, http: Arc<Http>) {
 
 /// Polls one chunk for ever, restarting the poll when the chunk gains a UAID.
 async fn chunk_loop(
-    state: Arc<AppState>,
+    delivery: Delivery,
     relay: Arc<Relay>,
     http: Arc<Http>,
     mut creds: watch::Receiver<Chunk>,
@@ -231,7 +231,7 @@ async fn chunk_loop(
     loop {
         let current = creds.borrow_and_update().clone();
         let round = tokio::select! {
-            round = poll_round(&state, &relay, &http, &current) => round,
+            round = poll_round(&delivery, &relay, &http, &current) => round,
             changed = creds.changed() => match changed {
                 Ok(()) => continue,
                 Err(_) => return,
@@ -250,7 +250,7 @@ async fn chunk_loop(
 
 /// One poll; what it brings is stored durably, then ACKed upstream.
 async fn poll_round(
-    state: &Arc<AppState>,
+    delivery: &Delivery,
     relay: &Relay,
     http: &Http,
     creds: &[(Uaid, String)],
@@ -258,7 +258,7 @@ async fn poll_round(
     let answer = http.poll(creds).await?;
     relay.link_up();
     if let Some(updates) = answer.filter(|u| !u.is_empty()) {
-        store_updates(state, relay, &updates).await?;
+        store_updates(delivery, relay, &updates).await?;
         http.ack(creds, &updates).await?;
     }
     Ok(())

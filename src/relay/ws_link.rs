@@ -22,9 +22,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::{backoff, store_updates, Relay, RelayError, Updates};
 use crate::ids::{Appid, Uaid};
+use crate::push::delivery::Delivery;
 use crate::push::proto::{Credential, RegistrationReply, ServerMessage, StatusEntry};
 use crate::ratelimit::{Bucket, Rate};
-use crate::state::AppState;
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -50,14 +50,14 @@ enum Awaiting {
 }
 
 /// Runs the link until shutdown: connect, serve, back off, again.
-pub async fn run(state: Arc<AppState>, relay: Arc<Relay>, mut requests: mpsc::Receiver<Request>) {
+pub async fn run(delivery: Delivery, relay: Arc<Relay>, mut requests: mpsc::Receiver<Request>) {
     let url = format!("{}/v1/ws", relay.config.base_url());
     let mut attempt = 0u32;
-    let stopping = state.lifecycle.stopping();
+    let stopping = delivery.lifecycle.stopping();
     tokio::pin!(stopping);
     loop {
         let ended = tokio::select! {
-            ended = connection(&state, &relay, &url, &mut requests, &mut attempt) => match ended {
+            ended = connection(&delivery, &relay, &url, &mut requests, &mut attempt) => match ended {
                 Err(e) => e,
                 Ok(never) => match never {},
             },
@@ -97,7 +97,7 @@ impl Sender {
 
 /// One connection, from connect to failure (it never ends otherwise).
 async fn connection(
-    state: &Arc<AppState>,
+    delivery: &Delivery,
     relay: &Relay,
     url: &str,
     requests: &mut mpsc::Receiver<Request>,
@@ -164,7 +164,7 @@ async fn connection(
                 heard = Instant::now();
                 match msg? {
                     ServerMessage::Update { updates } => {
-                        let after = store_batch(state, relay, updates, &mut stream, &mut acks).await?;
+                        let after = store_batch(delivery, relay, updates, &mut stream, &mut acks).await?;
                         out.ack(&mut acks).await?;
                         if let Some(msg) = after {
                             on_message(relay, msg, &mut awaiting)?;
@@ -292,7 +292,7 @@ const MAX_BATCH_FRAMES: usize = 256;
 /// crash in between makes the upstream send them again, and the store's "only a newer version
 /// raises" makes the repeat a no-op. Returns the first other frame met, to handle next.
 async fn store_batch(
-    state: &Arc<AppState>,
+    delivery: &Delivery,
     relay: &Relay,
     first: Updates,
     stream: &mut SplitStream<Socket>,
@@ -320,7 +320,7 @@ async fn store_batch(
             }
         }
     }
-    store_updates(state, relay, &batch).await?;
+    store_updates(delivery, relay, &batch).await?;
     acks.uaids.extend(batch.into_keys());
     Ok(after)
 }
