@@ -378,6 +378,10 @@ pub async fn run(
         state.guards.clone(),
         state.config.limits.clone(),
     ))];
+    if let Some(storage) = &state.storage {
+        let sweep = storage.clone().sweep_loop(state.lifecycle.clone());
+        tasks.push(tokio::spawn(sweep));
+    }
     if let Some(watches) = &state.watches {
         let every = Duration::from_secs(state.config.limits.sweep_interval_secs);
         let sweep = crate::push::watch::sweep_loop(watches.clone(), delivery.clone(), every);

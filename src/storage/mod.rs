@@ -18,7 +18,7 @@ pub mod store;
 pub mod token;
 
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::http::request::Parts;
@@ -84,12 +84,11 @@ pub enum OpenError {
 }
 
 impl Storage {
-    /// Opens the storage API for `config` on `db` (see [`SledStorage::open`]) and starts its
-    /// sweeper. Must run inside the Tokio runtime; call it only when `config.storage` is enabled.
+    /// Opens the storage API for `config` on `db` (see [`SledStorage::open`]); the wiring runs
+    /// its [`Storage::sweep_loop`]. Call it only when `config.storage` is enabled.
     pub fn open(config: &crate::config::Config, db: &SledDb) -> Result<Arc<Storage>, OpenError> {
         let store = SledStorage::open(db).map_err(OpenError::Store)?;
         let storage = Storage::new(config.storage.clone(), &config.public_url(), Arc::new(store));
-        storage.start_sweeper();
         Ok(storage)
     }
 
@@ -266,34 +265,34 @@ impl Storage {
         }
     }
 
-    /// Deletes expired records and batches every `sweep_interval_secs`, until the service is dropped.
-    fn start_sweeper(self: &Arc<Self>) {
-        let weak: Weak<Storage> = Arc::downgrade(self);
-        let every = Duration::from_secs(self.config.sweep_interval_secs);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(storage) = weak.upgrade() else { return };
-                let store = storage.store.clone();
-                drop(storage);
-                let swept = tokio::task::spawn_blocking(move || store.sweep(bso::now_ms())).await;
-                match swept {
-                    Ok(Ok(stats)) if stats.records + stats.batches > 0 => {
-                        tracing::info!(
-                            records = stats.records,
-                            batches = stats.batches,
-                            "swept expired storage"
-                        );
-                    }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "storage sweep failed"),
-                    Err(e) => tracing::warn!(error = %e, "storage sweep panicked"),
-                }
+    /// Deletes expired records and batches every `sweep_interval_secs` until shutdown begins
+    /// (the wiring keeps the task's handle, so shutdown waits for a sweep in progress).
+    pub async fn sweep_loop(self: Arc<Self>, lifecycle: crate::state::Lifecycle) {
+        let mut tick = tokio::time::interval(Duration::from_secs(self.config.sweep_interval_secs));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let stopping = lifecycle.stopping();
+        tokio::pin!(stopping);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = &mut stopping => return,
             }
-        });
+            let store = self.store.clone();
+            let swept = tokio::task::spawn_blocking(move || store.sweep(bso::now_ms())).await;
+            match swept {
+                Ok(Ok(stats)) if stats.records + stats.batches > 0 => {
+                    tracing::info!(
+                        records = stats.records,
+                        batches = stats.batches,
+                        "swept expired storage"
+                    );
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "storage sweep failed"),
+                Err(e) => tracing::warn!(error = %e, "storage sweep panicked"),
+            }
+        }
     }
 }
 
