@@ -46,8 +46,15 @@ pub struct StorageConfig {
     /// Milliseconds a write may wait for durability (or for the user's other writes) before
     /// the request gets 503 with Retry-After and X-Weave-Backoff.
     pub write_timeout_ms: u64,
-    /// Seconds sent in Retry-After and X-Weave-Backoff with such a 503.
+    /// Seconds sent in Retry-After and X-Weave-Backoff with such a 503, and in the
+    /// X-Weave-Backoff of answers under load.
     pub backoff_secs: u64,
+    /// Storage requests in flight (the new one included) above which answers carry
+    /// X-Weave-Backoff; 0: never.
+    pub backoff_in_flight: usize,
+    /// Storage requests in flight (the new one included) above which a request is refused
+    /// with 503, Retry-After and X-Weave-Backoff; 0: never.
+    pub shed_in_flight: usize,
     /// Seconds between sweeps that delete expired records and batches.
     pub sweep_interval_secs: u64,
     /// End of life: "" (in service), "soft" (an X-Weave-Alert on every answer) or "hard" (513).
@@ -88,6 +95,8 @@ impl Default for StorageConfig {
             quota_bytes: 0,
             write_timeout_ms: 5000,
             backoff_secs: 5,
+            backoff_in_flight: 256,
+            shed_in_flight: 1024,
             sweep_interval_secs: 600,
             eol: String::new(),
             eol_message: String::new(),

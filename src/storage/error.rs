@@ -52,6 +52,9 @@ pub enum StorageError {
     UnsupportedMediaType,
     #[error("overloaded: retry in {retry_after_secs} s")]
     Unavailable { retry_after_secs: u64 },
+    /// Refused for load (`shed_in_flight`): answered as `Unavailable`, logged quietly.
+    #[error("shed for load: retry in {retry_after_secs} s")]
+    Overloaded { retry_after_secs: u64 },
     #[error("this service has reached its end of life")]
     EndOfLife,
     #[error("store: {0}")]
@@ -83,7 +86,9 @@ impl StorageError {
             StorageError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             StorageError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             StorageError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            StorageError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            StorageError::Unavailable { .. } | StorageError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             StorageError::EndOfLife => StatusCode::from_u16(513).unwrap_or(StatusCode::GONE),
             StorageError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -103,7 +108,9 @@ impl StorageError {
 impl IntoResponse for StorageError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() && !matches!(self, StorageError::EndOfLife) {
+        if status.is_server_error()
+            && !matches!(self, StorageError::EndOfLife | StorageError::Overloaded { .. })
+        {
             tracing::warn!(error = %self, "storage request failed");
         } else {
             tracing::debug!(error = %self, "storage request refused");
@@ -123,7 +130,8 @@ impl IntoResponse for StorageError {
             StorageError::PreconditionFailed { last_modified } => {
                 set_ts(&mut response, "x-last-modified", last_modified);
             }
-            StorageError::Unavailable { retry_after_secs } => {
+            StorageError::Unavailable { retry_after_secs }
+            | StorageError::Overloaded { retry_after_secs } => {
                 let headers = response.headers_mut();
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
                 headers.insert("x-weave-backoff", HeaderValue::from(retry_after_secs));

@@ -24,6 +24,7 @@ use serde_json::Value;
 
 use super::bso::{self, format_ts, now_ms, parse_ts, BsoIn, RecordLimits};
 use super::error::{code, set_ts, StorageError};
+use super::load::Level;
 use super::store::{BatchMeta, BsoMeta, Change, StorageStore, StoredBso, NO_EXPIRY};
 use super::Storage;
 
@@ -79,7 +80,8 @@ fn json(status: StatusCode, body: String) -> Response {
 }
 
 /// Headers of every storage answer: CORS preflights are answered here (before
-/// authentication), a hard end of life answers 513, and every answer gets
+/// authentication), a hard end of life answers 513, load is measured (and sheds or adds
+/// `X-Weave-Backoff`, see [`super::load`]), and every answer gets
 /// `X-Weave-Timestamp` (unless the handler set it: a write's own timestamp) and CORS and alert
 /// headers.
 async fn finish(State(storage): State<Arc<Storage>>, request: Request, next: Next) -> Response {
@@ -111,8 +113,26 @@ async fn finish(State(storage): State<Arc<Storage>>, request: Request, next: Nex
         r
     } else if config.eol == "hard" && !request.uri().path().starts_with("/__") {
         StorageError::EndOfLife.into_response()
-    } else {
+    } else if request.uri().path().starts_with("/__") {
+        // Heartbeats are neither counted as load nor refused for it.
         next.run(request).await
+    } else {
+        let entered = storage.load.enter();
+        match entered.level {
+            Level::Overloaded => StorageError::Overloaded {
+                retry_after_secs: config.backoff_secs,
+            }
+            .into_response(),
+            level => {
+                let mut response = next.run(request).await;
+                if level == Level::Busy && !response.headers().contains_key("x-weave-backoff") {
+                    response
+                        .headers_mut()
+                        .insert("x-weave-backoff", HeaderValue::from(config.backoff_secs));
+                }
+                response
+            }
+        }
     };
     storage.count(response.status());
     if !response.headers().contains_key("x-weave-timestamp") {
@@ -294,16 +314,31 @@ impl Storage {
         if outcome.data {
             outcome.changes.push(Change::SetUserModified(ts));
         }
+        // A wipe that keeps a record names no collection: the observer hears of every one it
+        // removed or moved, found by comparing the user's collections around it.
+        let wipe = outcome.data
+            && self.observer.get().is_some()
+            && outcome
+                .changes
+                .iter()
+                .any(|c| matches!(c, Change::DeleteAllExcept { .. }));
+        let before = if wipe {
+            Some(store.collections(uid).map_err(store_err)?)
+        } else {
+            None
+        };
         store.apply(uid, &outcome.changes).map_err(store_err)?;
         self.dirty[stripe].fetch_add(1, Ordering::SeqCst);
+        let wiped = before.map(|before| changed_collections(store, uid, before, ts));
         drop(guard);
         // The commit runs to its end even if this request gives up waiting, and only then
         // stops counting as dirty.
         // The collections whose time moved, for the observer: told once the write is durable,
         // also when this request gave up waiting for it.
-        let observed: Vec<(String, u64)> = match self.observer.get().filter(|_| outcome.data) {
-            None => Vec::new(),
-            Some(_) => outcome
+        let observed: Vec<(String, u64)> = match (self.observer.get().filter(|_| outcome.data), wiped) {
+            (None, _) => Vec::new(),
+            (Some(_), Some(wiped)) => wiped,
+            (Some(_), None) => outcome
                 .changes
                 .iter()
                 .filter_map(|change| match change {
@@ -412,6 +447,32 @@ impl Storage {
             .sum();
         HeaderValue::from_str(&format!("{:.2}", quota.saturating_sub(used) as f64 / 1024.0)).ok()
     }
+}
+
+/// The collections of `before` (the user's, before a write at `ts`) that the write removed
+/// (with `ts`) or moved (with their new time). A store that cannot be read now counts every
+/// one as removed: an extra event is harmless, a missed one is not.
+fn changed_collections(
+    store: &dyn StorageStore,
+    uid: u64,
+    before: Vec<(String, u64)>,
+    ts: u64,
+) -> Vec<(String, u64)> {
+    let after: HashMap<String, u64> = match store.collections(uid) {
+        Ok(after) => after.into_iter().collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "storage: collections after a wipe not read");
+            HashMap::new()
+        }
+    };
+    before
+        .into_iter()
+        .filter_map(|(name, was)| match after.get(&name) {
+            None => Some((name, ts)),
+            Some(&now) if now != was => Some((name, now)),
+            Some(_) => None,
+        })
+        .collect()
 }
 
 /// A write's answer: body, X-Last-Modified and X-Weave-Timestamp both the write's time.
@@ -1308,15 +1369,60 @@ async fn delete_item(
     ))
 }
 
-async fn delete_everything(storage: Arc<Storage>, uid: String, request: Request) -> Result<Response> {
+/// `DELETE storage?keep=meta/global` (proto/storage.md): the one record a wipe may keep, the
+/// sync metadata, so the user's other devices need not upload it again.
+const KEEP: (&str, &str) = ("meta", "global");
+
+/// `DELETE /1.5/{uid}` and `DELETE storage`; `keep_allowed`: the latter, which takes `keep`.
+async fn delete_everything(
+    storage: Arc<Storage>,
+    uid: String,
+    request: Request,
+    keep_allowed: bool,
+) -> Result<Response> {
     let req = authed(&storage, &uid, request, false).await?;
     let pre = Preconditions::parse(&req.parts.headers)?;
+    let keep = match query(&req.parts)?.get("keep") {
+        None => false,
+        Some(k) if keep_allowed && k.split_once('/') == Some(KEEP) => true,
+        Some(_) => {
+            return Err(StorageError::invalid(
+                code::INVALID_WBO,
+                "keep: only meta/global, and only on DELETE storage",
+            ))
+        }
+    };
     let uid = req.uid;
     let (_, ts) = storage
-        .write(uid, |store, _| {
+        .write(uid, |store, ts| {
             pre.check_write(store.user_modified(uid).map_err(store_err)?.unwrap_or(0))?;
+            if !keep {
+                return Ok(Outcome {
+                    changes: vec![Change::DeleteAll],
+                    data: true,
+                    value: (),
+                });
+            }
+            let (collection, id) = KEEP;
+            let mut changes = vec![Change::DeleteAllExcept {
+                collection: collection.into(),
+                id: id.into(),
+            }];
+            // The kept record's collection moves only if it loses other records.
+            let kept = store.get(uid, collection, id).map_err(store_err)?.is_some();
+            let others = store
+                .scan_meta(uid, collection)
+                .map_err(store_err)?
+                .iter()
+                .any(|(other, _)| other != id);
+            if kept && others {
+                changes.push(Change::SetCollectionModified {
+                    collection: collection.into(),
+                    modified: ts,
+                });
+            }
             Ok(Outcome {
-                changes: vec![Change::DeleteAll],
+                changes,
                 data: true,
                 value: (),
             })
@@ -1336,7 +1442,7 @@ async fn delete_storage(
     Path(uid): Path<String>,
     request: Request,
 ) -> Result<Response> {
-    delete_everything(storage, uid, request).await
+    delete_everything(storage, uid, request, true).await
 }
 
 async fn delete_user(
@@ -1344,7 +1450,7 @@ async fn delete_user(
     Path(uid): Path<String>,
     request: Request,
 ) -> Result<Response> {
-    delete_everything(storage, uid, request).await
+    delete_everything(storage, uid, request, false).await
 }
 
 #[cfg(test)]

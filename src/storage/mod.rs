@@ -14,6 +14,7 @@ mod config;
 pub mod error;
 pub mod handlers;
 pub mod hawk;
+pub mod load;
 pub mod store;
 pub mod token;
 
@@ -75,6 +76,8 @@ pub struct Storage {
     /// metrics once [`Storage::register_metrics`] ran.
     requests: prometheus::IntCounterVec,
     commit_seconds: prometheus::Histogram,
+    /// Requests in flight: the load signal behind `X-Weave-Backoff` and load shedding.
+    load: load::Load,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +101,7 @@ impl Storage {
         let default_port = if node.starts_with("https:") { 443 } else { 80 };
         Arc::new(Storage {
             nonces: NonceCache::new(config.max_nonces, config.hawk_skew_secs),
+            load: load::Load::new(config.backoff_in_flight, config.shed_in_flight),
             config,
             node: node.trim_end_matches('/').to_owned(),
             default_port,
@@ -146,6 +150,7 @@ impl Storage {
         for collector in [
             Box::new(self.requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(self.commit_seconds.clone()),
+            Box::new(self.load.gauge.clone()),
         ] {
             if let Err(e) = metrics.register(collector) {
                 tracing::warn!(error = %e, "storage metrics not registered");

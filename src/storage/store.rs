@@ -103,6 +103,14 @@ pub enum Change {
     },
     /// Every collection, record and batch of the user (the user's modified time stays).
     DeleteAll,
+    /// [`Change::DeleteAll`] but for one record: the record `collection/id` stays, and so does
+    /// its collection's modified time while that record exists (without it the collection
+    /// goes too). The user's modified time stays. (The 2.0 wishlist's "delete everything
+    /// except meta/global".)
+    DeleteAllExcept {
+        collection: String,
+        id: String,
+    },
     PutBatch {
         batch: String,
         meta: BatchMeta,
@@ -420,6 +428,31 @@ impl<K: Kv> StorageStore for KvStorage<K> {
                         }
                     }
                 }
+                Change::DeleteAllExcept { collection, id } => {
+                    let user = keys::user(uid);
+                    let record = keys::record(uid, collection, id);
+                    let kept_collection = keys::collection(uid, collection);
+                    // On the state the changes before this one leave, as every change sees it.
+                    let kept = match pending(&ops, &record) {
+                        Some(exists) => exists,
+                        None => self.kv.get(&record)?.is_some(),
+                    };
+                    let stays = |k: &[u8]| {
+                        k == user.as_slice()
+                            || (kept && (k == record.as_slice() || k == kept_collection.as_slice()))
+                    };
+                    let earlier: Vec<Vec<u8>> = ops
+                        .iter()
+                        .filter(|(_, v)| v.is_some())
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    let stored = self.kv.scan_prefix(&keys::user_prefix(uid))?;
+                    for k in stored.into_iter().map(|(k, _)| k).chain(earlier) {
+                        if !stays(&k) {
+                            ops.push((k, None));
+                        }
+                    }
+                }
                 Change::PutBatch { batch, meta } => {
                     ops.push((keys::batch(uid, batch), Some(codec::encode_batch(meta))));
                 }
@@ -473,6 +506,14 @@ impl<K: Kv> StorageStore for KvStorage<K> {
         }
         Ok(stats)
     }
+}
+
+/// Whether `key` exists after `ops` (the last op on it wins); `None` when they do not touch it.
+fn pending(ops: &[(Vec<u8>, Option<Vec<u8>>)], key: &[u8]) -> Option<bool> {
+    ops.iter()
+        .rev()
+        .find(|(k, _)| k.as_slice() == key)
+        .map(|(_, v)| v.is_some())
 }
 
 /// In-memory [`Kv`]: for tests, and a model of the semantics.

@@ -1207,3 +1207,202 @@ async fn watch_hooks_verify_tokens_and_observe_writes() {
         ]
     );
 }
+
+/// `DELETE storage?keep=meta/global` (proto/storage.md): every collection, record and batch
+/// goes but the sync metadata, at a new timestamp, under X-If-Unmodified-Since, durably.
+#[tokio::test]
+async fn delete_storage_can_keep_meta_global() {
+    let mut env = Env::start().await;
+    let c = env.user(22);
+    let global = c
+        .put("storage/meta/global", json!({"payload": "{\"syncID\":\"s\"}"}))
+        .await;
+    assert_eq!(global.status, 200);
+    let meta_ts = global.ts("x-last-modified");
+    c.put("storage/crypto/keys", json!({"payload": "keys"})).await;
+    c.post("storage/bookmarks", bsos(3, "b")).await;
+    let staged = c
+        .post("storage/tabs?batch=true", json!([{"id": "t", "payload": "x"}]))
+        .await;
+    let batch = staged.json()["batch"].as_str().unwrap().to_owned();
+    let last = c.get("info/collections").await.ts("x-last-modified");
+    let secs = |ms: u64| format!("{:.2}", ms as f64 / 1000.0);
+
+    // Refusals change nothing: a stale precondition, another `keep`, `keep` on the user URL.
+    let r = c
+        .delete_h(
+            "storage?keep=meta/global",
+            &[("x-if-unmodified-since", &secs(last - 10))],
+        )
+        .await;
+    assert_eq!(r.status, 412, "{r:?}");
+    assert_eq!(r.ts("x-last-modified"), last);
+    for path in [
+        "storage?keep=meta",
+        "storage?keep=crypto/keys",
+        &format!("{}?keep=meta/global", c.root()),
+    ] {
+        let r = c.delete(path).await;
+        assert_eq!((r.status, r.body.as_str()), (400, "8"), "{path}");
+    }
+    assert_eq!(
+        c.get("info/collections").await.json().as_object().unwrap().len(),
+        3,
+        "meta, crypto, bookmarks (a staged batch makes no collection)"
+    );
+
+    let r = c
+        .delete_h(
+            "storage?keep=meta%2Fglobal",
+            &[("x-if-unmodified-since", &secs(last))],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let ts = modified_ms(&r.json()["modified"]);
+    assert!(ts > last, "the user's time moves");
+    assert_eq!(r.ts("x-last-modified"), ts);
+    let info = c.get("info/collections").await;
+    assert_eq!(info.ts("x-last-modified"), ts);
+    let collections = info.json();
+    assert_eq!(collections.as_object().unwrap().len(), 1, "{collections}");
+    assert_eq!(
+        modified_ms(&collections["meta"]),
+        meta_ts,
+        "meta held only global: its time stays, so other devices see nothing new there"
+    );
+    let kept = c.get("storage/meta/global").await;
+    assert_eq!(kept.json()["payload"], json!("{\"syncID\":\"s\"}"));
+    assert_eq!(kept.ts("x-last-modified"), meta_ts);
+    assert_eq!(c.get("storage/crypto/keys").await.status, 404);
+    assert_eq!(c.get("storage/bookmarks").await.json(), json!([]));
+    let commit = c
+        .post(&format!("storage/tabs?batch={batch}&commit=true"), json!([]))
+        .await;
+    assert_eq!(commit.status, 400, "batches go too");
+
+    // Other records of meta go, and then meta's time moves with them.
+    c.put("storage/meta/other", json!({"payload": "o"})).await;
+    let r = c.delete("storage?keep=meta/global").await;
+    let ts2 = r.ts("x-last-modified");
+    assert!(ts2 > ts);
+    assert_eq!(ids(&c.get("storage/meta").await.json()), vec!["global"]);
+    assert_eq!(modified_ms(&c.get("info/collections").await.json()["meta"]), ts2);
+    // Without meta/global there is nothing to keep.
+    c.delete("storage/meta/global").await;
+    c.put("storage/meta/other", json!({"payload": "o"})).await;
+    assert_eq!(c.delete("storage?keep=meta/global").await.status, 200);
+    assert_eq!(c.get("info/collections").await.json(), json!({}));
+
+    // Durable before the answer: a kill right after it loses nothing and revives nothing.
+    c.put("storage/meta/global", json!({"payload": "g"})).await;
+    c.post("storage/history", bsos(2, "h")).await;
+    let r = c.delete("storage?keep=meta/global").await;
+    assert_eq!(r.status, 200);
+    env.server.kill();
+    env.server.restart().await;
+    let after = c.get("info/collections").await;
+    assert_eq!(
+        after.json().as_object().unwrap().keys().collect::<Vec<_>>(),
+        vec!["meta"]
+    );
+    assert_eq!(after.ts("x-last-modified"), r.ts("x-last-modified"));
+    assert_eq!(c.get("storage/meta/global").await.json()["payload"], "g");
+    // Another user never notices.
+    assert_eq!(env.user(23).get("info/collections").await.json(), json!({}));
+}
+
+/// A storage request held in flight: its head is sent with `Expect: 100-continue` and no body,
+/// and the server's `100 Continue` shows the handler is waiting for that body, so the request
+/// is counted as load until [`release`].
+async fn hold(addr: std::net::SocketAddr, uid: u64) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /1.5/{uid}/storage/held HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_head(&mut s).await;
+    assert!(answer.starts_with("HTTP/1.1 100"), "{answer}");
+    s
+}
+
+/// Sends the held request's body; returns its answer's status line.
+async fn release(mut s: tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncWriteExt;
+    s.write_all(b"[]").await.unwrap();
+    read_head(&mut s).await.lines().next().unwrap().to_owned()
+}
+
+/// Reads one answer's head (up to the blank line).
+async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        // A guard against a hang, not a timing assertion.
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut byte))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "connection closed after {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// Load (requests in flight) past `backoff_in_flight` adds X-Weave-Backoff to answers; past
+/// `shed_in_flight` requests get 503 with Retry-After and X-Weave-Backoff; heartbeats neither.
+#[tokio::test]
+async fn load_adds_backoff_then_sheds() {
+    let quiet = Env::start().await;
+    let r = quiet.user(24).get("info/collections").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-weave-backoff"), None, "the defaults stay quiet");
+
+    let env = Env::start_with(&[
+        ("EDITIOND_STORAGE__BACKOFF_IN_FLIGHT", "1"),
+        ("EDITIOND_STORAGE__SHED_IN_FLIGHT", "2"),
+        ("EDITIOND_STORAGE__BACKOFF_SECS", "7"),
+    ])
+    .await;
+    let c = env.user(24);
+    let http = reqwest::Client::new();
+    let alone = c.put("storage/tabs/a", json!({"payload": "x"})).await;
+    assert_eq!(alone.status, 200);
+    assert_eq!(alone.header("x-weave-backoff"), None, "one request is no load");
+
+    let first = hold(env.server.addr, 24).await;
+    let busy = c.put("storage/tabs/b", json!({"payload": "y"})).await;
+    assert_eq!(busy.status, 200, "{busy:?}");
+    assert_eq!(busy.header("x-weave-backoff"), Some("7"));
+    assert_eq!(busy.header("retry-after"), None, "served: no Retry-After");
+    assert_eq!(c.get("storage/tabs/b").await.json()["payload"], "y");
+
+    let second = hold(env.server.addr, 25).await;
+    let shed = c.get("storage/tabs").await;
+    assert_eq!((shed.status, shed.body.as_str()), (503, "0"), "{shed:?}");
+    assert_eq!(shed.header("retry-after"), Some("7"));
+    assert_eq!(shed.header("x-weave-backoff"), Some("7"));
+    let hb = http
+        .get(format!("{}/__heartbeat__", env.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hb.status(), 200, "heartbeats are not shed");
+    let metrics = env.server.metrics(&http).await;
+    assert!(metrics.contains("editiond_storage_in_flight 2"), "{metrics}");
+
+    // The held requests end (401: they carry no Hawk header) and the load with them.
+    assert!(release(first).await.starts_with("HTTP/1.1 401"));
+    assert!(release(second).await.starts_with("HTTP/1.1 401"));
+    let calm = c.get("storage/tabs").await;
+    assert_eq!(calm.status, 200);
+    assert_eq!(calm.header("x-weave-backoff"), None);
+    assert_eq!(ids(&calm.json()), vec!["a", "b"]);
+}

@@ -302,3 +302,37 @@ async fn on_redis_the_event_reaches_a_device_held_by_another_node() {
     );
     expect_update(&mut o, &uaid, &appid, ts).await;
 }
+
+/// `DELETE storage?keep=meta/global` is a write to every collection it removes or changes:
+/// their watches get the delete's time; a watch on `meta` holding only `global` hears nothing.
+#[tokio::test]
+async fn delete_storage_keeping_meta_global_updates_the_collections_it_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let mut a = Client::connect(&server).await;
+    let uaid = a.hello_new(1).await[0].0.clone();
+    let (on_bookmarks, on_meta) = (new_appid(), new_appid());
+    for (appid, collection) in [(&on_bookmarks, "bookmarks"), (&on_meta, "meta")] {
+        let watch = json!({"watch": {"token": token(&server), "collections": [collection]}});
+        assert_eq!(register(&mut a, &uaid, appid, watch).await["status"], 200);
+    }
+    let b = Sync::new(&base(&server), SECRET, UID);
+    let ts = written(&b.put("storage/meta/global", json!({"payload": "g"})).await);
+    expect_update(&mut a, &uaid, &on_meta, ts).await;
+    let ts = written(
+        &b.post("storage/bookmarks", json!([{"id": "b1", "payload": "x"}]))
+            .await,
+    );
+    expect_update(&mut a, &uaid, &on_bookmarks, ts).await;
+
+    let ts = written(&b.delete("storage?keep=meta/global").await);
+    expect_update(&mut a, &uaid, &on_bookmarks, ts).await;
+    a.expect_silence(QUIET).await;
+
+    // meta loses another record: now it changed too (and bookmarks, already gone, did not).
+    let ts = written(&b.put("storage/meta/other", json!({"payload": "o"})).await);
+    expect_update(&mut a, &uaid, &on_meta, ts).await;
+    let ts = written(&b.delete("storage?keep=meta/global").await);
+    expect_update(&mut a, &uaid, &on_meta, ts).await;
+    a.expect_silence(QUIET).await;
+}

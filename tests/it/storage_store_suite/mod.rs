@@ -52,6 +52,9 @@ macro_rules! storage_store_suite {
             case!(collections_and_users_do_not_mix);
             case!(delete_collection_takes_its_records);
             case!(delete_all_keeps_the_user_time_and_other_users);
+            case!(delete_all_except_keeps_one_record_and_its_collection_time);
+            case!(delete_all_except_without_the_record_keeps_nothing);
+            case!(delete_all_except_sees_the_changes_before_it);
             case!(batches_keep_items_in_order_and_go_whole);
             case!(sweep_removes_only_what_expired);
             case!(commit_resolves_for_every_caller);
@@ -238,6 +241,137 @@ pub async fn delete_all_keeps_the_user_time_and_other_users(s: &dyn StorageStore
         "timestamps keep increasing after a wipe"
     );
     assert_eq!(ids(s.scan(2, "c").unwrap()), vec!["a"]);
+}
+
+fn keep_meta_global() -> Change {
+    Change::DeleteAllExcept {
+        collection: "meta".into(),
+        id: "global".into(),
+    }
+}
+
+pub async fn delete_all_except_keeps_one_record_and_its_collection_time(s: &dyn StorageStore) {
+    let global = bso(10, "{\"syncID\":\"x\"}");
+    s.apply(
+        1,
+        &[
+            put("meta", "global", global.clone()),
+            put("meta", "other", bso(12, "o")),
+            // Names that extend the kept ones go.
+            put("meta", "global2", bso(12, "g2")),
+            put("meta2", "global", bso(12, "m2")),
+            put("crypto", "keys", bso(11, "k")),
+            put("bookmarks", "a", bso(12, "b")),
+            set_col("meta", 12),
+            set_col("meta2", 12),
+            set_col("crypto", 11),
+            set_col("bookmarks", 12),
+            Change::SetUserModified(12),
+            Change::PutBatch {
+                batch: "0123456789abcdef".into(),
+                meta: BatchMeta {
+                    collection: "meta".into(),
+                    expiry: NO_EXPIRY,
+                    records: 1,
+                    bytes: 1,
+                },
+            },
+            Change::AppendBatch {
+                batch: "0123456789abcdef".into(),
+                seq: 0,
+                item: b"{}".to_vec(),
+            },
+        ],
+    )
+    .unwrap();
+    s.apply(
+        2,
+        &[put("bookmarks", "a", bso(10, "1")), set_col("bookmarks", 10)],
+    )
+    .unwrap();
+    s.apply(1, &[keep_meta_global(), Change::SetUserModified(20)])
+        .unwrap();
+    s.commit().await.unwrap();
+    assert_eq!(s.get(1, "meta", "global").unwrap(), Some(global));
+    assert_eq!(ids(s.scan(1, "meta").unwrap()), vec!["global"]);
+    assert_eq!(
+        s.collections(1).unwrap(),
+        vec![("meta".to_owned(), 12)],
+        "the kept record's collection keeps its time"
+    );
+    for gone in ["meta2", "crypto", "bookmarks"] {
+        assert!(s.scan(1, gone).unwrap().is_empty(), "{gone}");
+        assert_eq!(s.collection_modified(1, gone).unwrap(), None, "{gone}");
+    }
+    assert_eq!(s.batch(1, "0123456789abcdef").unwrap(), None);
+    assert!(s.batch_items(1, "0123456789abcdef").unwrap().is_empty());
+    assert_eq!(s.user_modified(1).unwrap(), Some(20));
+    assert_eq!(
+        ids(s.scan(2, "bookmarks").unwrap()),
+        vec!["a"],
+        "another user's stays"
+    );
+}
+
+pub async fn delete_all_except_without_the_record_keeps_nothing(s: &dyn StorageStore) {
+    s.apply(
+        1,
+        &[
+            put("meta", "other", bso(10, "o")),
+            put("tabs", "t", bso(10, "t")),
+            set_col("meta", 10),
+            set_col("tabs", 10),
+            Change::SetUserModified(10),
+        ],
+    )
+    .unwrap();
+    s.apply(1, &[keep_meta_global()]).unwrap();
+    assert!(s.collections(1).unwrap().is_empty());
+    assert!(s.scan(1, "meta").unwrap().is_empty());
+    assert!(s.scan(1, "tabs").unwrap().is_empty());
+    assert_eq!(s.user_modified(1).unwrap(), Some(10), "the user's time stays");
+}
+
+pub async fn delete_all_except_sees_the_changes_before_it(s: &dyn StorageStore) {
+    s.apply(
+        1,
+        &[
+            put("tabs", "old", bso(10, "t")),
+            set_col("tabs", 10),
+            put("meta", "global", bso(10, "g")),
+            set_col("meta", 10),
+        ],
+    )
+    .unwrap();
+    // Changes before it in the same list count as applied; changes after it apply after it.
+    s.apply(
+        1,
+        &[
+            put("tabs", "new", bso(20, "n")),
+            Change::Delete {
+                collection: "meta".into(),
+                id: "global".into(),
+            },
+            keep_meta_global(),
+            put("clients", "c", bso(20, "c")),
+            set_col("clients", 20),
+        ],
+    )
+    .unwrap();
+    assert_eq!(s.collections(1).unwrap(), vec![("clients".to_owned(), 20)]);
+    assert!(s.scan(1, "tabs").unwrap().is_empty());
+    assert!(s.scan(1, "meta").unwrap().is_empty());
+    s.apply(
+        1,
+        &[
+            put("meta", "global", bso(30, "g")),
+            set_col("meta", 30),
+            keep_meta_global(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(s.collections(1).unwrap(), vec![("meta".to_owned(), 30)]);
+    assert_eq!(ids(s.scan(1, "meta").unwrap()), vec!["global"]);
 }
 
 pub async fn batches_keep_items_in_order_and_go_whole(s: &dyn StorageStore) {
