@@ -1,13 +1,14 @@
 //! Slow and stalled clients.
 
 use super::*;
+use futures_util::StreamExt;
 
-/// A WebSocket client whose socket buffers are small, so that a peer it does not read from
-/// blocks soon.
+/// A WebSocket client whose receive buffer is small, so that a server it does not read from
+/// blocks soon. (Its send buffer stays as the kernel sizes it: a tiny one too made loopback TCP
+/// stall in retransmission backoff on a busy machine, with nobody at fault.)
 async fn connect_small_buffers(server: &Server) -> Client {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    socket.set_send_buffer_size(4096).unwrap();
     let tcp = socket.connect(server.addr).await.unwrap();
     let (ws, _) = tokio_tungstenite::client_async(server.ws_url(), MaybeTlsStream::Plain(tcp))
         .await
@@ -19,15 +20,34 @@ async fn connect_small_buffers(server: &Server) -> Client {
 /// server closed the connection), or `Blocked` when `until_blocked` and a send did not finish
 /// soon (the server stopped reading, or is just slow: callers go on flooding until `Dropped`).
 /// Panics if neither happens within four times the harness WAIT (generous: CI machines are busy).
+///
+/// A server blocked on a write drops the client within `send_timeout_secs` (1 s here). Sends
+/// stalled far longer mean the kernel stalled instead (loopback TCP in retransmission backoff
+/// after drops on a starved machine; seen with `ss` as the server idle, its receive queue empty,
+/// the client's segment unacknowledged): then one short read lets the server's queued replies
+/// and their acknowledgements flow, and the flood goes on, still never reading otherwise.
 async fn flood(c: &mut Client, frame: &str, until_blocked: bool) -> Flood {
     let deadline = Instant::now() + 4 * WAIT;
     let mut sent = 0u64;
+    let mut progress = Instant::now();
     while Instant::now() < deadline {
         let send = c.ws.send(Message::Text(frame.into()));
         match tokio::time::timeout(Duration::from_millis(200), send).await {
-            Ok(Ok(())) => sent += 1,
+            Ok(Ok(())) => {
+                sent += 1;
+                progress = Instant::now();
+            }
             Ok(Err(_)) => return Flood::Dropped,
             Err(_) if until_blocked => return Flood::Blocked,
+            Err(_) if progress.elapsed() > Duration::from_secs(5) => {
+                eprintln!("flood: sends stalled 5 s after {sent} frames; reading once");
+                if let Ok(None | Some(Err(_))) =
+                    tokio::time::timeout(Duration::from_millis(100), c.ws.next()).await
+                {
+                    return Flood::Dropped;
+                }
+                progress = Instant::now();
+            }
             Err(_) => {}
         }
     }
