@@ -536,7 +536,7 @@ impl Config {
 }
 
 /// `redis://user:secret@host` → `redis://user:***@host`; URLs without a password are unchanged.
-fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

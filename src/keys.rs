@@ -7,8 +7,10 @@
 //!   without touching the store.
 //!
 //! Keys come from config or are generated once and kept in `<data_dir>/keys.toml` (mode 0600);
-//! with the Redis store they are kept in Redis instead (created once with SET NX), so every node
-//! sharing that Redis accepts every endpoint and secret any of them issued.
+//! with the Redis store they are kept in Redis instead (created once, atomically), so every node
+//! sharing that Redis accepts every endpoint and secret any of them issued. Either way the store
+//! records which keys its data was written with (a digest, [`Keys::id`]): keys lost or changed
+//! while data remains refuse to start unless `serve --reset-keys`.
 //! They never appear in logs: nothing here implements `Debug` with the key bytes.
 
 use std::io::Write as _;
@@ -21,6 +23,7 @@ use sha2::Sha256;
 
 use crate::config::KeysConfig;
 use crate::ids::{TokenId, Uaid};
+use crate::store::{RedisStore, StoreError};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -52,6 +55,30 @@ pub enum KeyError {
         id: String,
         recorded: String,
     },
+    #[error(
+        "{redis} has no server keys (key ed:server-keys), but {found}, and [keys] endpoint_key \
+         and secret_key are not set. New keys would reject every endpoint and UAID secret issued \
+         so far. Restore ed:server-keys (from a backup of this Redis, or set both [keys] to the \
+         values it held), or start one node with --reset-keys to generate new keys (every client \
+         must then register again; stop every other node on this Redis first, and start them \
+         without it)"
+    )]
+    MissingInRedis { redis: String, found: String },
+    #[error(
+        "the keys from {from} are not the keys {redis} was written with (key id {id}; its \
+         data's is {recorded}, recorded in the key ed:keys-id:{{ed:server-keys}}): they would \
+         reject every endpoint and UAID secret issued so far. Use the keys the data was written \
+         with, or start one node with --reset-keys to keep these (every client must then \
+         register again; stop every other node on this Redis first)"
+    )]
+    MismatchInRedis {
+        from: String,
+        redis: String,
+        id: String,
+        recorded: String,
+    },
+    #[error("{redis}: {source}")]
+    Redis { redis: String, source: StoreError },
 }
 
 /// The two server keys.
@@ -169,6 +196,93 @@ impl Keys {
                 Ok(keys)
             }
         }
+    }
+
+    /// The keys of the nodes sharing the Redis `store` (`redis` names it in errors): from config
+    /// when given there, else the generated ones in `ed:server-keys`, which the first node on an
+    /// empty Redis creates (in one script, so nodes starting together agree on one set).
+    ///
+    /// Like [`Keys::load_for`] on sled, the Redis records which keys its data was written with
+    /// (`ed:keys-id:{ed:server-keys}`, a digest): keys other than those are refused, and so are
+    /// missing keys when that record, a bound UAID or a pending event shows that this Redis had
+    /// keys (a deleted `ed:server-keys`; a Redis restarted without persistence into which other
+    /// nodes, still holding the old keys, write again). Only a Redis with none of these gets new
+    /// keys. `reset` (`--reset-keys`) starts over: new keys (unless `[keys]` sets them), the old
+    /// ones kept in `ed:server-keys-replaced-<unix seconds>:{ed:server-keys}`, the record renewed.
+    pub async fn load_shared(
+        config: &KeysConfig,
+        store: &RedisStore,
+        redis: &str,
+        reset: bool,
+    ) -> Result<Keys, KeyError> {
+        const ORIGIN: &str = "redis key ed:server-keys";
+        let redis_err = |source| KeyError::Redis {
+            redis: redis.to_owned(),
+            source,
+        };
+        let configured = Keys::from_config(config)?;
+        if reset {
+            let (keys, text) = match configured {
+                Some(keys) => (keys, None),
+                None => {
+                    let text = Keys::generate_text();
+                    (Keys::from_text(&text, ORIGIN)?, Some(text))
+                }
+            };
+            let kept = store
+                .reset_server_keys(text.as_deref(), &keys.id())
+                .await
+                .map_err(redis_err)?;
+            tracing::warn!(
+                old = kept.as_deref().unwrap_or("(none)"),
+                "--reset-keys: new keys; every endpoint and UAID secret issued so far is void"
+            );
+            return Ok(keys);
+        }
+        let mut stored = store.server_keys().await.map_err(redis_err)?;
+        let (keys, from) = match (configured, &stored.text) {
+            (Some(keys), _) => (keys, "[keys] endpoint_key and secret_key"),
+            (None, Some(text)) => (Keys::from_text(text, ORIGIN)?, ORIGIN),
+            (None, None) => {
+                if stored.id.is_none() && !store.holds_data().await.map_err(redis_err)? {
+                    let text = Keys::generate_text();
+                    let id = Keys::from_text(&text, ORIGIN)?.id();
+                    stored = store.create_server_keys(&text, &id).await.map_err(redis_err)?;
+                }
+                let Some(text) = &stored.text else {
+                    let found = match &stored.id {
+                        Some(id) => format!("it records that its data was written with keys (key id {id})"),
+                        None => "it holds bound UAIDs or pending events written with keys".to_owned(),
+                    };
+                    return Err(KeyError::MissingInRedis {
+                        redis: redis.to_owned(),
+                        found,
+                    });
+                };
+                (Keys::from_text(text, ORIGIN)?, ORIGIN)
+            }
+        };
+        let id = keys.id();
+        let recorded = match stored.id {
+            Some(recorded) => recorded,
+            // Written before this record existed: the stored keys are the data's, else these.
+            None => {
+                let first = match &stored.text {
+                    Some(text) => Keys::from_text(text, ORIGIN)?.id(),
+                    None => id.clone(),
+                };
+                store.record_keys_id(&first).await.map_err(redis_err)?
+            }
+        };
+        if recorded != id {
+            return Err(KeyError::MismatchInRedis {
+                from: from.to_owned(),
+                redis: redis.to_owned(),
+                id,
+                recorded,
+            });
+        }
+        Ok(keys)
     }
 
     /// A digest naming these keys without revealing them: `endpoint:secret`, 8 bytes each.

@@ -89,16 +89,7 @@ impl Node {
                 };
                 let store = RedisStore::open(&target).await.map_err(StartError::Redis)?;
                 // Nodes sharing a Redis are one service: they share keys, never per data dir.
-                let keys = match Keys::from_config(&config.keys)? {
-                    Some(keys) => keys,
-                    None => {
-                        let text = store
-                            .load_or_create_keys(&Keys::generate_text())
-                            .await
-                            .map_err(StartError::Redis)?;
-                        Keys::from_text(&text, "redis key ed:server-keys")?
-                    }
-                };
+                let keys = Keys::load_shared(&config.keys, &store, &target.shown(), reset_keys).await?;
                 let routes = NodeRoutes::start(&store, &target, &config.store)
                     .await
                     .map_err(StartError::Redis)?;
