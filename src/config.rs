@@ -162,6 +162,10 @@ pub struct StoreConfig {
     /// Seconds a route entry (UAID → node) lives unless renewed by a re-check; bounds what a
     /// node that died leaves behind.
     pub route_ttl_secs: u64,
+    /// Seconds between a Redis node's checks that Redis still holds the server keys it runs
+    /// with; it puts them back if Redis lost them (restarted without persistence), so nodes
+    /// started after that get the keys every issued endpoint and secret was made with.
+    pub keys_check_secs: u64,
     /// Milliseconds a durable write may take before the request gets 503 + Retry-After.
     pub write_timeout_ms: u64,
     /// Seconds sent in Retry-After when the store cannot take a write.
@@ -262,6 +266,7 @@ impl Default for StoreConfig {
             redis_timeout_ms: 2000,
             recheck_interval_secs: 60,
             route_ttl_secs: 300,
+            keys_check_secs: 5,
             write_timeout_ms: 5000,
             retry_after_secs: 5,
             cache_bytes: 256 * 1024 * 1024,
@@ -477,6 +482,10 @@ impl Config {
         check(
             st.recheck_interval_secs >= 1,
             "store.recheck_interval_secs must be at least 1",
+        )?;
+        check(
+            st.keys_check_secs >= 1,
+            "store.keys_check_secs must be at least 1",
         )?;
         check(
             st.route_ttl_secs > st.recheck_interval_secs,

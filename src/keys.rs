@@ -23,7 +23,7 @@ use sha2::Sha256;
 
 use crate::config::KeysConfig;
 use crate::ids::{TokenId, Uaid};
-use crate::store::{RedisStore, StoreError};
+use crate::store::{RedisStore, StoreError, StoredKeys};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -85,6 +85,9 @@ pub enum KeyError {
 pub struct Keys {
     endpoint: HmacSha256,
     secret: HmacSha256,
+    /// Generated keys kept in Redis: their stored text, which [`Keys::keep_shared`] puts back
+    /// if Redis loses it.
+    shared: Option<String>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -112,6 +115,7 @@ impl Keys {
         Keys {
             endpoint: HmacSha256::new_from_slice(endpoint).expect("HMAC takes any key length"),
             secret: HmacSha256::new_from_slice(secret).expect("HMAC takes any key length"),
+            shared: None,
         }
     }
 
@@ -237,6 +241,8 @@ impl Keys {
                 old = kept.as_deref().unwrap_or("(none)"),
                 "--reset-keys: new keys; every endpoint and UAID secret issued so far is void"
             );
+            let mut keys = keys;
+            keys.shared = text;
             return Ok(keys);
         }
         let mut stored = store.server_keys().await.map_err(redis_err)?;
@@ -244,15 +250,37 @@ impl Keys {
             (Some(keys), _) => (keys, "[keys] endpoint_key and secret_key"),
             (None, Some(text)) => (Keys::from_text(text, ORIGIN)?, ORIGIN),
             (None, None) => {
-                if stored.id.is_none() && !store.holds_data().await.map_err(redis_err)? {
-                    let text = Keys::generate_text();
-                    let id = Keys::from_text(&text, ORIGIN)?.id();
-                    stored = store.create_server_keys(&text, &id).await.map_err(redis_err)?;
+                let mut found = None;
+                if stored.id.is_none() {
+                    let live = store.live_nodes().await.map_err(redis_err)?;
+                    found = if live > 0 {
+                        Some(format!(
+                            "{live} other editiond node(s) listen on it: they hold the keys and \
+                             put them back within store.keys_check_secs (start this node again \
+                             then)"
+                        ))
+                    } else if store.holds_data().await.map_err(redis_err)? {
+                        Some("it holds bound UAIDs or pending events written with keys".to_owned())
+                    } else {
+                        None
+                    };
+                    stored = match found {
+                        // Unless a node racing this one made keys, or a running node put its back.
+                        Some(_) => store.server_keys().await.map_err(redis_err)?,
+                        None => {
+                            let text = Keys::generate_text();
+                            let id = Keys::from_text(&text, ORIGIN)?.id();
+                            store
+                                .create_server_keys(Some(&text), &id)
+                                .await
+                                .map_err(redis_err)?
+                        }
+                    };
                 }
                 let Some(text) = &stored.text else {
                     let found = match &stored.id {
                         Some(id) => format!("it records that its data was written with keys (key id {id})"),
-                        None => "it holds bound UAIDs or pending events written with keys".to_owned(),
+                        None => found.unwrap_or_default(),
                     };
                     return Err(KeyError::MissingInRedis {
                         redis: redis.to_owned(),
@@ -262,6 +290,10 @@ impl Keys {
                 (Keys::from_text(text, ORIGIN)?, ORIGIN)
             }
         };
+        let mut keys = keys;
+        if from == ORIGIN {
+            keys.shared = stored.text.clone();
+        }
         let id = keys.id();
         let recorded = match stored.id {
             Some(recorded) => recorded,
@@ -283,6 +315,72 @@ impl Keys {
             });
         }
         Ok(keys)
+    }
+
+    /// Checks every `every`, until `stopping`, that the Redis `store` still holds these keys
+    /// (loaded by [`Keys::load_shared`]) and puts them back if it lost them (a restart without
+    /// persistence, a deleted `ed:server-keys`): nodes started later then join with the keys
+    /// every issued endpoint and secret was made with. Keys that are no longer the Redis's
+    /// (another node started with `--reset-keys` or other `[keys]`) are logged as an error once:
+    /// what this node issues is void on the other nodes until it restarts.
+    pub async fn keep_shared(
+        &self,
+        store: &RedisStore,
+        every: std::time::Duration,
+        stopping: impl std::future::Future<Output = ()>,
+    ) {
+        let id = self.id();
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stopping);
+        let mut reported = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = &mut stopping => return,
+            }
+            // An outage shows in /health and on every request; the next check retries.
+            let Ok(stored) = store.server_keys().await else {
+                continue;
+            };
+            let ours = stored.id.as_deref() == Some(id.as_str());
+            if ours && (stored.text.is_some() || self.shared.is_none()) {
+                reported = None;
+                continue;
+            }
+            let stored = if stored.id.is_none() || ours {
+                let put_back = match (&stored.text, stored.id.is_none()) {
+                    (Some(_), true) => store.record_keys_id(&id).await.map(|recorded| StoredKeys {
+                        id: Some(recorded),
+                        ..stored
+                    }),
+                    _ => store.create_server_keys(self.shared.as_deref(), &id).await,
+                };
+                let Ok(now) = put_back else {
+                    continue;
+                };
+                if now.id.as_deref() == Some(id.as_str()) {
+                    tracing::warn!(
+                        "Redis had lost the server keys (restarted without persistence?): put \
+                         this node's back"
+                    );
+                    continue;
+                }
+                now
+            } else {
+                stored
+            };
+            if reported != stored.id {
+                tracing::error!(
+                    ours = %id,
+                    redis = stored.id.as_deref().unwrap_or("(none)"),
+                    "the server keys in Redis are no longer this node's (another node started \
+                     with --reset-keys or other [keys]?): endpoints and secrets this node issues \
+                     are void on the others; restart it"
+                );
+                reported = stored.id;
+            }
+        }
     }
 
     /// A digest naming these keys without revealing them: `endpoint:secret`, 8 bytes each.

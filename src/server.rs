@@ -350,6 +350,14 @@ pub async fn run(
     let Node { state, inbox, dbs } = node;
     // Each ends when shutdown begins; kept so the final flush runs after their last write.
     let mut tasks: Vec<JoinHandle<()>> = vec![tokio::spawn(sweep_loop(state.clone()))];
+    if let AnyStore::Redis(store) = &state.store {
+        let (state, store) = (state.clone(), store.clone());
+        tasks.push(tokio::spawn(async move {
+            let every = Duration::from_secs(state.config.store.keys_check_secs);
+            let stopping = state.lifecycle.stopping();
+            state.keys.keep_shared(&store, every, stopping).await;
+        }));
+    }
     tasks.extend(crate::relay::start(&state));
     if let (Some(routes), Some(inbox)) = (state.routes.clone(), inbox) {
         tasks.push(tokio::spawn(crate::push::route::listen(

@@ -401,16 +401,20 @@ redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
 "#;
 
-/// KEYS: server keys, keys id. ARGV: generated keys, their id. Stores both if neither exists
-/// (the first node on an empty Redis); returns what is there then, so nodes starting together
-/// all get the first node's keys.
+/// KEYS: server keys, keys id. ARGV: keys ('' for keys from config: none stored), their id.
+/// Stores them unless keys are stored or another id is recorded (the first node on an empty
+/// Redis; a node putting back what Redis lost); returns what is there then, so nodes starting
+/// together all get the first one's keys.
 const LUA_CREATE_KEYS: &str = r#"
 local text = redis.call('GET', KEYS[1])
 local id = redis.call('GET', KEYS[2])
-if not text and not id then
-  redis.call('SET', KEYS[1], ARGV[1])
+if not text and (not id or id == ARGV[2]) then
+  if ARGV[1] ~= '' then
+    redis.call('SET', KEYS[1], ARGV[1])
+    text = ARGV[1]
+  end
   redis.call('SET', KEYS[2], ARGV[2])
-  return {ARGV[1], ARGV[2]}
+  id = ARGV[2]
 end
 return {text, id}
 "#;
@@ -788,15 +792,16 @@ impl RedisStore {
         self.stored_keys(get).await
     }
 
-    /// Stores `generated` keys and their `id` if this Redis has neither (atomically: of nodes
-    /// starting together on an empty Redis, the first one's keys win); returns what it then has.
-    pub async fn create_server_keys(&self, generated: &str, id: &str) -> Result<StoredKeys> {
+    /// Stores `keys` (`None`: keys from config, only their id is recorded) and their `id`
+    /// unless keys are stored or another id is recorded, atomically: of nodes starting together
+    /// on an empty Redis, the first one's keys win. Returns what the Redis then has.
+    pub async fn create_server_keys(&self, keys: Option<&str>, id: &str) -> Result<StoredKeys> {
         let mut eval = redis::cmd("EVAL");
         eval.arg(LUA_CREATE_KEYS)
             .arg(2)
             .arg(key::server_keys())
             .arg(key::keys_id())
-            .arg(generated)
+            .arg(keys.unwrap_or(""))
             .arg(id);
         self.stored_keys(eval).await
     }
@@ -836,6 +841,19 @@ impl RedisStore {
             text: values.next().flatten(),
             id: values.next().flatten(),
         })
+    }
+
+    /// How many other nodes listen on this Redis (each subscribes to its nudge channel once it
+    /// has its keys). Counted on a single server only: a cluster's sharded channels are per
+    /// shard, and this answers 0 there.
+    pub async fn live_nodes(&self) -> Result<usize> {
+        if self.cluster {
+            return Ok(0);
+        }
+        let mut channels = redis::cmd("PUBSUB");
+        channels.arg("CHANNELS").arg(key::node_channel("*"));
+        let found: Vec<String> = self.query(&channels).await?;
+        Ok(found.len())
     }
 
     /// Whether this Redis holds edition data: a bound UAID (in the idle index) or a pending

@@ -44,6 +44,7 @@ async fn start(dir: &Path, env: &[(String, String)], extra: &[&str]) -> Server {
 /// `editiond serve` that must refuse to start: its exit status and what it printed.
 fn refused(dir: &Path, env: &[(String, String)]) -> (ExitStatus, String) {
     let addr = format!("127.0.0.1:{}", free_port());
+    std::fs::create_dir_all(dir).unwrap();
     let log = dir.join(format!("refused-{}.log", free_port()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_editiond"))
         .args(["serve", "--listen", &addr, "--data-dir"])
@@ -252,4 +253,69 @@ async fn nodes_racing_on_an_empty_redis_agree_on_one_set_of_keys() {
         let other = enroll(&b).await;
         assert_eq!(put_version(&http, &via(&other.endpoint, &a), 2).await, 202);
     }
+}
+
+/// Waits up to 15 s for `command` to answer `reply` on the test's Redis.
+async fn wait_redis(redis: &RedisServer, command: &str, reply: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = raw_command(redis.port, command).unwrap_or_default();
+        if reply(&got) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{command}: {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_redis_restarted_empty_gets_the_running_nodes_keys_back() {
+    if !redis_available("a_redis_restarted_empty_gets_the_running_nodes_keys_back") {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = redis_env(&redis);
+    env.push(("EDITIOND_STORE__KEYS_CHECK_SECS".into(), "1".into()));
+    let http = reqwest::Client::new();
+    let a = start(&dir.path().join("a"), &env, &[]).await;
+    let before = enroll(&a).await;
+    // Without persistence: everything is gone, but node a still holds the keys in memory.
+    redis.restart();
+    assert_eq!(redis_cli(&redis, "EXISTS ed:server-keys"), ":0\r\n");
+    wait_redis(&redis, "EXISTS ed:server-keys", |r| r == ":1\r\n").await;
+    let b = start(&dir.path().join("b"), &env, &[]).await;
+    // Node b runs with a's keys: a's old UAID secret passes there, and a's new endpoints.
+    assert_eq!(hello_status(&b, &before.creds).await, 200);
+    let after = enroll(&a).await;
+    assert_eq!(put_version(&http, &via(&after.endpoint, &b), 3).await, 202);
+}
+
+#[tokio::test]
+async fn a_node_joining_a_restarted_redis_before_its_keys_are_back_refuses() {
+    if !redis_available("a_node_joining_a_restarted_redis_before_its_keys_are_back_refuses") {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = redis_env(&redis);
+    // Node a re-subscribes within a second but would put its keys back only after an hour.
+    env.push(("EDITIOND_STORE__KEYS_CHECK_SECS".into(), "3600".into()));
+    env.push(("EDITIOND_STORE__RECHECK_INTERVAL_SECS".into(), "1".into()));
+    env.push(("EDITIOND_STORE__ROUTE_TTL_SECS".into(), "10".into()));
+    let a = start(&dir.path().join("a"), &env, &[]).await;
+    redis.restart();
+    wait_redis(&redis, "PUBSUB CHANNELS ed:node:*", |r| r.starts_with("*1\r\n")).await;
+    let (status, log) = refused(&dir.path().join("b"), &env);
+    assert_refused(
+        status,
+        &log,
+        &[
+            "has no server keys",
+            "1 other editiond node(s) listen on it",
+            "start this node again",
+        ],
+    );
+    assert_eq!(redis_cli(&redis, "EXISTS ed:server-keys"), ":0\r\n");
+    drop(a);
 }
