@@ -162,6 +162,10 @@ pub struct StoreConfig {
     /// Seconds a route entry (UAID → node) lives unless renewed by a re-check; bounds what a
     /// node that died leaves behind.
     pub route_ttl_secs: u64,
+    /// Seconds between a Redis node's checks that Redis still holds the server keys it runs
+    /// with; it puts them back if Redis lost them (restarted without persistence), so nodes
+    /// started after that get the keys every issued endpoint and secret was made with.
+    pub keys_check_secs: u64,
     /// Milliseconds a durable write may take before the request gets 503 + Retry-After.
     pub write_timeout_ms: u64,
     /// Seconds sent in Retry-After when the store cannot take a write.
@@ -262,6 +266,7 @@ impl Default for StoreConfig {
             redis_timeout_ms: 2000,
             recheck_interval_secs: 60,
             route_ttl_secs: 300,
+            keys_check_secs: 5,
             write_timeout_ms: 5000,
             retry_after_secs: 5,
             cache_bytes: 256 * 1024 * 1024,
@@ -479,6 +484,10 @@ impl Config {
             "store.recheck_interval_secs must be at least 1",
         )?;
         check(
+            st.keys_check_secs >= 1,
+            "store.keys_check_secs must be at least 1",
+        )?;
+        check(
             st.route_ttl_secs > st.recheck_interval_secs,
             "store.route_ttl_secs must exceed store.recheck_interval_secs",
         )?;
@@ -536,7 +545,7 @@ impl Config {
 }
 
 /// `redis://user:secret@host` → `redis://user:***@host`; URLs without a password are unchanged.
-fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

@@ -7,8 +7,10 @@
 //!   without touching the store.
 //!
 //! Keys come from config or are generated once and kept in `<data_dir>/keys.toml` (mode 0600);
-//! with the Redis store they are kept in Redis instead (created once with SET NX), so every node
-//! sharing that Redis accepts every endpoint and secret any of them issued.
+//! with the Redis store they are kept in Redis instead (created once, atomically), so every node
+//! sharing that Redis accepts every endpoint and secret any of them issued. Either way the store
+//! records which keys its data was written with (a digest, [`Keys::id`]): keys lost or changed
+//! while data remains refuse to start unless `serve --reset-keys`.
 //! They never appear in logs: nothing here implements `Debug` with the key bytes.
 
 use std::io::Write as _;
@@ -21,6 +23,7 @@ use sha2::Sha256;
 
 use crate::config::KeysConfig;
 use crate::ids::{TokenId, Uaid};
+use crate::store::{RedisStore, StoreError, StoredKeys};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -52,12 +55,39 @@ pub enum KeyError {
         id: String,
         recorded: String,
     },
+    #[error(
+        "{redis} has no server keys (key ed:server-keys), but {found}, and [keys] endpoint_key \
+         and secret_key are not set. New keys would reject every endpoint and UAID secret issued \
+         so far. Restore ed:server-keys (from a backup of this Redis, or set both [keys] to the \
+         values it held), or start one node with --reset-keys to generate new keys (every client \
+         must then register again; stop every other node on this Redis first, and start them \
+         without it)"
+    )]
+    MissingInRedis { redis: String, found: String },
+    #[error(
+        "the keys from {from} are not the keys {redis} was written with (key id {id}; its \
+         data's is {recorded}, recorded in the key ed:keys-id:{{ed:server-keys}}): they would \
+         reject every endpoint and UAID secret issued so far. Use the keys the data was written \
+         with, or start one node with --reset-keys to keep these (every client must then \
+         register again; stop every other node on this Redis first)"
+    )]
+    MismatchInRedis {
+        from: String,
+        redis: String,
+        id: String,
+        recorded: String,
+    },
+    #[error("{redis}: {source}")]
+    Redis { redis: String, source: StoreError },
 }
 
 /// The two server keys.
 pub struct Keys {
     endpoint: HmacSha256,
     secret: HmacSha256,
+    /// Generated keys kept in Redis: their stored text, which [`Keys::keep_shared`] puts back
+    /// if Redis loses it.
+    shared: Option<String>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -85,6 +115,7 @@ impl Keys {
         Keys {
             endpoint: HmacSha256::new_from_slice(endpoint).expect("HMAC takes any key length"),
             secret: HmacSha256::new_from_slice(secret).expect("HMAC takes any key length"),
+            shared: None,
         }
     }
 
@@ -167,6 +198,187 @@ impl Keys {
                     source,
                 })?;
                 Ok(keys)
+            }
+        }
+    }
+
+    /// The keys of the nodes sharing the Redis `store` (`redis` names it in errors): from config
+    /// when given there, else the generated ones in `ed:server-keys`, which the first node on an
+    /// empty Redis creates (in one script, so nodes starting together agree on one set).
+    ///
+    /// Like [`Keys::load_for`] on sled, the Redis records which keys its data was written with
+    /// (`ed:keys-id:{ed:server-keys}`, a digest): keys other than those are refused, and so are
+    /// missing keys when that record, a bound UAID or a pending event shows that this Redis had
+    /// keys (a deleted `ed:server-keys`; a Redis restarted without persistence into which other
+    /// nodes, still holding the old keys, write again). Only a Redis with none of these gets new
+    /// keys. `reset` (`--reset-keys`) starts over: new keys (unless `[keys]` sets them), the old
+    /// ones kept in `ed:server-keys-replaced-<unix seconds>:{ed:server-keys}`, the record renewed.
+    pub async fn load_shared(
+        config: &KeysConfig,
+        store: &RedisStore,
+        redis: &str,
+        reset: bool,
+    ) -> Result<Keys, KeyError> {
+        const ORIGIN: &str = "redis key ed:server-keys";
+        let redis_err = |source| KeyError::Redis {
+            redis: redis.to_owned(),
+            source,
+        };
+        let configured = Keys::from_config(config)?;
+        if reset {
+            let (keys, text) = match configured {
+                Some(keys) => (keys, None),
+                None => {
+                    let text = Keys::generate_text();
+                    (Keys::from_text(&text, ORIGIN)?, Some(text))
+                }
+            };
+            let kept = store
+                .reset_server_keys(text.as_deref(), &keys.id())
+                .await
+                .map_err(redis_err)?;
+            tracing::warn!(
+                old = kept.as_deref().unwrap_or("(none)"),
+                "--reset-keys: new keys; every endpoint and UAID secret issued so far is void"
+            );
+            let mut keys = keys;
+            keys.shared = text;
+            return Ok(keys);
+        }
+        let mut stored = store.server_keys().await.map_err(redis_err)?;
+        let (keys, from) = match (configured, &stored.text) {
+            (Some(keys), _) => (keys, "[keys] endpoint_key and secret_key"),
+            (None, Some(text)) => (Keys::from_text(text, ORIGIN)?, ORIGIN),
+            (None, None) => {
+                let mut found = None;
+                if stored.id.is_none() {
+                    let live = store.live_nodes().await.map_err(redis_err)?;
+                    found = if live > 0 {
+                        Some(format!(
+                            "{live} other editiond node(s) listen on it: they hold the keys and \
+                             put them back within store.keys_check_secs (start this node again \
+                             then)"
+                        ))
+                    } else if store.holds_data().await.map_err(redis_err)? {
+                        Some("it holds bound UAIDs or pending events written with keys".to_owned())
+                    } else {
+                        None
+                    };
+                    stored = match found {
+                        // Unless a node racing this one made keys, or a running node put its back.
+                        Some(_) => store.server_keys().await.map_err(redis_err)?,
+                        None => {
+                            let text = Keys::generate_text();
+                            let id = Keys::from_text(&text, ORIGIN)?.id();
+                            store
+                                .create_server_keys(Some(&text), &id)
+                                .await
+                                .map_err(redis_err)?
+                        }
+                    };
+                }
+                let Some(text) = &stored.text else {
+                    let found = match &stored.id {
+                        Some(id) => format!("it records that its data was written with keys (key id {id})"),
+                        None => found.unwrap_or_default(),
+                    };
+                    return Err(KeyError::MissingInRedis {
+                        redis: redis.to_owned(),
+                        found,
+                    });
+                };
+                (Keys::from_text(text, ORIGIN)?, ORIGIN)
+            }
+        };
+        let mut keys = keys;
+        if from == ORIGIN {
+            keys.shared = stored.text.clone();
+        }
+        let id = keys.id();
+        let recorded = match stored.id {
+            Some(recorded) => recorded,
+            // Written before this record existed: the stored keys are the data's, else these.
+            None => {
+                let first = match &stored.text {
+                    Some(text) => Keys::from_text(text, ORIGIN)?.id(),
+                    None => id.clone(),
+                };
+                store.record_keys_id(&first).await.map_err(redis_err)?
+            }
+        };
+        if recorded != id {
+            return Err(KeyError::MismatchInRedis {
+                from: from.to_owned(),
+                redis: redis.to_owned(),
+                id,
+                recorded,
+            });
+        }
+        Ok(keys)
+    }
+
+    /// Checks every `every`, until `stopping`, that the Redis `store` still holds these keys
+    /// (loaded by [`Keys::load_shared`]) and puts them back if it lost them (a restart without
+    /// persistence, a deleted `ed:server-keys`): nodes started later then join with the keys
+    /// every issued endpoint and secret was made with. Keys that are no longer the Redis's
+    /// (another node started with `--reset-keys` or other `[keys]`) are logged as an error once:
+    /// what this node issues is void on the other nodes until it restarts.
+    pub async fn keep_shared(
+        &self,
+        store: &RedisStore,
+        every: std::time::Duration,
+        stopping: impl std::future::Future<Output = ()>,
+    ) {
+        let id = self.id();
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stopping);
+        let mut reported = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = &mut stopping => return,
+            }
+            // An outage shows in /health and on every request; the next check retries.
+            let Ok(stored) = store.server_keys().await else {
+                continue;
+            };
+            let ours = stored.id.as_deref() == Some(id.as_str());
+            if ours && (stored.text.is_some() || self.shared.is_none()) {
+                reported = None;
+                continue;
+            }
+            let stored = if stored.id.is_none() || ours {
+                let put_back = match (&stored.text, stored.id.is_none()) {
+                    (Some(_), true) => store.record_keys_id(&id).await.map(|recorded| StoredKeys {
+                        id: Some(recorded),
+                        ..stored
+                    }),
+                    _ => store.create_server_keys(self.shared.as_deref(), &id).await,
+                };
+                let Ok(now) = put_back else {
+                    continue;
+                };
+                if now.id.as_deref() == Some(id.as_str()) {
+                    tracing::warn!(
+                        "Redis had lost the server keys (restarted without persistence?): put \
+                         this node's back"
+                    );
+                    continue;
+                }
+                now
+            } else {
+                stored
+            };
+            if reported != stored.id {
+                tracing::error!(
+                    ours = %id,
+                    redis = stored.id.as_deref().unwrap_or("(none)"),
+                    "the server keys in Redis are no longer this node's (another node started \
+                     with --reset-keys or other [keys]?): endpoints and secrets this node issues \
+                     are void on the others; restart it"
+                );
+                reported = stored.id;
             }
         }
     }

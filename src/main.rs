@@ -74,10 +74,12 @@ struct ServeArgs {
     #[command(flatten)]
     sources: Sources,
     /// Start over with new keys although the store holds data written with others (its
-    /// keys.toml lost, or [keys] changed): every endpoint and UAID secret issued so far stops
-    /// working, and clients must register again. An existing keys.toml is kept as
-    /// keys.toml.replaced-<time>. Without it, a data dir whose store exists refuses to start
-    /// when its keys.toml is missing or the keys are not those recorded in keys.id.
+    /// keys.toml or Redis key ed:server-keys lost, or [keys] changed): every endpoint and UAID
+    /// secret issued so far stops working, and clients must register again. An existing
+    /// keys.toml is kept as keys.toml.replaced-<time> (Redis:
+    /// ed:server-keys-replaced-<time>:{ed:server-keys}). Without it, a store holding data
+    /// refuses to start when its keys are missing or not those recorded in keys.id (Redis:
+    /// ed:keys-id:{ed:server-keys}). On Redis, stop every node and reset on one only.
     #[arg(long)]
     reset_keys: bool,
 }

@@ -91,16 +91,7 @@ impl Node {
                 };
                 let store = RedisStore::open(&target).await.map_err(StartError::Redis)?;
                 // Nodes sharing a Redis are one service: they share keys, never per data dir.
-                let keys = match Keys::from_config(&config.keys)? {
-                    Some(keys) => keys,
-                    None => {
-                        let text = store
-                            .load_or_create_keys(&Keys::generate_text())
-                            .await
-                            .map_err(StartError::Redis)?;
-                        Keys::from_text(&text, "redis key ed:server-keys")?
-                    }
-                };
+                let keys = Keys::load_shared(&config.keys, &store, &target.shown(), reset_keys).await?;
                 let routes = NodeRoutes::start(&store, &target, &config.store)
                     .await
                     .map_err(StartError::Redis)?;
@@ -378,6 +369,14 @@ pub async fn run(
         state.guards.clone(),
         state.config.limits.clone(),
     ))];
+    if let AnyStore::Redis(store) = &delivery.store {
+        let (keys, store) = (state.keys.clone(), store.clone());
+        let every = Duration::from_secs(state.config.store.keys_check_secs);
+        let stopping = state.lifecycle.stopping();
+        tasks.push(tokio::spawn(async move {
+            keys.keep_shared(&store, every, stopping).await
+        }));
+    }
     if let Some(storage) = &state.storage {
         let sweep = storage.clone().sweep_loop(state.lifecycle.clone());
         tasks.push(tokio::spawn(sweep));

@@ -27,7 +27,7 @@ use std::future::Future;
 
 pub use self::memory::MemoryStore;
 pub use self::record::Registration;
-pub use self::redis::{RedisStore, RedisTarget};
+pub use self::redis::{RedisStore, RedisTarget, StoredKeys};
 pub use self::sled::SledStore;
 pub use self::sled_db::SledDb;
 use crate::ids::TokenId;

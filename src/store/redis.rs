@@ -126,6 +126,17 @@ pub mod key {
     pub fn server_keys() -> &'static str {
         "ed:server-keys"
     }
+    /// Which keys this Redis's data was written with: their digest (`Keys::id`, never the keys),
+    /// written with generated keys or, for keys from config, by the first node. It outlives a
+    /// deleted `ed:server-keys`, so a lost key is told from a Redis that never had one. The hash
+    /// tag puts it in the slot of `ed:server-keys`, so one script writes both (also on a cluster).
+    pub fn keys_id() -> &'static str {
+        "ed:keys-id:{ed:server-keys}"
+    }
+    /// Where `serve --reset-keys` keeps the keys it replaced (in the slot of `ed:server-keys`).
+    pub fn replaced_keys(unix_secs: u64) -> String {
+        format!("ed:server-keys-replaced-{unix_secs}:{{ed:server-keys}}")
+    }
     /// The KICK drivers' generated secrets (webhook secret, VAPID key), shared by every node.
     pub fn kick_keys() -> &'static str {
         "ed:kick-keys"
@@ -390,6 +401,54 @@ redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
 "#;
 
+/// KEYS: server keys, keys id. ARGV: keys ('' for keys from config: none stored), their id.
+/// Stores them unless keys are stored or another id is recorded (the first node on an empty
+/// Redis; a node putting back what Redis lost); returns what is there then, so nodes starting
+/// together all get the first one's keys.
+const LUA_CREATE_KEYS: &str = r#"
+local text = redis.call('GET', KEYS[1])
+local id = redis.call('GET', KEYS[2])
+if not text and (not id or id == ARGV[2]) then
+  if ARGV[1] ~= '' then
+    redis.call('SET', KEYS[1], ARGV[1])
+    text = ARGV[1]
+  end
+  redis.call('SET', KEYS[2], ARGV[2])
+  id = ARGV[2]
+end
+return {text, id}
+"#;
+
+/// KEYS: keys id. ARGV: an id. Records the id unless one is recorded; returns the recorded one.
+const LUA_RECORD_KEYS_ID: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"#;
+
+/// KEYS: server keys, keys id, where to keep the replaced keys. ARGV: new keys ('' for keys
+/// from config: none stored), their id. Returns 1 if it kept replaced keys.
+const LUA_RESET_KEYS: &str = r#"
+local old = redis.call('GET', KEYS[1])
+if old then redis.call('SET', KEYS[3], old) end
+if ARGV[1] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('SET', KEYS[2], ARGV[2])
+if old then return 1 end
+return 0
+"#;
+
+/// What a Redis holds about the server keys (see [`RedisStore::server_keys`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredKeys {
+    /// `ed:server-keys`: generated keys in their `keys.toml` text form.
+    pub text: Option<String>,
+    /// `ed:keys-id:{ed:server-keys}`: the id of the keys the data was written with.
+    pub id: Option<String>,
+}
+
 /// Index entries read per expiry index and round of a sweep.
 const SWEEP_BATCH: usize = 512;
 /// Expiry indexes read concurrently by a sweep (pipelined on one connection).
@@ -445,6 +504,20 @@ pub struct RedisTarget {
 impl RedisTarget {
     pub fn is_cluster(&self) -> bool {
         !self.cluster_urls.is_empty()
+    }
+
+    /// The server or cluster for messages, without passwords.
+    pub fn shown(&self) -> String {
+        if self.is_cluster() {
+            let urls: Vec<String> = self
+                .cluster_urls
+                .iter()
+                .map(|u| crate::config::redact_url(u))
+                .collect();
+            format!("the Redis Cluster at {}", urls.join(", "))
+        } else {
+            format!("the Redis at {}", crate::config::redact_url(&self.url))
+        }
     }
 
     /// Opens a connection; with `push`, over RESP3 with pub/sub messages sent there (and, for a
@@ -712,9 +785,107 @@ impl RedisStore {
         bounded(self.timeout, cmd.query_async(&mut conn)).await
     }
 
-    /// Reads the shared server keys, creating them first (SET NX) if no node has yet.
-    pub async fn load_or_create_keys(&self, generated: &str) -> Result<String> {
-        self.load_or_create(key::server_keys(), generated).await
+    /// The stored server keys and the id of the keys the data was written with.
+    pub async fn server_keys(&self) -> Result<StoredKeys> {
+        let mut get = redis::cmd("MGET");
+        get.arg(key::server_keys()).arg(key::keys_id());
+        self.stored_keys(get).await
+    }
+
+    /// Stores `keys` (`None`: keys from config, only their id is recorded) and their `id`
+    /// unless keys are stored or another id is recorded, atomically: of nodes starting together
+    /// on an empty Redis, the first one's keys win. Returns what the Redis then has.
+    pub async fn create_server_keys(&self, keys: Option<&str>, id: &str) -> Result<StoredKeys> {
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(LUA_CREATE_KEYS)
+            .arg(2)
+            .arg(key::server_keys())
+            .arg(key::keys_id())
+            .arg(keys.unwrap_or(""))
+            .arg(id);
+        self.stored_keys(eval).await
+    }
+
+    /// Records `id` as the keys the data is written with unless an id is recorded; returns the
+    /// recorded one.
+    pub async fn record_keys_id(&self, id: &str) -> Result<String> {
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(LUA_RECORD_KEYS_ID).arg(1).arg(key::keys_id()).arg(id);
+        let recorded: Option<String> = self.query(&eval).await?;
+        recorded.ok_or(StoreError::Corrupt("keys id vanished"))
+    }
+
+    /// `serve --reset-keys`: `generated` keys (`None`: keys from config, none stored) and their
+    /// `id` replace what is stored. Returns where the replaced keys were kept, if there were any.
+    pub async fn reset_server_keys(&self, generated: Option<&str>, id: &str) -> Result<Option<String>> {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let kept = key::replaced_keys(secs);
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(LUA_RESET_KEYS)
+            .arg(3)
+            .arg(key::server_keys())
+            .arg(key::keys_id())
+            .arg(&kept)
+            .arg(generated.unwrap_or(""))
+            .arg(id);
+        let replaced: u64 = self.query(&eval).await?;
+        Ok((replaced == 1).then_some(kept))
+    }
+
+    async fn stored_keys(&self, cmd: Cmd) -> Result<StoredKeys> {
+        let values: Vec<Option<String>> = self.query(&cmd).await?;
+        let mut values = values.into_iter();
+        Ok(StoredKeys {
+            text: values.next().flatten(),
+            id: values.next().flatten(),
+        })
+    }
+
+    /// How many other nodes listen on this Redis (each subscribes to its nudge channel once it
+    /// has its keys). Counted on a single server only: a cluster's sharded channels are per
+    /// shard, and this answers 0 there.
+    pub async fn live_nodes(&self) -> Result<usize> {
+        if self.cluster {
+            return Ok(0);
+        }
+        let mut channels = redis::cmd("PUBSUB");
+        channels.arg("CHANNELS").arg(key::node_channel("*"));
+        let found: Vec<String> = self.query(&channels).await?;
+        Ok(found.len())
+    }
+
+    /// Whether this Redis holds edition data: a bound UAID (in the idle index) or a pending
+    /// event or tombstone (in the expiry index). One call on a server; on a cluster one per
+    /// index, as a sweep reads them.
+    pub async fn holds_data(&self) -> Result<bool> {
+        let indexes: Vec<String> = if self.cluster {
+            (0..slot::SLOTS)
+                .flat_map(|s| [key::idle_index_of_slot(s), key::expiry_index_of_slot(s)])
+                .collect()
+        } else {
+            vec![key::idle_index(None), key::expiry_index(None)]
+        };
+        if !self.cluster {
+            let mut exists = redis::cmd("EXISTS");
+            exists.arg(&indexes);
+            let n: u64 = self.query(&exists).await?;
+            return Ok(n > 0);
+        }
+        for batch in indexes.chunks(SWEEP_PARALLEL) {
+            let checks = batch.iter().map(|index| {
+                let mut exists = redis::cmd("EXISTS");
+                exists.arg(index);
+                async move { self.query::<u64>(&exists).await }
+            });
+            for found in futures_util::future::join_all(checks).await {
+                if found? > 0 {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 
     /// The same for the KICK drivers' secrets (`crate::kick::KickKeys`).

@@ -23,6 +23,7 @@ mod lost_nudge;
 mod multinode;
 mod proto_examples;
 mod redis_cluster;
+mod redis_keys;
 mod redis_store;
 mod relay;
 mod storage;
