@@ -395,7 +395,7 @@ struct Acceptor {
     permits: Arc<Semaphore>,
     phase: watch::Sender<Phase>,
     /// Connection tasks running (HTTP connections; an upgraded WebSocket is counted by
-    /// `AppState::sockets` instead).
+    /// the lifecycle's socket count instead).
     tasks: watch::Sender<usize>,
     metrics: ConnMetrics,
     /// Whether the cap was reached and not left since (logged once per episode).

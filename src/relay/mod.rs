@@ -60,8 +60,8 @@ impl From<StoreError> for RelayError {
     }
 }
 
-/// A relay's shared state: handlers reach it through `AppState`'s `relay` part, the link task owns the
-/// socket or the polls.
+/// A relay's shared state: handlers reach it as the state's `relay` part, the link task owns
+/// the socket or the polls.
 pub struct Relay {
     config: RelayConfig,
     /// Entries per upstream claim frame and per poll (`limits.max_uaids_per_frame`).

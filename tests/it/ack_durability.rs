@@ -14,11 +14,13 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-/// The shim, built once per test run.
+/// The shim, built once per test run, in cargo's scratch dir for integration tests (not /tmp,
+/// where one file per run would pile up).
 fn shim() -> &'static str {
     static SHIM: OnceLock<PathBuf> = OnceLock::new();
     SHIM.get_or_init(|| {
-        let out = std::env::temp_dir().join(format!("editiond-slowsync-{}.so", std::process::id()));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let out = dir.join(format!("editiond-slowsync-{}.so", std::process::id()));
         let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/slowsync.c");
         let status = std::process::Command::new("cc")
             .args(["-shared", "-fPIC", "-O2", "-o"])
