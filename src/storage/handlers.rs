@@ -314,14 +314,14 @@ impl Storage {
         if outcome.data {
             outcome.changes.push(Change::SetUserModified(ts));
         }
-        // A wipe that keeps a record names no collection: the observer hears of every one it
-        // removed or moved, found by comparing the user's collections around it.
+        // A wipe names no collection: the observer hears of every one it removed or moved,
+        // found by comparing the user's collections around it.
         let wipe = outcome.data
             && self.observer.get().is_some()
             && outcome
                 .changes
                 .iter()
-                .any(|c| matches!(c, Change::DeleteAllExcept { .. }));
+                .any(|c| matches!(c, Change::DeleteAll | Change::DeleteAllExcept { .. }));
         let before = if wipe {
             Some(store.collections(uid).map_err(store_err)?)
         } else {

@@ -54,6 +54,24 @@ async fn expect_update(c: &mut Client, uaid: &str, appid: &str, version: u64) {
     c.ack(&[uaid]).await;
 }
 
+/// Takes UPDATEs (ACKing each) until every (APPID, version) of `expected` has arrived; the
+/// events of one write to several collections may come in one UPDATE or several.
+async fn expect_update_of(c: &mut Client, uaid: &str, expected: &[(&str, u64)]) {
+    let mut seen = serde_json::Map::new();
+    while seen.len() < expected.len() {
+        let update = c.expect("update").await;
+        let apps = update["updates"][uaid].as_object().cloned().unwrap_or_default();
+        assert!(!apps.is_empty(), "{update}");
+        seen.extend(apps);
+        c.ack(&[uaid]).await;
+    }
+    let want: serde_json::Map<String, Value> = expected
+        .iter()
+        .map(|(appid, v)| (appid.to_string(), json!(v)))
+        .collect();
+    assert_eq!(seen, want);
+}
+
 /// A write's X-Last-Modified, in ms, after checking it succeeded.
 fn written(r: &crate::storage_support::Resp) -> u64 {
     assert_eq!(r.status, 200, "{r:?}");
@@ -334,5 +352,40 @@ async fn delete_storage_keeping_meta_global_updates_the_collections_it_changed()
     expect_update(&mut a, &uaid, &on_meta, ts).await;
     let ts = written(&b.delete("storage?keep=meta/global").await);
     expect_update(&mut a, &uaid, &on_meta, ts).await;
+    a.expect_silence(QUIET).await;
+}
+
+/// `DELETE storage` and `DELETE /1.5/{uid}` are writes to every collection they remove: the
+/// other devices hear of the wipe at the delete's time, and a user without collections hears
+/// nothing.
+#[tokio::test]
+async fn deleting_all_storage_updates_every_watched_collection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let mut a = Client::connect(&server).await;
+    let uaid = a.hello_new(1).await[0].0.clone();
+    let (on_bookmarks, on_tabs) = (new_appid(), new_appid());
+    for (appid, collection) in [(&on_bookmarks, "bookmarks"), (&on_tabs, "tabs")] {
+        let watch = json!({"watch": {"token": token(&server), "collections": [collection]}});
+        assert_eq!(register(&mut a, &uaid, appid, watch).await["status"], 200);
+    }
+    let b = Sync::new(&base(&server), SECRET, UID);
+    for round in 0..2 {
+        for (appid, collection) in [(&on_bookmarks, "bookmarks"), (&on_tabs, "tabs")] {
+            let path = format!("storage/{collection}");
+            let ts = written(&b.post(&path, json!([{"id": "r", "payload": "x"}])).await);
+            expect_update(&mut a, &uaid, appid, ts).await;
+        }
+        let path = if round == 0 {
+            "storage".to_owned()
+        } else {
+            b.root()
+        };
+        let ts = written(&b.delete(&path).await);
+        expect_update_of(&mut a, &uaid, &[(&on_bookmarks, ts), (&on_tabs, ts)]).await;
+        a.expect_silence(QUIET).await;
+    }
+    // Nothing left to remove: nothing to hear.
+    written(&b.delete("storage").await);
     a.expect_silence(QUIET).await;
 }
