@@ -225,7 +225,10 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// The store chosen by `store.backend`. An enum, not a trait object: the trait's methods return
-/// `impl Future`, and a `match` per call costs nothing next to the I/O behind it.
+/// `impl Future`, and a `match` per call costs nothing next to the I/O behind it, where a trait
+/// object would box a future per call (three or four per PUT). Nor a type parameter: it would
+/// run through every part of the state and every handler. The price is one forwarding line per
+/// method below.
 #[derive(Clone)]
 pub enum AnyStore {
     Sled(SledStore),
