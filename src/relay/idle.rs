@@ -75,10 +75,17 @@ async fn sweep(delivery: &Delivery, relay: &Arc<Relay>) {
                 return;
             }
         };
-        if !forgotten.is_empty() {
-            total += forgotten.len();
-            relay.release(forgotten);
+        if forgotten.is_empty() {
+            continue;
         }
+        // Durable before the upstream hears of it: a crash now cannot bring them back to be
+        // claimed again.
+        if let Err(e) = delivery.sync().await {
+            tracing::warn!(error = %e, "relay: committing the forgotten UAIDs failed");
+            return;
+        }
+        total += forgotten.len();
+        relay.release(forgotten);
     }
     if total > 0 {
         tracing::info!(
