@@ -179,13 +179,13 @@ impl Book {
         Ok(())
     }
 
-    /// Records that the upstream accepted `secret` for `uaid`, seen at `now_ms`. Not yet
-    /// durable: the caller syncs the store before it hands the secret on. `true` if the UAID is
-    /// new to the book.
+    /// Records that the upstream accepted `secret` for `uaid` at a client's request, seen at
+    /// `now_ms` (nothing changes if the book has that already: the client's check saw it). Not
+    /// yet durable: the caller syncs the store before it hands the secret on. `true` if the UAID
+    /// is new to the book.
     pub fn insert(&self, uaid: Uaid, secret: &str, now_ms: u64) -> Result<bool, StoreError> {
         let mut e = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = e.map.get(&uaid).filter(|entry| entry.secret == secret) {
-            self.seen(&uaid, entry, now_ms)?;
+        if e.map.get(&uaid).is_some_and(|entry| entry.secret == secret) {
             return Ok(false);
         }
         self.tree.insert(uaid.as_bytes(), encode(now_ms, secret))?;
@@ -200,6 +200,25 @@ impl Book {
         // A new secret for a known UAID changes what its poll carries, too.
         self.changes.send_modify(|n| *n += 1);
         Ok(added)
+    }
+
+    /// The upstream accepted a re-claim of `uaid` with `secret`: a changed secret replaces the
+    /// book's (keeping "last seen"); a UAID no longer in the book (forgotten since the re-claim
+    /// went out) is not added back.
+    pub fn update(&self, uaid: Uaid, secret: &str) -> Result<(), StoreError> {
+        let mut e = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = e.map.get_mut(&uaid) else {
+            return Ok(());
+        };
+        if entry.secret == secret {
+            return Ok(());
+        }
+        let seen = entry.written.load(Ordering::Relaxed);
+        self.tree.insert(uaid.as_bytes(), encode(seen, secret))?;
+        entry.secret = secret.to_owned();
+        drop(e);
+        self.changes.send_modify(|n| *n += 1);
+        Ok(())
     }
 
     /// The UAIDs last seen before `before_ms`, in the order learnt: candidates for
@@ -433,6 +452,23 @@ mod tests {
         let book = open(dir.path(), 2000);
         assert_eq!(book.len(), 3, "forgetting is durable");
         assert_eq!(book.secret(&idle), None);
+    }
+
+    /// A re-claim on reconnect is no sighting, and brings back nothing forgotten meanwhile.
+    #[test]
+    fn a_reclaim_neither_counts_as_seen_nor_adds_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = open(dir.path(), 0);
+        let (a, gone) = (Uaid::random(), Uaid::random());
+        book.insert(a, "sa", 100).unwrap();
+        book.insert(gone, "sg", 100).unwrap();
+        assert_eq!(book.forget(&[gone], 200, 300, |_| false).unwrap(), vec![gone]);
+        book.update(gone, "sg").unwrap();
+        assert_eq!(book.secret(&gone), None);
+        book.update(a, "sa2").unwrap();
+        assert_eq!(book.secret(&a).as_deref(), Some("sa2"));
+        assert!(!book.insert(a, "sa2", 250).unwrap());
+        assert_eq!(book.idle(200), vec![a], "still last seen at 100");
     }
 
     #[test]

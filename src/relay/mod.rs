@@ -415,7 +415,7 @@ impl Relay {
             TransportHandle::Poll(http) => {
                 let answer = http.claim(entry).await?;
                 if answer.status == 200 {
-                    self.learn(entry, &answer)?;
+                    self.learn(entry, &answer, false)?;
                 }
                 Ok(answer)
             }
@@ -458,6 +458,9 @@ impl Relay {
     /// link drops them from its chunks by itself, as the book changed. A full queue or a link
     /// that is down sends nothing: the next reconnect does not claim them.
     fn release(&self, uaids: Vec<Uaid>) {
+        if !self.is_up() {
+            return;
+        }
         if let TransportHandle::Ws { requests, .. } = &self.transport {
             if requests.try_send(ws_link::Request::Release(uaids)).is_err() {
                 tracing::debug!("relay: no room to release UAIDs upstream; the next reconnect drops them");
@@ -482,12 +485,19 @@ impl Relay {
         }
     }
 
-    /// The upstream accepted `entry` (answer 200): records its UAID and secret in the book.
-    fn learn(&self, entry: &Credential, answer: &StatusEntry) -> Result<(), StoreError> {
+    /// The upstream accepted `entry` (answer 200): records its UAID and secret in the book. A
+    /// `reclaim` of the book's own entries (on reconnect) names no client: it adds nothing back
+    /// (a UAID forgotten since it went out stays forgotten; its release follows) and is no
+    /// sighting.
+    fn learn(&self, entry: &Credential, answer: &StatusEntry, reclaim: bool) -> Result<(), StoreError> {
         let uaid = answer.uaid.as_deref().or(entry.uaid.as_deref());
         let secret = answer.secret.as_deref().or(entry.secret.as_deref());
         if let (Some(uaid), Some(secret)) = (uaid.and_then(|u| Uaid::parse(u).ok()), secret) {
-            self.book.insert(uaid, secret, now_ms())?;
+            if reclaim {
+                self.book.update(uaid, secret)?;
+            } else {
+                self.book.insert(uaid, secret, now_ms())?;
+            }
         }
         Ok(())
     }

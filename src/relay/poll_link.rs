@@ -1,8 +1,9 @@
 //! The upstream link over outbound HTTP only (`relay.transport = "poll"`): the book's UAIDs in
 //! chunks of at most `max_uaids_per_frame`, one long poll per chunk (`POST /v1/poll?wait=`),
 //! each answer stored durably and then ACKed (`POST /v1/ack`); a chunk that changes (a UAID
-//! learnt or forgotten) drops its poll and starts a new one, and chunks beyond a shrunk book end. Claims are a poll with `wait=0`; registers and unregisters
-//! are `POST /v1/register` and `/v1/unregister`.
+//! learnt or forgotten) drops its poll and starts a new one, and chunks beyond a shrunk book
+//! end. Claims are a poll with `wait=0`; registers and unregisters are `POST /v1/register` and
+//! `/v1/unregister`.
 
 use std::sync::Arc;
 use std::time::Duration;

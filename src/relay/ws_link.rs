@@ -245,8 +245,10 @@ async fn on_requests(
 }
 
 /// The release frame for `uaids`, without those a client named again since they were forgotten:
-/// back in the book, or in a claim about to go or awaiting its reply (a release sent after such
-/// a claim would undo it). `None` when none is left.
+/// back in the book, or in a client's claim about to go or awaiting its reply (a release sent
+/// after such a claim would undo it). A re-claim of the book awaiting its reply does not hold a
+/// release back: the release follows it upstream, and its reply adds nothing back to the book.
+/// `None` when none is left.
 fn release_frame(
     relay: &Relay,
     uaids: Vec<Uaid>,
@@ -260,6 +262,7 @@ fn release_frame(
     let claimed: std::collections::HashSet<Uaid> = claims
         .iter()
         .chain(awaited)
+        .filter(|(_, waiter)| waiter.is_some())
         .filter_map(|(c, _)| c.uaid.as_deref().and_then(|s| Uaid::parse(s).ok()))
         .collect();
     let uaids: Vec<String> = uaids
@@ -288,7 +291,7 @@ fn on_message(
             }
             for ((credential, waiter), answer) in entries.into_iter().zip(reply.uaids) {
                 if answer.status == 200 {
-                    relay.learn(&credential, &answer)?;
+                    relay.learn(&credential, &answer, waiter.is_none())?;
                 } else if waiter.is_none() {
                     tracing::warn!(
                         status = answer.status,
