@@ -1,12 +1,12 @@
 //! The upstream link over one WebSocket: hello (with the hop list), then every UAID of the book
 //! re-claimed in frames of at most `max_uaids_per_frame`, then claims, registers and
 //! unregisters as downstream clients ask, releases of UAIDs the book forgot, UPDATEs stored and
-//! ACKed, pings while idle. On any
-//! failure the link reconnects with jittered exponential backoff and starts over.
+//! ACKed, pings while idle. On any failure the link reconnects with jittered exponential
+//! backoff and starts over.
 //!
 //! The upstream answers one connection's frames in order (claim → claim reply, register →
-//! register reply, release → release reply, ping → pong; an ack has no reply), so replies are matched to requests by a
-//! FIFO of what is awaiting an answer. UPDATEs interleave freely.
+//! register reply, release → release reply, ping → pong; an ack has no reply), so replies are
+//! matched to requests by a FIFO of what is awaiting an answer. UPDATEs interleave freely.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
