@@ -56,6 +56,10 @@ pub struct RelayConfig {
     /// Downstream requests (claims, registers, unregisters) that may wait for the upstream
     /// WebSocket at once; more answer 503 at once instead of queueing without bound.
     pub max_queued_requests: usize,
+    /// Seconds a UAID may go unseen by the relay (no downstream hello, claim or poll with its
+    /// secret) and unheld before the relay forgets it: drops it and its secret from its book and
+    /// releases it upstream. 0 follows `limits.uaid_idle_days` (0 there: never).
+    pub book_idle_secs: u64,
 }
 
 impl Default for RelayConfig {
@@ -72,6 +76,7 @@ impl Default for RelayConfig {
             upstream_frames_burst: 100,
             retry_after_secs: 5,
             max_queued_requests: 4096,
+            book_idle_secs: 0,
         }
     }
 }
@@ -80,6 +85,14 @@ impl RelayConfig {
     /// Whether this node is a relay.
     pub fn enabled(&self) -> bool {
         !self.upstream.is_empty()
+    }
+
+    /// How long a UAID may go unseen before the relay forgets it, in ms; 0: never.
+    pub fn book_idle_ms(&self, uaid_idle_days: u64) -> u64 {
+        match self.book_idle_secs {
+            0 => uaid_idle_days.saturating_mul(24 * 3600 * 1000),
+            secs => secs.saturating_mul(1000),
+        }
     }
 
     /// What is wrong with the section, if anything.

@@ -6,10 +6,12 @@
 //! wiring and the hooks the push protocol calls on a relay: authenticating a downstream UAID
 //! (the book, or a claim upstream), forwarding register and unregister, storing an upstream
 //! UPDATE durably through the one event path ([`crate::push::events::raise`]) before it is
-//! ACKed upstream, and the hop list that refuses loops. `proto/relay.md` is the contract.
+//! ACKed upstream, and the hop list that refuses loops. [`idle`] forgets UAIDs no downstream
+//! client names any more. `proto/relay.md` is the contract.
 
 pub mod book;
 pub mod config;
+mod idle;
 mod poll_link;
 mod ws_link;
 
@@ -23,7 +25,7 @@ use prometheus::IntGauge;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use self::book::{same_secret, Book};
+use self::book::{Book, Check};
 pub use self::config::{RelayConfig, Transport};
 use crate::config::Config;
 use crate::ids::{Appid, TokenId, Uaid};
@@ -73,6 +75,11 @@ pub struct Relay {
     /// This process's id in hop lists (random per start: a restarted relay is a new hop).
     node_id: String,
     book: Book,
+    /// How long a UAID may go unseen before [`idle`] forgets it, in ms; 0: never
+    /// (`relay.book_idle_secs`, else `limits.uaid_idle_days`).
+    idle_ms: u64,
+    /// `limits.sweep_interval_secs`: how often [`idle`] looks.
+    sweep_every: Duration,
     link: LinkState,
     hops: Hops,
     transport: TransportHandle,
@@ -112,7 +119,14 @@ impl Relay {
         let AnyStore::Sled(sled) = store else {
             return Err(RelayError::NeedsSled);
         };
-        let book = Book::open(sled.db().tree("relay_uaids")?)?;
+        let idle_ms = config.relay.book_idle_ms(config.limits.uaid_idle_days);
+        // "Last seen" is written once a day, or twice per idle period when that is shorter,
+        // so what a restart reads is never more than half a period behind.
+        let write_every_ms = match idle_ms {
+            0 => crate::store::TOUCH_EVERY_MS,
+            ms => crate::store::TOUCH_EVERY_MS.min(ms / 2),
+        };
+        let book = Book::open(sled.db().tree("relay_uaids")?, now_ms(), write_every_ms)?;
         let gauge = IntGauge::new(
             "relay_upstream_up",
             "1 while the relay's upstream link is up, else 0",
@@ -138,6 +152,8 @@ impl Relay {
             ttl_ms: config.limits.max_ttl_secs.saturating_mul(1000),
             node_id: uuid::Uuid::new_v4().to_string(),
             book,
+            idle_ms,
+            sweep_every: Duration::from_secs(config.limits.sweep_interval_secs),
             link: LinkState {
                 up: AtomicBool::new(false),
                 gauge,
@@ -259,6 +275,7 @@ impl Relay {
     ) -> Result<(Vec<UaidStatus>, Vec<Uaid>), StoreError> {
         let mut statuses: Vec<Option<UaidStatus>> = vec![None; entries.len()];
         let mut ask = Vec::new();
+        let now = now_ms();
         for (i, entry) in entries.iter().enumerate() {
             let Some(s) = &entry.uaid else {
                 ask.push(i);
@@ -268,16 +285,20 @@ impl Relay {
                 statuses[i] = Some(UaidStatus::failed(Some(s.clone()), EntryError::InvalidUaid));
                 continue;
             };
-            statuses[i] = match (self.book.secret(&uaid), &entry.secret) {
-                (None, _) => {
+            let check = match &entry.secret {
+                None if self.book.contains(&uaid) => Err(EntryError::SecretRequired),
+                None => Ok(Check::Unknown),
+                // Accepted: seen now, so the idle sweep keeps it.
+                Some(given) => Ok(self.book.check(&uaid, given, now)?),
+            };
+            statuses[i] = match check {
+                Ok(Check::Unknown) => {
                     ask.push(i);
                     None
                 }
-                (Some(_), None) => Some(UaidStatus::failed(Some(s.clone()), EntryError::SecretRequired)),
-                (Some(known), Some(given)) if same_secret(&known, given) => {
-                    Some(UaidStatus::ok(s.clone(), None))
-                }
-                (Some(_), Some(_)) => Some(UaidStatus::failed(Some(s.clone()), EntryError::BadSecret)),
+                Ok(Check::Accepted) => Some(UaidStatus::ok(s.clone(), None)),
+                Ok(Check::Refused) => Some(UaidStatus::failed(Some(s.clone()), EntryError::BadSecret)),
+                Err(e) => Some(UaidStatus::failed(Some(s.clone()), e)),
             };
         }
         let answers =
@@ -303,7 +324,6 @@ impl Relay {
         let statuses: Vec<UaidStatus> = statuses.into_iter().flatten().collect();
         let mut claimed = Vec::new();
         let mut wrote = learnt;
-        let now = now_ms();
         for status in &statuses {
             if status.error.is_some() {
                 continue;
@@ -395,7 +415,7 @@ impl Relay {
             TransportHandle::Poll(http) => {
                 let answer = http.claim(entry).await?;
                 if answer.status == 200 {
-                    self.learn(entry, &answer)?;
+                    self.learn(entry, &answer, false)?;
                 }
                 Ok(answer)
             }
@@ -433,6 +453,21 @@ impl Relay {
         }
     }
 
+    /// Stops speaking upstream for UAIDs just forgotten: a `release` frame on the WebSocket
+    /// (queued behind the requests before it, so a claim already asked for goes first); a poll
+    /// link drops them from its chunks by itself, as the book changed. A full queue or a link
+    /// that is down sends nothing: the next reconnect does not claim them.
+    fn release(&self, uaids: Vec<Uaid>) {
+        if !self.is_up() {
+            return;
+        }
+        if let TransportHandle::Ws { requests, .. } = &self.transport {
+            if requests.try_send(ws_link::Request::Release(uaids)).is_err() {
+                tracing::debug!("relay: no room to release UAIDs upstream; the next reconnect drops them");
+            }
+        }
+    }
+
     /// Queues a request for the WebSocket task and waits (bounded) for its reply.
     async fn ask<T>(
         &self,
@@ -450,12 +485,19 @@ impl Relay {
         }
     }
 
-    /// The upstream accepted `entry` (answer 200): records its UAID and secret in the book.
-    fn learn(&self, entry: &Credential, answer: &StatusEntry) -> Result<(), StoreError> {
+    /// The upstream accepted `entry` (answer 200): records its UAID and secret in the book. A
+    /// `reclaim` of the book's own entries (on reconnect) names no client: it adds nothing back
+    /// (a UAID forgotten since it went out stays forgotten; its release follows) and is no
+    /// sighting.
+    fn learn(&self, entry: &Credential, answer: &StatusEntry, reclaim: bool) -> Result<(), StoreError> {
         let uaid = answer.uaid.as_deref().or(entry.uaid.as_deref());
         let secret = answer.secret.as_deref().or(entry.secret.as_deref());
         if let (Some(uaid), Some(secret)) = (uaid.and_then(|u| Uaid::parse(u).ok()), secret) {
-            self.book.insert(uaid, secret)?;
+            if reclaim {
+                self.book.update(uaid, secret)?;
+            } else {
+                self.book.insert(uaid, secret, now_ms())?;
+            }
         }
         Ok(())
     }
@@ -498,10 +540,10 @@ pub(crate) async fn store_updates(
     Ok(())
 }
 
-/// Starts the upstream link of a relay node, storing what it receives through `delivery`. Each
-/// task ends when shutdown begins.
+/// Starts the upstream link of a relay node, storing what it receives through `delivery`, and
+/// the sweep that forgets idle UAIDs. Each task ends when shutdown begins.
 pub fn start(relay: &Arc<Relay>, delivery: &Delivery) -> Vec<JoinHandle<()>> {
-    match &relay.transport {
+    let mut tasks = match &relay.transport {
         TransportHandle::Ws { inbox, .. } => match lock(inbox).take() {
             Some(rx) => vec![tokio::spawn(ws_link::run(delivery.clone(), relay.clone(), rx))],
             None => Vec::new(),
@@ -510,7 +552,9 @@ pub fn start(relay: &Arc<Relay>, delivery: &Delivery) -> Vec<JoinHandle<()>> {
             let task = poll_link::run(delivery.clone(), relay.clone(), http.clone());
             vec![tokio::spawn(task)]
         }
-    }
+    };
+    tasks.push(tokio::spawn(idle::run(delivery.clone(), relay.clone())));
+    tasks
 }
 
 /// The upstream's reply, with the UAID and APPID as the downstream client wrote them. An

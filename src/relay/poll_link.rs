@@ -1,8 +1,9 @@
 //! The upstream link over outbound HTTP only (`relay.transport = "poll"`): the book's UAIDs in
 //! chunks of at most `max_uaids_per_frame`, one long poll per chunk (`POST /v1/poll?wait=`),
-//! each answer stored durably and then ACKed (`POST /v1/ack`); a chunk that gains a UAID drops
-//! its poll and starts a new one. Claims are a poll with `wait=0`; registers and unregisters
-//! are `POST /v1/register` and `/v1/unregister`.
+//! each answer stored durably and then ACKed (`POST /v1/ack`); a chunk that changes (a UAID
+//! learnt or forgotten) drops its poll and starts a new one, and chunks beyond a shrunk book
+//! end. Claims are a poll with `wait=0`; registers and unregisters are `POST /v1/register` and
+//! `/v1/unregister`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -178,7 +179,7 @@ impl Http {
 /// The credentials one long poll carries.
 type Chunk = Vec<(Uaid, String)>;
 
-/// Runs the polls until shutdown: one task per chunk of the book, re-chunked as it grows.
+/// Runs the polls until shutdown: one task per chunk of the book, re-chunked as it changes.
 pub async fn run(delivery: Delivery, relay: Arc<Relay>, http: Arc<Http>) {
     let mut book = relay.book.watch();
     let mut chunks: Vec<(watch::Sender<Chunk>, JoinHandle<()>)> = Vec::new();
@@ -188,15 +189,16 @@ pub async fn run(delivery: Delivery, relay: Arc<Relay>, http: Arc<Http>) {
     tokio::pin!(stopping);
     loop {
         let all = relay.book.all();
+        let wanted = all.chunks(relay.max_per_frame).count();
         for (i, chunk) in all.chunks(relay.max_per_frame).enumerate() {
             match chunks.get(i) {
                 Some((tx, _)) => {
                     tx.send_if_modified(|held| {
-                        let grew = held.len() != chunk.len();
-                        if grew {
+                        let changed = held.as_slice() != chunk;
+                        if changed {
                             *held = chunk.to_vec();
                         }
-                        grew
+                        changed
                     });
                 }
                 None => {
@@ -205,6 +207,10 @@ pub async fn run(delivery: Delivery, relay: Arc<Relay>, http: Arc<Http>) {
                     chunks.push((tx, task));
                 }
             }
+        }
+        // The book shrank (UAIDs forgotten): the polls of the chunks past its end stop.
+        for (_, task) in chunks.drain(wanted.min(chunks.len())..) {
+            task.abort();
         }
         tokio::select! {
             changed = book.changed() => if changed.is_err() { break },
@@ -220,7 +226,7 @@ pub async fn run(delivery: Delivery, relay: Arc<Relay>, http: Arc<Http>) {
     }
 }
 
-/// Polls one chunk for ever, restarting the poll when the chunk gains a UAID.
+/// Polls one chunk for ever, restarting the poll when the chunk changes.
 async fn chunk_loop(
     delivery: Delivery,
     relay: Arc<Relay>,

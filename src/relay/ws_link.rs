@@ -1,11 +1,12 @@
 //! The upstream link over one WebSocket: hello (with the hop list), then every UAID of the book
 //! re-claimed in frames of at most `max_uaids_per_frame`, then claims, registers and
-//! unregisters as downstream clients ask, UPDATEs stored and ACKed, pings while idle. On any
-//! failure the link reconnects with jittered exponential backoff and starts over.
+//! unregisters as downstream clients ask, releases of UAIDs the book forgot, UPDATEs stored and
+//! ACKed, pings while idle. On any failure the link reconnects with jittered exponential
+//! backoff and starts over.
 //!
 //! The upstream answers one connection's frames in order (claim → claim reply, register →
-//! register reply, ping → pong; an ack has no reply), so replies are matched to requests by a
-//! FIFO of what is awaiting an answer. UPDATEs interleave freely.
+//! register reply, release → release reply, ping → pong; an ack has no reply), so replies are
+//! matched to requests by a FIFO of what is awaiting an answer. UPDATEs interleave freely.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -39,6 +40,8 @@ pub enum Request {
         appid: Appid,
         reply: oneshot::Sender<RegistrationReply>,
     },
+    /// Stop speaking for these UAIDs (the book forgot them); at most a frame's worth.
+    Release(Vec<Uaid>),
 }
 
 /// A frame sent upstream and awaiting its reply, in order.
@@ -46,6 +49,7 @@ enum Awaiting {
     /// Claimed entries, each with the request waiting for it (none for re-claims).
     Claim(Vec<(Credential, Option<oneshot::Sender<StatusEntry>>)>),
     Registration(bool, oneshot::Sender<RegistrationReply>),
+    Release,
     Pong,
 }
 
@@ -194,7 +198,7 @@ async fn connection(
 }
 
 /// Sends what downstream asked for: registrations one frame each, claims together (this one and
-/// any already queued, up to a frame's worth).
+/// any already queued, up to a frame's worth), releases one frame each.
 async fn on_requests(
     relay: &Relay,
     first: Request,
@@ -203,6 +207,7 @@ async fn on_requests(
     awaiting: &mut VecDeque<Awaiting>,
 ) -> Result<(), RelayError> {
     let mut claims = Vec::new();
+    let mut releases = Vec::new();
     let mut next = Some(first);
     while let Some(request) = next.take() {
         match request {
@@ -219,9 +224,17 @@ async fn on_requests(
                 out.send(frame.to_string()).await?;
                 awaiting.push_back(Awaiting::Registration(register, reply));
             }
+            Request::Release(uaids) => releases.push(uaids),
         }
         if claims.len() < relay.max_per_frame {
             next = requests.try_recv().ok();
+        }
+    }
+    for uaids in releases {
+        let frame = release_frame(relay, uaids, &claims, awaiting);
+        if let Some(frame) = frame {
+            out.send(frame).await?;
+            awaiting.push_back(Awaiting::Release);
         }
     }
     if !claims.is_empty() {
@@ -229,6 +242,35 @@ async fn on_requests(
         awaiting.push_back(Awaiting::Claim(claims));
     }
     Ok(())
+}
+
+/// The release frame for `uaids`, without those a client named again since they were forgotten:
+/// back in the book, or in a client's claim about to go or awaiting its reply (a release sent
+/// after such a claim would undo it). A re-claim of the book awaiting its reply does not hold a
+/// release back: the release follows it upstream, and its reply adds nothing back to the book.
+/// `None` when none is left.
+fn release_frame(
+    relay: &Relay,
+    uaids: Vec<Uaid>,
+    claims: &[(Credential, Option<oneshot::Sender<StatusEntry>>)],
+    awaiting: &VecDeque<Awaiting>,
+) -> Option<String> {
+    let awaited = awaiting.iter().flat_map(|a| match a {
+        Awaiting::Claim(entries) => entries.as_slice(),
+        _ => &[],
+    });
+    let claimed: std::collections::HashSet<Uaid> = claims
+        .iter()
+        .chain(awaited)
+        .filter(|(_, waiter)| waiter.is_some())
+        .filter_map(|(c, _)| c.uaid.as_deref().and_then(|s| Uaid::parse(s).ok()))
+        .collect();
+    let uaids: Vec<String> = uaids
+        .into_iter()
+        .filter(|u| !relay.book.contains(u) && !claimed.contains(u))
+        .map(|u| u.to_string())
+        .collect();
+    (!uaids.is_empty()).then(|| serde_json::json!({"type": "release", "uaids": uaids}).to_string())
 }
 
 /// Handles one frame from the upstream.
@@ -249,7 +291,7 @@ fn on_message(
             }
             for ((credential, waiter), answer) in entries.into_iter().zip(reply.uaids) {
                 if answer.status == 200 {
-                    relay.learn(&credential, &answer)?;
+                    relay.learn(&credential, &answer, waiter.is_none())?;
                 } else if waiter.is_none() {
                     tracing::warn!(
                         status = answer.status,
@@ -278,7 +320,17 @@ fn on_message(
             );
         }
         ServerMessage::Error { error, .. } => return Err(RelayError::Refused(error)),
-        ServerMessage::Hello(_) | ServerMessage::Release(_) => return Err(unexpected("frame")),
+        ServerMessage::Release(reply) => {
+            if !matches!(awaiting.pop_front(), Some(Awaiting::Release)) {
+                return Err(unexpected("release reply"));
+            }
+            // 403 uaid_not_held: another connection had taken it already; nothing to undo.
+            let kept = reply.uaids.iter().filter(|e| e.status != 200).count();
+            if kept > 0 {
+                tracing::debug!(count = kept, "relay: UAIDs released upstream were not held");
+            }
+        }
+        ServerMessage::Hello(_) => return Err(unexpected("frame")),
     }
     Ok(())
 }

@@ -316,6 +316,111 @@ async fn a_loop_of_relays_is_refused() {
     }
 }
 
+/// Waits (at most 30 s) until the relay's book holds `n` UAIDs (`/health`).
+async fn wait_book(relay: &Server, http: &reqwest::Client, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = health(relay, http).await;
+        if h["relay"]["uaids"] == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the book never held {n} UAIDs: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads UPDATEs for `uaid` (ACKing each) until they have carried `n` APPIDs; returns them.
+async fn receive_all(c: &mut Client, uaid: &str, n: usize) -> serde_json::Map<String, Value> {
+    let mut got = serde_json::Map::new();
+    while got.len() < n {
+        let update = c.expect("update").await;
+        let apps = update["updates"][uaid].as_object().cloned().unwrap_or_default();
+        assert!(!apps.is_empty(), "{update}");
+        got.extend(apps);
+        c.ack(&[uaid]).await;
+    }
+    got
+}
+
+/// A UAID that no client names for `relay.book_idle_secs` (and none holds) leaves the book: it is
+/// released upstream and not claimed again by the restarted relay; a UAID held all along stays.
+/// The forgotten one comes back with its secret and is claimed again, and nothing is lost: the
+/// event stored before and the one PUT upstream meanwhile both reach it.
+async fn idle_uaids_leave_the_book(transport: &str) {
+    let (du, dr) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let http = reqwest::Client::new();
+    let up = Server::start(du.path()).await;
+    let env = [
+        ("EDITIOND_RELAY__BOOK_IDLE_SECS", "5"),
+        ("EDITIOND_LIMITS__SWEEP_INTERVAL_SECS", "1"),
+    ];
+    let mut relay = start_relay_with(dr.path(), local(free_port()), up.addr, transport, &env).await;
+    wait_link(&relay, &http, true).await;
+
+    let mut held = Client::connect(&relay).await;
+    let held_creds = held.hello_new(1).await;
+    let mut away = enroll(&relay).await;
+    let (uaid, appid, creds) = (away.uaid.clone(), away.appid.clone(), away.creds.clone());
+    let endpoint = away.endpoint.clone();
+    let appid2 = new_appid();
+    let endpoint2 = away.c.register(&uaid, &appid2).await;
+    assert_eq!(health(&relay, &http).await["relay"]["uaids"], 2);
+    drop(away);
+    wait_metric(&relay, &http, "editiond_connections", 1.0).await;
+    // Taken by the relay while the client is away (or, if forgotten first, kept upstream).
+    assert_eq!(put_version(&http, &endpoint, 1).await, 202);
+
+    wait_book(&relay, &http, 1).await;
+    wait_metric(&up, &http, "editiond_held_uaids", 1.0).await;
+    assert_eq!(put_version(&http, &endpoint2, 1).await, 202);
+
+    relay.restart().await;
+    assert_eq!(
+        health(&relay, &http).await["relay"]["uaids"],
+        1,
+        "forgotten for good"
+    );
+    // Back at once (a restart is no absence within the first idle period after it).
+    let mut held = Client::connect(&relay).await;
+    let v = held.hello(&held_creds).await;
+    assert_eq!(v["uaids"][0]["status"], 200, "{v}");
+    wait_link(&relay, &http, true).await;
+    // A new client's claim goes upstream after the restarted relay's re-claims.
+    let mut fresh = Client::connect(&relay).await;
+    fresh.hello_new(1).await;
+    if transport == "ws" {
+        let now = metric(&up, &http, "editiond_held_uaids").await;
+        assert_eq!(
+            now,
+            Some(2.0),
+            "the held UAID and the new one, not the forgotten one"
+        );
+    } else {
+        wait_metric(&up, &http, "editiond_held_uaids", 2.0).await;
+    }
+
+    let mut back = Client::connect(&relay).await;
+    let v = back.hello(&creds).await;
+    assert_eq!(v["uaids"][0]["status"], 200, "claimed again with its secret: {v}");
+    let got = receive_all(&mut back, &uaid, 2).await;
+    assert_eq!(Value::Object(got), json!({&appid: 1, &appid2: 1}));
+    back.barrier().await;
+    assert_eq!(health(&relay, &http).await["relay"]["uaids"], 3);
+    wait_metric(&up, &http, "editiond_held_uaids", 3.0).await;
+    wait_metric(&up, &http, "editiond_pending_events", 0.0).await;
+    drop(held);
+}
+
+#[tokio::test]
+async fn ws_relay_forgets_idle_uaids() {
+    idle_uaids_leave_the_book("ws").await;
+}
+
+#[tokio::test]
+async fn poll_relay_forgets_idle_uaids() {
+    idle_uaids_leave_the_book("poll").await;
+}
+
 /// 1,000 downstream clients on one relay: one upstream socket holds all their UAIDs (claimed in
 /// frames of at most 100 here), and events reach them.
 #[tokio::test]
