@@ -251,14 +251,14 @@ pub fn config_load(data: &[u8]) {
             )
         })
         .collect();
-    let path = scratch_file(file);
-    let Ok(config) = Config::load(Some(&path), vars, &Flags::default()) else {
+    let path = Scratch::write(file);
+    let Ok(config) = Config::load(Some(&path.0), vars, &Flags::default()) else {
         return;
     };
     let _ = config.public_url();
     let text = toml::to_string_pretty(&config).expect("a loaded config prints");
-    let again = scratch_file(text.as_bytes());
-    let reloaded = Config::load(Some(&again), Vec::new(), &Flags::default())
+    let again = Scratch::write(text.as_bytes());
+    let reloaded = Config::load(Some(&again.0), Vec::new(), &Flags::default())
         .unwrap_or_else(|e| panic!("printed config does not load: {e}\n{text}"));
     assert_eq!(reloaded, config);
     let mut redacted = config;
@@ -266,14 +266,30 @@ pub fn config_load(data: &[u8]) {
     let _ = toml::to_string_pretty(&redacted).expect("a redacted config prints");
 }
 
-/// A per-thread file holding `bytes` (Config::load reads a path).
-fn scratch_file(bytes: &[u8]) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("editiond-fuzz-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("create scratch dir");
-    let path = dir.join(format!("{:?}.toml", std::thread::current().id()).replace(['(', ')'], ""));
-    let mut f = std::fs::File::create(&path).expect("create scratch file");
-    f.write_all(bytes).expect("write scratch file");
-    path
+/// A per-thread file holding some bytes (Config::load reads a path), removed when dropped, and
+/// its per-process directory with the last one, so runs leave nothing in the temp dir.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn write(bytes: &[u8]) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("editiond-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        let name = format!("{:?}.toml", std::thread::current().id()).replace(['(', ')'], "");
+        let scratch = Scratch(dir.join(name));
+        let mut f = std::fs::File::create(&scratch.0).expect("create scratch file");
+        f.write_all(bytes).expect("write scratch file");
+        scratch
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        // Fails while another thread's file is still there; the last one out removes it.
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 // ---- KICK objects and the SSRF guard ----
