@@ -190,6 +190,18 @@ impl Registry {
         }
     }
 
+    /// Takes `uaid` from whichever connection or poll holds it (a relay's upstream gave it to a
+    /// newer connection elsewhere); that one is told it lost it. `true` if one held it.
+    pub fn evict_holder(&self, uaid: Uaid) -> bool {
+        match self.holders.remove(&uaid) {
+            Some((_, h)) => {
+                h.mailbox.mark_lost(uaid);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Whether a connection or poll on this node holds `uaid`.
     pub fn is_held(&self, uaid: &Uaid) -> bool {
         self.holders.contains_key(uaid)
@@ -279,6 +291,11 @@ mod tests {
         reg.evict(u, 1);
         assert!(!reg.is_held_by(u, 1));
         assert_eq!(a.take().lost, vec![u]);
+        reg.claim(u, 3, &a);
+        assert!(reg.evict_holder(u));
+        assert!(!reg.is_held(&u));
+        assert_eq!(a.take().lost, vec![u]);
+        assert!(!reg.evict_holder(u));
     }
 
     fn fact(appid: Appid, version: u64, epoch: u64) -> Option<Durable> {

@@ -17,6 +17,11 @@
 //! a client's reconnect rate costs no writes. [`Book::forget`] takes the write lock and a check
 //! the read lock: a UAID is either accepted (and so seen now, not idle) or forgotten (and so
 //! unknown, claimed upstream again), never accepted and then forgotten under it.
+//!
+//! A UAID the upstream gave to a newer connection (its `released`) stays in the book, marked
+//! released (tag 2 instead of 1, durable with the next commit): it is not re-claimed on
+//! reconnect, and a client's check sends it upstream again, as an unknown UAID, whose claim
+//! clears the mark.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +57,8 @@ struct Entry {
     seen: AtomicU64,
     /// The "last seen" the tree holds.
     written: AtomicU64,
+    /// The upstream gave the UAID to a newer connection; changed under the write lock only.
+    released: bool,
 }
 
 impl Entry {
@@ -60,6 +67,7 @@ impl Entry {
             secret,
             seen: AtomicU64::new(seen_ms),
             written: AtomicU64::new(seen_ms),
+            released: false,
         }
     }
 }
@@ -67,7 +75,7 @@ impl Entry {
 /// What the book says of a UAID and the secret a client gave for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
-    /// Not in the book: ask the upstream.
+    /// Not in the book, or released upstream to a newer connection: ask the upstream.
     Unknown,
     /// The secret the upstream accepted; the UAID is seen now.
     Accepted,
@@ -77,28 +85,31 @@ pub enum Check {
 
 /// Tags a value that carries "last seen" before the secret.
 const SEEN_TAG: u8 = 1;
+/// Tags a value like [`SEEN_TAG`] whose UAID the upstream gave to a newer connection.
+const RELEASED_TAG: u8 = 2;
 
-fn encode(seen_ms: u64, secret: &str) -> Vec<u8> {
+fn encode(seen_ms: u64, secret: &str, released: bool) -> Vec<u8> {
     let mut v = Vec::with_capacity(9 + secret.len());
-    v.push(SEEN_TAG);
+    v.push(if released { RELEASED_TAG } else { SEEN_TAG });
     v.extend_from_slice(&seen_ms.to_be_bytes());
     v.extend_from_slice(secret.as_bytes());
     v
 }
 
-/// "Last seen" (`None` in a value written before it was kept) and the secret.
-fn decode(value: &[u8]) -> Result<(Option<u64>, String), StoreError> {
-    let (seen, secret) = match value {
-        [SEEN_TAG, rest @ ..] if rest.len() >= 8 => {
+/// "Last seen" (`None` in a value written before it was kept), whether released, and the
+/// secret.
+fn decode(value: &[u8]) -> Result<(Option<u64>, bool, String), StoreError> {
+    let (seen, released, secret) = match value {
+        [tag @ (SEEN_TAG | RELEASED_TAG), rest @ ..] if rest.len() >= 8 => {
             let (ms, secret) = rest.split_at(8);
             let ms = <[u8; 8]>::try_from(ms).map_err(|_| StoreError::Corrupt("relay book seen"))?;
-            (Some(u64::from_be_bytes(ms)), secret)
+            (Some(u64::from_be_bytes(ms)), *tag == RELEASED_TAG, secret)
         }
-        [SEEN_TAG, ..] => return Err(StoreError::Corrupt("relay book seen")),
-        secret => (None, secret),
+        [SEEN_TAG | RELEASED_TAG, ..] => return Err(StoreError::Corrupt("relay book seen")),
+        secret => (None, false, secret),
     };
     let secret = String::from_utf8(secret.to_vec()).map_err(|_| StoreError::Corrupt("relay book secret"))?;
-    Ok((seen, secret))
+    Ok((seen, released, secret))
 }
 
 impl Book {
@@ -112,18 +123,18 @@ impl Book {
             let uaid = <[u8; 16]>::try_from(key.as_ref())
                 .map(Uaid)
                 .map_err(|_| StoreError::Corrupt("relay book key"))?;
-            let (seen, secret) = decode(&value)?;
+            let (seen, released, secret) = decode(&value)?;
             if seen.is_none() {
                 untagged.push(uaid);
             }
             entries.order.push(uaid);
-            entries
-                .map
-                .insert(uaid, Entry::new(secret, seen.unwrap_or(now_ms)));
+            let mut entry = Entry::new(secret, seen.unwrap_or(now_ms));
+            entry.released = released;
+            entries.map.insert(uaid, entry);
         }
         for uaid in untagged {
             if let Some(entry) = entries.map.get(&uaid) {
-                tree.insert(uaid.as_bytes(), encode(now_ms, &entry.secret))?;
+                tree.insert(uaid.as_bytes(), encode(now_ms, &entry.secret, false))?;
             }
         }
         Ok(Book {
@@ -155,6 +166,9 @@ impl Book {
         if !same_secret(&entry.secret, given) {
             return Ok(Check::Refused);
         }
+        if entry.released {
+            return Ok(Check::Unknown);
+        }
         self.seen(uaid, entry, now_ms)?;
         Ok(Check::Accepted)
     }
@@ -171,7 +185,8 @@ impl Book {
                 .compare_exchange(written, now_ms, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            if let Err(e) = self.tree.insert(uaid.as_bytes(), encode(now_ms, &entry.secret)) {
+            let value = encode(now_ms, &entry.secret, entry.released);
+            if let Err(e) = self.tree.insert(uaid.as_bytes(), value) {
                 entry.written.store(written, Ordering::Relaxed);
                 return Err(e.into());
             }
@@ -180,15 +195,18 @@ impl Book {
     }
 
     /// Records that the upstream accepted `secret` for `uaid` at a client's request, seen at
-    /// `now_ms` (nothing changes if the book has that already: the client's check saw it). Not
-    /// yet durable: the caller syncs the store before it hands the secret on. `true` if the UAID
-    /// is new to the book.
+    /// `now_ms` (nothing changes if the book has that already: the client's check saw it), no
+    /// longer released. Not yet durable: the caller syncs the store before it hands the secret
+    /// on. `true` if the UAID is new to the book.
     pub fn insert(&self, uaid: Uaid, secret: &str, now_ms: u64) -> Result<bool, StoreError> {
         let mut e = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        if e.map.get(&uaid).is_some_and(|entry| entry.secret == secret) {
+        if e.map
+            .get(&uaid)
+            .is_some_and(|entry| entry.secret == secret && !entry.released)
+        {
             return Ok(false);
         }
-        self.tree.insert(uaid.as_bytes(), encode(now_ms, secret))?;
+        self.tree.insert(uaid.as_bytes(), encode(now_ms, secret, false))?;
         let added = e
             .map
             .insert(uaid, Entry::new(secret.to_owned(), now_ms))
@@ -214,11 +232,31 @@ impl Book {
             return Ok(());
         }
         let seen = entry.written.load(Ordering::Relaxed);
-        self.tree.insert(uaid.as_bytes(), encode(seen, secret))?;
+        self.tree
+            .insert(uaid.as_bytes(), encode(seen, secret, entry.released))?;
         entry.secret = secret.to_owned();
         drop(e);
         self.changes.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// The upstream gave `uaids` to a newer connection: those in the book and not released yet
+    /// are marked released (durable with the next commit), so the link stops re-claiming them
+    /// until a client's claim [`Book::insert`]s them again. Returns the UAIDs marked.
+    pub fn release(&self, uaids: &[Uaid]) -> Result<Vec<Uaid>, StoreError> {
+        let mut e = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let mut marked = Vec::new();
+        for uaid in uaids {
+            let Some(entry) = e.map.get_mut(uaid).filter(|entry| !entry.released) else {
+                continue;
+            };
+            let seen = entry.written.load(Ordering::Relaxed);
+            self.tree
+                .insert(uaid.as_bytes(), encode(seen, &entry.secret, true))?;
+            entry.released = true;
+            marked.push(*uaid);
+        }
+        Ok(marked)
     }
 
     /// The UAIDs last seen before `before_ms`, in the order learnt: candidates for
@@ -282,12 +320,18 @@ impl Book {
         result.map(|()| forgotten)
     }
 
-    /// Every UAID with its secret, in the order learnt.
+    /// Every UAID with its secret, in the order learnt, but those released upstream: what the
+    /// link claims.
     pub fn all(&self) -> Vec<(Uaid, String)> {
         self.read(|e| {
             e.order
                 .iter()
-                .filter_map(|u| e.map.get(u).map(|entry| (*u, entry.secret.clone())))
+                .filter_map(|u| {
+                    e.map
+                        .get(u)
+                        .filter(|entry| !entry.released)
+                        .map(|entry| (*u, entry.secret.clone()))
+                })
                 .collect()
         })
     }
@@ -469,6 +513,31 @@ mod tests {
         assert_eq!(book.secret(&a).as_deref(), Some("sa2"));
         assert!(!book.insert(a, "sa2", 250).unwrap());
         assert_eq!(book.idle(200), vec![a], "still last seen at 100");
+    }
+
+    /// A UAID released upstream stays in the book (across a reopen) but is not claimed again
+    /// until a client's check sends it upstream and its claim is learnt.
+    #[test]
+    fn a_released_uaid_waits_for_a_client_to_name_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Uaid::random(), Uaid::random());
+        {
+            let book = open(dir.path(), 0);
+            book.insert(a, "sa", 100).unwrap();
+            book.insert(b, "sb", 100).unwrap();
+            assert_eq!(book.release(&[a, Uaid::random()]).unwrap(), vec![a]);
+            assert!(book.release(&[a]).unwrap().is_empty(), "released already");
+            book.tree.flush().unwrap();
+        }
+        let book = open(dir.path(), 0);
+        assert_eq!(book.all(), vec![(b, "sb".to_owned())], "not re-claimed");
+        assert!(book.contains(&a));
+        assert_eq!(book.check(&a, "sx", 200).unwrap(), Check::Refused);
+        assert_eq!(book.check(&a, "sa", 200).unwrap(), Check::Unknown, "ask upstream");
+        assert_eq!(book.idle(150), vec![a, b], "no sighting until learnt");
+        assert!(!book.insert(a, "sa", 300).unwrap(), "not new to the book");
+        assert_eq!(book.check(&a, "sa", 300).unwrap(), Check::Accepted);
+        assert_eq!(book.all().len(), 2);
     }
 
     #[test]

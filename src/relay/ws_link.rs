@@ -1,8 +1,9 @@
 //! The upstream link over one WebSocket: hello (with the hop list), then every UAID of the book
 //! re-claimed in frames of at most `max_uaids_per_frame`, then claims, registers and
 //! unregisters as downstream clients ask, releases of UAIDs the book forgot, UPDATEs stored and
-//! ACKed, pings while idle. On any failure the link reconnects with jittered exponential
-//! backoff and starts over.
+//! ACKed, UAIDs the upstream gave to a newer connection taken from their holders here (and not
+//! re-claimed until a client names them again), pings while idle. On any failure the link
+//! reconnects with jittered exponential backoff and starts over.
 //!
 //! The upstream answers one connection's frames in order (claim → claim reply, register →
 //! register reply, release → release reply, ping → pong; an ack has no reply), so replies are
@@ -171,10 +172,10 @@ async fn connection(
                         let after = store_batch(delivery, relay, updates, &mut stream, &mut acks).await?;
                         out.ack(&mut acks).await?;
                         if let Some(msg) = after {
-                            on_message(relay, msg, &mut awaiting)?;
+                            on_message(delivery, relay, msg, &mut awaiting).await?;
                         }
                     }
-                    msg => on_message(relay, msg, &mut awaiting)?,
+                    msg => on_message(delivery, relay, msg, &mut awaiting).await?,
                 }
             }
             _ = tokio::time::sleep_until(acks.at.unwrap_or_else(Instant::now)), if acks.at.is_some() => {
@@ -274,7 +275,8 @@ fn release_frame(
 }
 
 /// Handles one frame from the upstream.
-fn on_message(
+async fn on_message(
+    delivery: &Delivery,
     relay: &Relay,
     msg: ServerMessage,
     awaiting: &mut VecDeque<Awaiting>,
@@ -312,11 +314,23 @@ fn on_message(
             }
         }
         ServerMessage::Released { uaids } => {
-            // Another connection (a client straight to the upstream, another relay) took them;
-            // the next reconnect claims them back.
-            tracing::warn!(
+            // Another connection (a client straight to the upstream, another relay) took them.
+            // Claiming them back on reconnect would steal them from it: they are marked in the
+            // book and left alone until a client here names one again. Whoever holds one here
+            // loses it, as to a newer connection on this node.
+            let uaids: Vec<Uaid> = uaids.iter().filter_map(|u| Uaid::parse(u).ok()).collect();
+            if !relay.book.release(&uaids)?.is_empty() {
+                // Durable, so a relay restarted now does not steal them back either.
+                delivery.sync().await?;
+            }
+            let evicted = uaids
+                .iter()
+                .filter(|u| delivery.registry.evict_holder(**u))
+                .count();
+            tracing::info!(
                 count = uaids.len(),
-                "relay: the upstream gave UAIDs to a newer connection"
+                evicted,
+                "relay: the upstream gave UAIDs to a newer connection; not claimed again until named"
             );
         }
         ServerMessage::Error { error, .. } => return Err(RelayError::Refused(error)),

@@ -411,6 +411,64 @@ async fn idle_uaids_leave_the_book(transport: &str) {
     drop(held);
 }
 
+/// A client takes a UAID straight from the upstream: the relay's client that held it gets
+/// `released` (and, holding nothing else, is closed), events go to the newer client, and the
+/// relay, restarted, does not claim the UAID back. A client naming it on the relay again does,
+/// and the direct client is the one released then.
+#[tokio::test]
+async fn a_uaid_taken_upstream_is_released_downstream_and_not_claimed_back() {
+    let (du, dr) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let http = reqwest::Client::new();
+    let up = Server::start(du.path()).await;
+    let mut relay = start_relay(dr.path(), local(free_port()), up.addr, "ws").await;
+    wait_link(&relay, &http, true).await;
+    // Stays on the relay: its events show when the restarted relay's re-claims are done.
+    let other = enroll(&relay).await;
+    let other_endpoint = other.endpoint.clone();
+    let mut d = enroll(&relay).await;
+    let (uaid, appid, creds, endpoint) = (
+        d.uaid.clone(),
+        d.appid.clone(),
+        d.creds.clone(),
+        d.endpoint.clone(),
+    );
+
+    let mut x = Client::connect(&up).await;
+    let v = x.hello(&creds).await;
+    assert_eq!(v["uaids"][0]["status"], 200, "{v}");
+    let r = d.c.expect("released").await;
+    assert_eq!(r["uaids"], json!([&uaid]), "{r}");
+    d.c.expect_error_close(410, "replaced", 4410).await;
+    assert_eq!(put_version(&http, &endpoint, 1).await, 202);
+    let update = x.expect("update").await;
+    assert_eq!(update["updates"][&uaid][&appid], 1, "{update}");
+    x.ack(&[&uaid]).await;
+    x.barrier().await;
+
+    drop(other);
+    relay.restart().await;
+    wait_link(&relay, &http, true).await;
+    // The relay re-claimed its book (one frame): the other UAID's event reaches it.
+    assert_eq!(put_version(&http, &other_endpoint, 1).await, 202);
+    wait_metric(&up, &http, "editiond_pending_events", 0.0).await;
+    // Not claimed back: the next event still goes to the direct client, with no `released` first.
+    assert_eq!(put_version(&http, &endpoint, 2).await, 202);
+    let update = x.expect("update").await;
+    assert_eq!(update["updates"][&uaid][&appid], 2, "{update}");
+    x.ack(&[&uaid]).await;
+    x.barrier().await;
+
+    // Named again on the relay: claimed upstream again, taken from the direct client.
+    let mut d = Client::connect(&relay).await;
+    let v = d.hello(&creds).await;
+    assert_eq!(v["uaids"][0]["status"], 200, "{v}");
+    let r = x.expect("released").await;
+    assert_eq!(r["uaids"], json!([&uaid]), "{r}");
+    assert_eq!(put_version(&http, &endpoint, 3).await, 202);
+    let update = d.expect("update").await;
+    assert_eq!(update["updates"][&uaid][&appid], 3, "{update}");
+}
+
 #[tokio::test]
 async fn ws_relay_forgets_idle_uaids() {
     idle_uaids_leave_the_book("ws").await;
