@@ -164,6 +164,9 @@ async fn poll_inner(
         .hold(&uaids, conn_id, &mailbox)
         .await
         .map_err(unavailable(state))?;
+    if let Some(relay) = &state.relay {
+        relay.lost_meanwhile(&state.delivery, &uaids, conn_id);
+    }
     let deadline = tokio::time::Instant::now() + wait;
     let stopping = state.lifecycle.stopping();
     tokio::pin!(stopping);

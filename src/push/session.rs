@@ -251,6 +251,9 @@ impl Session {
             .delivery
             .hold(&claimed, self.conn_id, &self.mailbox)
             .await?;
+        if let Some(relay) = &self.state.relay {
+            relay.lost_meanwhile(&self.state.delivery, &claimed, self.conn_id);
+        }
         let reply = UaidsReply::new(&statuses, self.via_reply.take());
         out.push(Out::Message(match kind {
             Kind::Hello => ServerMessage::Hello(reply),

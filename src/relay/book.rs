@@ -155,6 +155,11 @@ impl Book {
         self.read(|e| e.map.contains_key(uaid))
     }
 
+    /// Whether the upstream gave `uaid` to a newer connection and no client here named it since.
+    pub fn is_released(&self, uaid: &Uaid) -> bool {
+        self.read(|e| e.map.get(uaid).is_some_and(|entry| entry.released))
+    }
+
     /// Checks `given` against the book's secret for `uaid` (in constant time); when it matches,
     /// the UAID is seen at `now_ms` (written to the tree if what it holds is stale; durable with
     /// the next commit).
@@ -532,6 +537,7 @@ mod tests {
         let book = open(dir.path(), 0);
         assert_eq!(book.all(), vec![(b, "sb".to_owned())], "not re-claimed");
         assert!(book.contains(&a));
+        assert!(book.is_released(&a) && !book.is_released(&b));
         assert_eq!(book.check(&a, "sx", 200).unwrap(), Check::Refused);
         assert_eq!(book.check(&a, "sa", 200).unwrap(), Check::Unknown, "ask upstream");
         let mut idle = book.idle(150);
@@ -541,6 +547,7 @@ mod tests {
         assert_eq!(idle, both, "no sighting until learnt");
         assert!(!book.insert(a, "sa", 300).unwrap(), "not new to the book");
         assert_eq!(book.check(&a, "sa", 300).unwrap(), Check::Accepted);
+        assert!(!book.is_released(&a), "learnt again");
         assert_eq!(book.all().len(), 2);
     }
 

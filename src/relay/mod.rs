@@ -245,6 +245,17 @@ impl Relay {
         Ok(chain)
     }
 
+    /// Closes a race with an upstream `released`: a UAID that a client's hello or poll checked
+    /// just before the release was handled, and that it holds only after the link evicted its
+    /// holders, would stay held here while the upstream sends its events to the newer
+    /// connection. Called once connection `conn_id` holds `uaids`: any of them now released
+    /// is taken back from it, so it hears `released` like the others.
+    pub fn lost_meanwhile(&self, delivery: &Delivery, uaids: &[Uaid], conn_id: u64) {
+        for uaid in uaids.iter().filter(|u| self.book.is_released(u)) {
+            delivery.registry.evict(*uaid, conn_id);
+        }
+    }
+
     /// A downstream connection ended.
     pub fn forget_downstream(&self, conn_id: u64) {
         self.hops.downstream.remove(&conn_id);
