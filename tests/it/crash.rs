@@ -66,46 +66,47 @@ fn seed() -> u64 {
 /// What the clients know about one registration, across every cycle. Versions are 1-based; 0
 /// means "none".
 #[derive(Default, Debug, Clone)]
-struct Reg {
+pub(crate) struct Reg {
     /// The next version a PUT task will send (versions only grow).
-    next: u64,
+    pub(crate) next: u64,
     /// Highest version sent in a PUT, answered or not.
-    attempted: u64,
+    pub(crate) attempted: u64,
     /// Highest version a PUT for which the server answered 200 or 202.
-    answered: u64,
-    /// Highest version a client was sent in an UPDATE.
-    seen: u64,
+    pub(crate) answered: u64,
+    /// Highest version a client was sent (UPDATE or poll answer).
+    pub(crate) seen: u64,
     /// Highest version named by an ACK that was sent (it may or may not have been applied).
-    ack_sent: u64,
-    /// Highest version named by an ACK followed by a `pong`: certainly applied and durable.
-    ack_durable: u64,
+    pub(crate) ack_sent: u64,
+    /// Highest version named by an ACK proven applied and durable (a `pong` after it, or a 200
+    /// to `POST /v1/ack`).
+    pub(crate) ack_durable: u64,
 }
 
-struct World {
-    regs: Mutex<Vec<Reg>>,
+pub(crate) struct World {
+    pub(crate) regs: Mutex<Vec<Reg>>,
     /// (uaid, appid) → index into `regs`.
-    index: HashMap<(String, String), usize>,
-    endpoints: Vec<String>,
-    creds: Vec<(String, String)>,
+    pub(crate) index: HashMap<(String, String), usize>,
+    pub(crate) endpoints: Vec<String>,
+    pub(crate) creds: Vec<(String, String)>,
 }
 
 impl World {
-    fn reg_of(&self, uaid: &str, appid: &str) -> usize {
+    pub(crate) fn reg_of(&self, uaid: &str, appid: &str) -> usize {
         *self
             .index
             .get(&(uaid.to_owned(), appid.to_owned()))
             .unwrap_or_else(|| panic!("update names an unknown registration {uaid}/{appid}"))
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Vec<Reg>) -> T) -> T {
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Vec<Reg>) -> T) -> T {
         f(&mut self.regs.lock().unwrap())
     }
 }
 
-/// The `(uaid, appid, version)` triples of an UPDATE frame.
-fn events_of(update: &Value) -> Vec<(String, String, u64)> {
+/// The `(uaid, appid, version)` triples of an `updates` object (of an UPDATE or a poll answer).
+pub(crate) fn events_of(updates: &Value) -> Vec<(String, String, u64)> {
     let mut out = Vec::new();
-    for (uaid, apps) in update["updates"].as_object().expect("updates object") {
+    for (uaid, apps) in updates.as_object().expect("updates object") {
         for (appid, v) in apps.as_object().expect("appid object") {
             out.push((uaid.clone(), appid.clone(), v.as_u64().expect("integer version")));
         }
@@ -210,7 +211,7 @@ async fn acker(world: Arc<World>, server_ws: String, creds: Vec<(String, String)
                 }
             }
             Some("update") => {
-                let events = events_of(&frame);
+                let events = events_of(&frame["updates"]);
                 let mut uaids: Vec<&str> = events.iter().map(|(u, _, _)| u.as_str()).collect();
                 uaids.dedup();
                 let batch: Vec<(usize, u64)> =
@@ -249,31 +250,26 @@ async fn acker(world: Arc<World>, server_ws: String, creds: Vec<(String, String)
 }
 
 /// Reads frames until `pong`, returning every UPDATE's events on the way.
-async fn until_pong(c: &mut Client) -> Vec<(String, String, u64)> {
+pub(crate) async fn until_pong(c: &mut Client) -> Vec<(String, String, u64)> {
     c.send(json!({"type": "ping"})).await;
     let mut events = Vec::new();
     loop {
         let v = c.recv().await;
         match v["type"].as_str() {
             Some("pong") => return events,
-            Some("update") => events.extend(events_of(&v)),
+            Some("update") => events.extend(events_of(&v["updates"])),
             _ => panic!("unexpected frame {v}"),
         }
     }
 }
 
-/// After a restart: every UAID reconnects, and what the server delivers is checked against what
-/// the clients recorded. Everything delivered is then ACKed (durably) for the next cycle.
-async fn check_after_restart(server: &Server, world: &World, cycle: usize) -> usize {
-    let mut c = Client::connect(server).await;
-    let reply = c.hello(&world.creds).await;
-    for e in reply["uaids"].as_array().unwrap() {
-        assert_eq!(e["status"], 200, "credentials survive a crash: {reply}");
-    }
-    // The hello's UPDATE is written before the pong: no waiting on a clock.
-    let events = until_pong(&mut c).await;
+/// Checks what a restarted server delivered (`events`, read up to a pong) against what the
+/// clients recorded: at most one event per registration, and per registration the rules of
+/// "nothing lost, nothing back after a durable ACK". Returns the delivered version per
+/// registration and one line per registration that breaks a rule.
+pub(crate) fn judge(world: &World, events: &[(String, String, u64)]) -> (HashMap<usize, u64>, Vec<String>) {
     let mut delivered: HashMap<usize, u64> = HashMap::new();
-    for (u, a, v) in &events {
+    for (u, a, v) in events {
         assert!(
             delivered.insert(world.reg_of(u, a), *v).is_none(),
             "one event per registration: {u}/{a}"
@@ -300,6 +296,21 @@ async fn check_after_restart(server: &Server, world: &World, cycle: usize) -> us
             failures.push(format!("reg {i}: {problem}: delivered {got:?}, record {r:?}"));
         }
     }
+    (delivered, failures)
+}
+
+/// After a restart: every UAID reconnects, and what the server delivers is checked against what
+/// the clients recorded. Everything delivered is then ACKed (durably) for the next cycle.
+async fn check_after_restart(server: &Server, world: &World, cycle: usize) -> usize {
+    let mut c = Client::connect(server).await;
+    let reply = c.hello(&world.creds).await;
+    for e in reply["uaids"].as_array().unwrap() {
+        assert_eq!(e["status"], 200, "credentials survive a crash: {reply}");
+    }
+    // The hello's UPDATE is written before the pong: no waiting on a clock.
+    let events = until_pong(&mut c).await;
+    let (delivered, failures) = judge(world, &events);
+    let regs = world.regs.lock().unwrap().clone();
     // The brief's strict case, implied by the above: a version answered 2xx and durably ACKed,
     // with no later PUT attempted, is never delivered again.
     let quiet = regs

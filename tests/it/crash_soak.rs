@@ -15,12 +15,13 @@
 //! Use a release server for the long run: `cargo test --release --test crash_soak -- --nocapture`.
 //! `SOAK_SEED` repeats a run's kill times and choices.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use crate::crash::{events_of, judge, until_pong, Reg, World};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -66,43 +67,7 @@ fn env_u64(name: &str) -> Option<u64> {
         .map(|s| s.parse().unwrap_or_else(|_| panic!("{name} is a number")))
 }
 
-/// What the clients know about one registration across every round (versions are 1-based).
-#[derive(Default, Debug, Clone)]
-struct Reg {
-    next: u64,
-    /// Highest version sent in a PUT, answered or not.
-    attempted: u64,
-    /// Highest version answered 200 or 202.
-    answered: u64,
-    /// Highest version a client was sent (UPDATE or poll answer).
-    seen: u64,
-    /// Highest version named by an ACK that was sent (it may or may not have been applied).
-    ack_sent: u64,
-    /// Highest version named by an ACK proven applied and durable (a `pong` after it, or a 200
-    /// to `POST /v1/ack`).
-    ack_durable: u64,
-}
-
-struct World {
-    regs: Mutex<Vec<Reg>>,
-    index: HashMap<(String, String), usize>,
-    endpoints: Vec<String>,
-    /// Every UAID with its secret, in role order: acked, churned, polled, idle.
-    creds: Vec<(String, String)>,
-}
-
 impl World {
-    fn reg_of(&self, uaid: &str, appid: &str) -> usize {
-        *self
-            .index
-            .get(&(uaid.to_owned(), appid.to_owned()))
-            .unwrap_or_else(|| panic!("an event for an unknown registration {uaid}/{appid}"))
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&mut Vec<Reg>) -> T) -> T {
-        f(&mut self.regs.lock().unwrap())
-    }
-
     fn acked(&self) -> &[(String, String)] {
         &self.creds[..ACKED_UAIDS]
     }
@@ -145,16 +110,6 @@ struct Tally {
     polls_answered: AtomicU64,
     connects: AtomicU64,
     new_uaids: AtomicU64,
-}
-
-fn events_of(updates: &Value) -> Vec<(String, String, u64)> {
-    let mut out = Vec::new();
-    for (uaid, apps) in updates.as_object().expect("updates object") {
-        for (appid, v) in apps.as_object().expect("appid object") {
-            out.push((uaid.clone(), appid.clone(), v.as_u64().expect("integer version")));
-        }
-    }
-    out
 }
 
 async fn set_up(server: &Server) -> World {
@@ -419,19 +374,6 @@ async fn poller(world: Arc<World>, tally: Arc<Tally>, base: String, stop: Arc<At
     }
 }
 
-async fn until_pong(c: &mut Client) -> Vec<(String, String, u64)> {
-    c.send(json!({"type": "ping"})).await;
-    let mut events = Vec::new();
-    loop {
-        let v = c.recv().await;
-        match v["type"].as_str() {
-            Some("pong") => return events,
-            Some("update") => events.extend(events_of(&v["updates"])),
-            _ => panic!("unexpected frame {v}"),
-        }
-    }
-}
-
 /// After a restart: one client hellos every UAID; what arrives is checked against the record,
 /// then ACKed durably so the next round starts clean. Returns the registrations delivered.
 async fn check_after_restart(server: &Server, world: &World, round: u64) -> usize {
@@ -441,32 +383,8 @@ async fn check_after_restart(server: &Server, world: &World, round: u64) -> usiz
         assert_eq!(e["status"], 200, "credentials survive a crash: {reply}");
     }
     let events = until_pong(&mut c).await;
-    let mut delivered: HashMap<usize, u64> = HashMap::new();
-    for (u, a, v) in &events {
-        assert!(
-            delivered.insert(world.reg_of(u, a), *v).is_none(),
-            "one event per registration"
-        );
-    }
+    let (delivered, failures) = judge(world, &events);
     let regs = world.regs.lock().unwrap().clone();
-    let mut failures = Vec::new();
-    for (i, r) in regs.iter().enumerate() {
-        let got = delivered.get(&i).copied();
-        let problem = match got {
-            Some(v) if v <= r.ack_durable => Some("delivered again after a durable ACK"),
-            Some(v) if v < r.answered => Some("older than a version answered 2xx"),
-            Some(v) if v < r.seen => Some("older than a version already sent to a client"),
-            Some(v) if v > r.attempted => Some("a version nobody sent"),
-            Some(_) => None,
-            None if r.answered > r.ack_sent || r.seen > r.ack_sent => {
-                Some("an answered or seen version was lost")
-            }
-            None => None,
-        };
-        if let Some(problem) = problem {
-            failures.push(format!("reg {i}: {problem}: delivered {got:?}, record {r:?}"));
-        }
-    }
     assert!(
         failures.is_empty(),
         "round {round}: {} of {} registrations wrong (SOAK_SEED in the log repeats the run):\n{}",
